@@ -1,0 +1,379 @@
+"""One input video -> one validated, transcoded training sample, or a rejection with a reason.
+
+Runs in worker processes of `make shards`. Every step that can meet bad input turns it into a `Reject`
+(never an exception that could end the run): unreadable storage, empty or absurd files, things that are
+not video, audio-only files, too short or too long, corrupt or truncated streams. Variable frame rate and
+rotation metadata are handled: output is constant-rate and upright. The written sample is decoded back
+by the decoder family training uses (DALI) and compared with the encoder's input before it is accepted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Dict, List, Optional, Tuple
+
+import av
+import fsspec
+import numpy as np
+
+from pipeline.config import FilterConfig, TranscodeConfig
+
+# The rejection reasons, a bounded set (they label metrics and fill the rejects table).
+REASONS = (
+    "empty_file", "file_too_large", "unreadable", "not_a_video", "no_video_stream", "bad_dimensions",
+    "too_short", "too_long", "decode_error", "truncated", "validation_failed", "decoder_crash",
+    "internal_error",
+)
+CONTAINER = {"vp9": ("webm", "libvpx-vp9"), "h264": ("mp4", "libx264")}
+X264_PRESETS = ("veryslow", "slower", "slow", "medium", "fast", "faster", "veryfast", "superfast", "ultrafast")
+# DALI and FFmpeg convert YUV to RGB with slightly different rounding; a real mismatch (wrong frame,
+# corrupt data) is an order of magnitude above this.
+MAX_VALIDATION_MAD = 4.0
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str):
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class Sample:
+    key: str
+    video: bytes
+    ext: str  # tar member extension of the video: webm or mp4
+    meta: Dict  # JSON metadata (source, duration, fps, nframes, size, codec, label ...)
+    seconds: float = 0.0  # wall time spent on this video
+
+
+@dataclass
+class Reject:
+    key: str
+    source: str
+    reason: str
+    detail: str
+    seconds: float = 0.0
+
+
+@dataclass
+class Job:
+    key: str
+    url: str
+    label: Optional[str]
+    label_index: Optional[int]
+    transcode: TranscodeConfig = field(default_factory=TranscodeConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+
+
+def process(job: Job) -> Sample | Reject:
+    """Read, check, transcode and validate one video. Never raises for bad input."""
+    t0 = time.perf_counter()
+    try:
+        sample = _process(job)
+        sample.seconds = time.perf_counter() - t0
+        return sample
+    except Rejected as r:
+        return Reject(job.key, job.url, r.reason, r.detail, time.perf_counter() - t0)
+    except Exception as e:  # a bug or an unforeseen input must cost one video, not the run
+        return Reject(job.key, job.url, "internal_error", f"{type(e).__name__}: {e}", time.perf_counter() - t0)
+
+
+def _read(url: str, flt: FilterConfig) -> bytes:
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        size = fs.size(path)
+        if size is not None and size > flt.max_file_bytes:
+            raise Rejected("file_too_large", f"{size} bytes > filter.max_file_bytes={flt.max_file_bytes}")
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    except Rejected:
+        raise
+    except (OSError, ValueError) as e:
+        raise Rejected("unreadable", f"{type(e).__name__}: {e}") from None
+    if not data:
+        raise Rejected("empty_file", "the file has 0 bytes")
+    return data
+
+
+def _output_size(w: int, h: int, short_side: int) -> Tuple[int, int]:
+    """Scale so the short side is `short_side` (never upscaling), both sides even (codecs need 4:2:0)."""
+    s = min(w, h)
+    target = min(short_side, s) if short_side else s
+    scale = target / s
+    return max(2, int(round(w * scale / 2)) * 2), max(2, int(round(h * scale / 2)) * 2)
+
+
+def _open_video(data: bytes, flt: FilterConfig):
+    try:
+        container = av.open(io.BytesIO(data), mode="r", metadata_errors="ignore")
+    except av.error.FFmpegError as e:
+        raise Rejected("not_a_video", f"no known container: {e}") from None
+    streams = [
+        s for s in container.streams.video
+        if not (s.disposition & av.stream.Disposition.attached_pic)  # cover art of an audio file
+    ]
+    if not streams:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        container.close()
+        raise Rejected("no_video_stream", f"streams: {', '.join(kinds)}")
+    stream = streams[0]
+    cc = stream.codec_context
+    w, h = cc.width, cc.height
+    if not (flt.min_side <= min(w, h) and max(w, h) <= flt.max_side) or max(w, h) > flt.max_aspect * min(w, h):
+        container.close()
+        raise Rejected("bad_dimensions", f"{w}x{h} outside filter.min_side={flt.min_side}, "
+                                         f"max_side={flt.max_side}, max_aspect={flt.max_aspect}")
+    return container, stream
+
+
+def _declared_duration(container, stream) -> Optional[float]:
+    if stream.duration is not None and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1e6
+    return None
+
+
+def _rotate(frame: av.VideoFrame, rotation: int) -> av.VideoFrame:
+    """Apply display-matrix rotation (degrees counter-clockwise) so the output is upright."""
+    k = int(round(rotation / 90.0)) % 4
+    if k == 0:
+        return frame
+    img = np.rot90(frame.to_ndarray(format="rgb24"), k=k)
+    return av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+
+
+def _encoder(codec: str, cfg: TranscodeConfig, width: int, height: int, rate: Fraction):
+    ext, lib = CONTAINER[codec]
+    buf = io.BytesIO()
+    out = av.open(buf, mode="w", format=ext, options={"fflags": "+bitexact"})
+    st = out.add_stream(lib, rate=rate)
+    st.width, st.height, st.pix_fmt = width, height, "yuv420p"
+    st.time_base = 1 / rate
+    st.codec_context.gop_size = cfg.keyframe_interval
+    st.codec_context.thread_count = 1  # parallelism is across videos; one thread keeps output deterministic
+    st.codec_context.flags |= av.codec.context.Flags.bitexact
+    if codec == "vp9":
+        st.options = {"crf": str(cfg.crf), "b": "0", "cpu-used": str(cfg.speed), "deadline": "good",
+                      "keyint_min": str(cfg.keyframe_interval), "row-mt": "0"}
+    else:
+        st.options = {"crf": str(cfg.crf), "preset": X264_PRESETS[cfg.speed],
+                      "x264-params": f"keyint={cfg.keyframe_interval}:min-keyint={cfg.keyframe_interval}:scenecut=0"}
+    return buf, out, st
+
+
+def _process(job: Job) -> Sample:
+    data = _read(job.url, job.filter)
+    container, stream = _open_video(data, job.filter)
+    try:
+        return _transcode(job, data, container, stream)
+    finally:
+        container.close()
+
+
+def _transcode(job: Job, data: bytes, container, stream) -> Sample:
+    cfg, flt = job.transcode, job.filter
+    declared = _declared_duration(container, stream)
+    if declared is not None and declared > flt.max_duration:
+        raise Rejected("too_long", f"{declared:.1f} s > filter.max_duration={flt.max_duration}")
+    if declared is not None and 0 < declared < flt.min_duration:
+        raise Rejected("too_short", f"{declared:.3f} s < filter.min_duration={flt.min_duration}")
+    src_rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not src_rate or not (0.5 <= float(src_rate) <= 1000):
+        src_rate = None  # derive from timestamps below
+    out_rate = Fraction(cfg.fps).limit_denominator(1001) if cfg.fps else None
+    stream.codec_context.thread_count = 1
+
+    enc = None
+    times: List[float] = []
+    rotation = 0
+    n_out = 0
+    prev = None  # the latest decoded (and resized) source frame
+    limit = cfg.max_frames or math.inf
+
+    def emit_until(slot: float) -> None:
+        """Repeat the latest source frame into every output slot before `slot` (constant-rate output)."""
+        nonlocal n_out
+        while n_out < min(slot, limit):
+            prev.pts = n_out
+            prev.time_base = 1 / out_rate
+            for pkt in enc[2].encode(prev):
+                enc[1].mux(pkt)
+            n_out += 1
+
+    try:
+        for frame in container.decode(stream):
+            t = frame.time if frame.time is not None else len(times) / float(src_rate or 25)
+            if times and t <= times[-1]:
+                continue  # duplicate or out-of-order timestamp: keep the first
+            if not times:
+                rotation = int(frame.rotation or 0)
+                w, h = frame.width, frame.height
+                if abs(rotation) % 180 == 90:
+                    w, h = h, w
+                ow, oh = _output_size(w, h, cfg.short_side)
+                if out_rate is None:
+                    # a stream without any usable rate gets FFmpeg's default
+                    out_rate = Fraction(src_rate).limit_denominator(1001) if src_rate else Fraction(25)
+                enc = _encoder(cfg.codec, cfg, ow, oh, out_rate)
+            times.append(t)
+            # Each source frame owns the output slots from round(its time * rate) to the next frame's:
+            # nearest-frame resampling, as FFmpeg's fps filter does (drops or repeats frames as needed).
+            if prev is not None:
+                emit_until(round((t - times[0]) * out_rate))
+            if n_out >= limit:
+                break
+            prev = _rotate(frame, rotation).reformat(width=ow, height=oh, format="yuv420p",
+                                                     interpolation="BICUBIC")
+    except av.error.FFmpegError as e:
+        raise Rejected("decode_error", f"after {len(times)} frames: {e}") from None
+    if not times:
+        raise Rejected("decode_error", "no frame could be decoded")
+
+    intervals = np.diff(times)
+    src_fps = float(src_rate) if src_rate else (1.0 / float(np.median(intervals)) if len(intervals) else 25.0)
+    end = times[-1] - times[0] + (1.0 / src_fps)
+    emit_until(max(round(end * out_rate), n_out + 1))
+    for pkt in enc[2].encode():
+        enc[1].mux(pkt)
+    enc[1].close()
+    video = enc[0].getvalue()
+
+    duration = n_out / float(out_rate)
+    if duration < flt.min_duration:
+        raise Rejected("too_short", f"{duration:.3f} s < filter.min_duration={flt.min_duration}")
+    if declared and not cfg.max_frames and end < 0.9 * declared - 0.5:
+        raise Rejected("truncated", f"decoded {end:.2f} s of a declared {declared:.2f} s")
+    vfr = bool(len(intervals) > 2 and (intervals.max() - intervals.min()) > 0.1 * float(np.median(intervals)))
+
+    nframes, (vh, vw) = validate_video(video, cfg.codec, job.filter.decode_check)
+    if nframes != n_out:
+        raise Rejected("validation_failed", f"wrote {n_out} frames but {nframes} decode back")
+    ext = CONTAINER[cfg.codec][0]
+    meta = {
+        "key": job.key,
+        "source": job.url,
+        "source_bytes": len(data),
+        "source_codec": stream.codec_context.name,
+        "source_width": stream.codec_context.width,
+        "source_height": stream.codec_context.height,
+        "source_fps": round(src_fps, 4),
+        "source_duration": round(end, 4),
+        "rotation": rotation,
+        "vfr": vfr,
+        "duration": round(duration, 4),
+        "fps": round(float(out_rate), 4),
+        "nframes": n_out,
+        "width": vw,
+        "height": vh,
+        "codec": cfg.codec,
+        "keyframe_interval": cfg.keyframe_interval,
+        "label": job.label,
+        "label_index": job.label_index,
+    }
+    return Sample(job.key, video, ext, meta)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decode-back validation
+
+
+def validate_video(video: bytes, codec: str, how: str = "auto") -> Tuple[int, Tuple[int, int]]:
+    """Decode a written sample back; returns (frame count, (height, width)) or raises Rejected.
+
+    PyAV decodes every frame (the count); DALI, the decoder of training, decodes the first, middle and
+    last frame, which must match PyAV's frames at the same indices (so DALI's frame numbering is ours).
+    """
+    try:
+        with av.open(io.BytesIO(video)) as c:
+            s = c.streams.video[0]
+            s.codec_context.thread_count = 1
+            frames = [f.to_ndarray(format="rgb24") for f in c.decode(s)]
+    except av.error.FFmpegError as e:
+        raise Rejected("validation_failed", f"the transcoded video does not decode: {e}") from None
+    n = len(frames)
+    if n == 0:
+        raise Rejected("validation_failed", "the transcoded video has no frames")
+    h, w = frames[0].shape[:2]
+    use_dali = how == "dali" or (how == "auto" and dali_can_decode(codec))
+    if use_dali:
+        idx = sorted({0, n // 2, n - 1})
+        try:
+            got = dali_decode_frames(video, idx)
+        except Exception as e:  # DALI raises plain RuntimeErrors for undecodable input
+            raise Rejected("validation_failed", f"DALI cannot decode the transcoded video: "
+                                                f"{str(e).strip().splitlines()[-1][:300]}") from None
+        for i, g in zip(idx, got):
+            if g.shape != frames[i].shape:
+                raise Rejected("validation_failed", f"frame {i}: DALI gives {g.shape}, FFmpeg {frames[i].shape}")
+            mad = float(np.abs(g.astype(np.int16) - frames[i].astype(np.int16)).mean())
+            if mad > MAX_VALIDATION_MAD:
+                raise Rejected("validation_failed", f"frame {i}: DALI and FFmpeg differ by {mad:.1f} on average")
+    return n, (h, w)
+
+
+def cuda_available() -> bool:
+    try:
+        from nvidia.dali.backend import GetCUDADeviceCount  # type: ignore
+        return GetCUDADeviceCount() > 0
+    except Exception:
+        return False
+
+
+def dali_can_decode(codec: str) -> bool:
+    """DALI's CPU video decoder handles VP8/VP9/MJPEG only; the GPU one handles H.264 too."""
+    return codec == "vp9" or cuda_available()
+
+
+_DALI_PIPE = None
+
+
+def dali_decode_frames(video: bytes, frames: List[int]) -> List[np.ndarray]:
+    """Decode the given frame indices of an in-memory video with DALI (GPU when present, else CPU)."""
+    global _DALI_PIPE
+    if _DALI_PIPE is None:
+        _DALI_PIPE = _build_dali_pipe()
+    pipe = _DALI_PIPE
+    try:
+        pipe.feed_input("video", [np.frombuffer(video, np.uint8)])
+        pipe.feed_input("frames", [np.asarray(frames, np.int32)])
+        (out,) = pipe.run()
+    except Exception:
+        _DALI_PIPE = None  # a failed DALI pipeline is not reusable: build a fresh one next time
+        raise
+    if hasattr(out, "as_cpu"):
+        out = out.as_cpu()
+    arr = np.array(out[0])
+    return [arr[i] for i in range(arr.shape[0])]
+
+
+def _build_dali_pipe():
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = cuda_available()
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=0 if gpu else None, prefetch_queue_depth=1,
+                  exec_dynamic=True)
+    def pipe():
+        video = fn.external_source(name="video", batch=True, dtype=types.UINT8)
+        frames = fn.external_source(name="frames", batch=True, dtype=types.INT32)
+        return fn.decoders.video(video, device="mixed" if gpu else "cpu", frames=frames)
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def meta_json(meta: Dict) -> bytes:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+
+
+def nframes_bytes(n: int) -> bytes:
+    return np.array([n], dtype="<i4").tobytes()
+
