@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Type, TypeVar
+from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.masks import MaskBlockConfig, default_masks
 
 T = TypeVar("T")
 
@@ -32,16 +35,27 @@ def load_config(schema: Type[T], path: Optional[str | Path] = None, overrides: S
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        for item in overrides:
+            # update (not a merge of a dotlist) so that list entries can be addressed: masks.0.num_blocks=4
+            key, value = item.split("=", 1)
+            try:
+                OmegaConf.update(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "", merge=True)
+            except (OmegaConfBaseException, ValueError) as e:
+                raise ConfigError(f"override {item!r}: {_first_line(e)}") from None
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         # omegaconf's message names the key and the expected type; keep it, drop the stack noise
-        where = f" (in {path})" if path else ""
-        raise ConfigError(f"invalid config{where}: {e}".split("\n    full_key")[0]) from None
+        raise ConfigError(f"invalid config{f' in {path}' if path else ''}: {_first_line(e)}") from None
     validate = getattr(obj, "validate", None)
     if validate is not None:
         validate()
     return obj
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).splitlines()
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.strip().startswith("full_key:")), "")
+    return f"{lines[0]}" + (f" (key: {key})" if key and key not in lines[0] else "")
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:
@@ -153,3 +167,53 @@ class ShardsConfig:
         _check(self.workers >= 0, "workers", "must be >= 0 (0 = all cores)")
         for sub in (self.transcode, self.filter, self.shard, self.partition):
             sub.validate()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the streaming loader
+
+
+def _default_masks() -> List[MaskBlockConfig]:
+    return default_masks()
+
+
+@dataclass
+class LoaderConfig:
+    root: str = "shards/sample"  # a shard set made by `make shards` (local folder or fsspec URL)
+    split: str = "train"
+    batch_size: int = 8  # per rank
+    num_frames: int = 16
+    frame_stride: int = 4
+    crop_size: int = 224
+    crop_scale: List[float] = field(default_factory=lambda: [0.3, 1.0])
+    crop_aspect: List[float] = field(default_factory=lambda: [0.75, 1.35])
+    flip: bool = True
+    dtype: str = "bf16"  # bf16 | fp16 | fp32 (the clips as the trainer gets them)
+    seed: int = 0
+    threads: int = 0  # DALI CPU threads; 0 = all cores
+    prefetch: int = 2  # batches DALI prepares ahead of the trainer
+    device: str = "auto"  # auto (GPU when present) | cpu | cuda
+    cache_dir: str = ""  # local cache for remote shards; "" = ~/.cache/tubelet/shards
+    verify_hashes: bool = False  # sha256 every shard at start (slow on big sets; sizes are always checked)
+    masks: List[MaskBlockConfig] = field(default_factory=_default_masks)
+    eval_clips: int = 1  # evaluation views per video: clips evenly spaced in time x crops
+    eval_crops: int = 1
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _check(self.num_frames >= 1 and self.frame_stride >= 1, "data.num_frames",
+               "num_frames and frame_stride must be >= 1")
+        _check(self.crop_size >= 16, "data.crop_size", "must be >= 16")
+        _check(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+               "data.crop_scale", "must be [min, max] within (0, 1]")
+        _check(len(self.crop_aspect) == 2 and 0 < self.crop_aspect[0] <= self.crop_aspect[1],
+               "data.crop_aspect", "must be [min, max] > 0")
+        _check(self.dtype in ("bf16", "fp16", "fp32"), "data.dtype", f"must be bf16, fp16 or fp32, got {self.dtype!r}")
+        _check(self.device in ("auto", "cpu", "cuda"), "data.device", "must be auto, cpu or cuda")
+        _check(self.prefetch >= 1 and self.threads >= 0, "data.prefetch", "prefetch >= 1, threads >= 0")
+        _check(self.eval_clips >= 1 and self.eval_crops >= 1, "data.eval_clips", "eval_clips/eval_crops >= 1")
+        for i, m in enumerate(self.masks):
+            try:
+                m.validate()
+            except ValueError as e:
+                raise ConfigError(f"data.masks[{i}]: {e}") from None

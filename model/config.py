@@ -1,0 +1,115 @@
+"""Model configuration: the typed schema for the `model` section of the training config.
+
+Only int/float/str/bool fields so that `OmegaConf.structured(ModelConfig)` can merge YAML and
+CLI overrides into it; validation runs in `__post_init__`, i.e. whenever a `ModelConfig` is built
+(including `OmegaConf.to_object`), and again in `as_model_config` for plain dicts / DictConfigs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# (width, depth, heads) of the encoder. A plain explicit mapping, not a registry: the five
+# published ViT sizes are all the project trains.
+VIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Encoder and predictor shape. Defaults give ViT-tiny/16 on 16x224x224 clips.
+
+    The token grid is (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size),
+    i.e. 8 x 14 x 14 = 1568 tokens for the defaults.
+    """
+
+    size: str = "tiny"  # tiny | small | base | large | huge (see VIT_SIZES)
+    img_size: int = 224
+    num_frames: int = 16
+    patch_size: int = 16
+    tubelet_size: int = 2
+    predictor_width: int = 384
+    predictor_depth: int = 12
+    predictor_heads: int = 12
+    num_mask_types: int = 2
+    uniform_power: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "ModelConfig":
+        """Raise ValueError naming the offending field; return self so calls can be chained."""
+        if self.size not in VIT_SIZES:
+            raise ValueError(f"model.size: unknown size {self.size!r}, expected one of {sorted(VIT_SIZES)}")
+        for name in (
+            "img_size",
+            "num_frames",
+            "patch_size",
+            "tubelet_size",
+            "predictor_width",
+            "predictor_depth",
+            "predictor_heads",
+            "num_mask_types",
+        ):
+            value = getattr(self, name)
+            # bool is an int subclass; `predictor_depth: true` in YAML is a typo, not a depth of 1.
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model.{name}: expected a positive integer, got {value!r}")
+        if not isinstance(self.uniform_power, bool):
+            raise ValueError(f"model.uniform_power: expected a bool, got {self.uniform_power!r}")
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"model.img_size: {self.img_size} is not divisible by patch_size={self.patch_size}"
+            )
+        if self.num_frames % self.tubelet_size:
+            raise ValueError(
+                f"model.num_frames: {self.num_frames} is not divisible by tubelet_size={self.tubelet_size}"
+            )
+        if self.predictor_width % self.predictor_heads:
+            raise ValueError(
+                f"model.predictor_width: {self.predictor_width} is not divisible by "
+                f"predictor_heads={self.predictor_heads}"
+            )
+        if not self.uniform_power:
+            # The non-uniform sin-cos split gives t D/2 and h, w D/4 channels each; all must be even.
+            widths = (("encoder width", VIT_SIZES[self.size][0]), ("predictor_width", self.predictor_width))
+            for name, dim in widths:
+                if dim % 8:
+                    raise ValueError(
+                        f"model.uniform_power: false needs widths divisible by 8, {name} is {dim}"
+                    )
+        return self
+
+    @property
+    def encoder_width(self) -> int:
+        return VIT_SIZES[self.size][0]
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Token grid (T', H', W')."""
+        side = self.img_size // self.patch_size
+        return (self.num_frames // self.tubelet_size, side, side)
+
+
+def as_model_config(cfg: Any) -> ModelConfig:
+    """Accept a ModelConfig, a plain dict or an OmegaConf DictConfig; return a validated ModelConfig.
+
+    Unknown keys are errors (a renamed key must not silently fall back to a default).
+    """
+    if isinstance(cfg, ModelConfig):
+        return cfg.validate()
+    if isinstance(cfg, Mapping):
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(str(k) for k in cfg.keys() if k not in known)
+        if unknown:
+            raise ValueError(f"model: unknown keys {unknown}, expected a subset of {sorted(known)}")
+        return ModelConfig(**{k: cfg[k] for k in cfg.keys()})
+    raise TypeError(f"expected a ModelConfig, dict or DictConfig, got {type(cfg).__name__}")

@@ -1,0 +1,170 @@
+"""Using a pretrained encoder: load it from a training checkpoint, extract features, export it.
+
+A training checkpoint is a `torch.save`d dict holding at least
+  "target_encoder": state_dict of a VisionTransformer (the EMA encoder, the one to evaluate),
+  "config": the resolved training config as a plain dict; "config"["model"] holds ModelConfig fields.
+An export is a safetensors file of the target encoder's weights, with the model config as JSON in the
+file's metadata, so it can be rebuilt without the training code's config tree or the optimizer state.
+
+CLI:  python -m model.features export CKPT OUT.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model.config import ModelConfig, as_model_config
+from model.vit import VisionTransformer
+
+CONFIG_METADATA_KEY = "tubelet.model_config"
+# Prefixes added by DistributedDataParallel and torch.compile. Stripped only when every key carries
+# the same one: a wrapper rename, not a partial match.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or export that cannot be turned into an encoder; the message names the file."""
+
+
+def _strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = dict(state)
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def _build_and_load(
+    path: str | os.PathLike, cfg: ModelConfig, state: Mapping[str, torch.Tensor], what: str
+) -> VisionTransformer:
+    """Build the encoder for `cfg` and load `state` strictly, with a readable error on any mismatch."""
+    encoder = VisionTransformer.from_config(cfg)
+    state = _strip_wrapper_prefixes(state)
+    expected = encoder.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or mismatched:
+        def show(items: list[str]) -> str:
+            return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
+
+        found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        problems = [f"{label}: {show(items)}" for label, items in found if items]
+        raise CheckpointError(
+            f"{path}: {what} does not fit the encoder built from its config {dataclasses.asdict(cfg)}; "
+            + "; ".join(problems)
+        )
+    encoder.load_state_dict(state, strict=True)
+    return encoder
+
+
+def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> VisionTransformer:
+    """Target encoder of a training checkpoint, in eval mode on `device`.
+
+    Raises CheckpointError naming the path and the missing key, or the missing/unexpected keys and
+    shape mismatches; never loads partially.
+    """
+    try:
+        # mmap: the checkpoint also holds the optimizer state (several times the encoder's size),
+        # which is never read here. weights_only: a checkpoint is data, never code to execute.
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: cannot read as a torch checkpoint (loaded with weights_only=True, so it may hold "
+            f"only tensors and plain Python containers): {e}"
+        ) from e
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    for key in ("target_encoder", "config"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: missing key {key!r} (found keys: {sorted(map(str, ckpt))})")
+    if not isinstance(ckpt["config"], Mapping) or "model" not in ckpt["config"]:
+        raise CheckpointError(f"{path}: missing key 'config.model' (the ModelConfig fields)")
+    try:
+        cfg = as_model_config(ckpt["config"]["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid config.model: {e}") from e
+    encoder = _build_and_load(path, cfg, ckpt["target_encoder"], "target_encoder")
+    return encoder.to(device).eval()
+
+
+def extract_features(encoder: VisionTransformer, clips: torch.Tensor) -> torch.Tensor:
+    """All output tokens of the encoder. clips: [B, 3, T, H, W] (normalised like the training data)
+    -> [B, N, D], tokens in t-major order (see model.pos_embed). No autograd graph is kept."""
+    param = next(encoder.parameters())
+    with torch.inference_mode():
+        return encoder(clips.to(device=param.device, dtype=param.dtype))
+
+
+def export_encoder(ckpt_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """Write the checkpoint's target encoder as safetensors, config JSON in the metadata. Returns out_path.
+
+    Written to a temporary name and renamed, so an existing file at out_path is always complete.
+    """
+    encoder = load_encoder(ckpt_path)
+    out_path = Path(out_path)
+    tensors = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
+    metadata = {CONFIG_METADATA_KEY: json.dumps(dataclasses.asdict(encoder.config), sort_keys=True)}
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu") -> VisionTransformer:
+    """Encoder from an `export_encoder` file, in eval mode on `device`."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        metadata = f.metadata() or {}
+        if CONFIG_METADATA_KEY not in metadata:
+            raise CheckpointError(
+                f"{path}: missing metadata key {CONFIG_METADATA_KEY!r}; not a tubelet encoder export"
+            )
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        cfg = as_model_config(json.loads(metadata[CONFIG_METADATA_KEY]))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid model config in metadata: {e}") from e
+    return _build_and_load(path, cfg, state, "exported weights").to(device).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.features", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="write a checkpoint's target encoder as safetensors")
+    export.add_argument("checkpoint", help="training checkpoint (.pt)")
+    export.add_argument("out", help="output .safetensors path")
+    args = parser.parse_args(argv)
+    try:
+        out = export_encoder(args.checkpoint, args.out)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""V-JEPA: context encoder + predictor trained to match an EMA target encoder's features."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig, as_model_config
+from model.predictor import Predictor
+from model.vit import VisionTransformer, gather_tokens
+
+# One entry per mask type: (ctx_idx [B, Nc], tgt_idx [B, Nt]), int64 token indices.
+Masks = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+class VJEPA(nn.Module):
+    """Holds the three networks and computes the loss; the optimizer, schedules and EMA timing
+    belong to the trainer.
+
+    The target encoder is a frozen copy of the encoder (requires_grad False) updated only by
+    `ema_update`. It always runs in eval mode (`train()` keeps it there), so its outputs never
+    depend on the trainer's train/eval switches.
+    """
+
+    def __init__(self, encoder: VisionTransformer, predictor: Predictor):
+        super().__init__()
+        if predictor.embed_dim != encoder.embed_dim or predictor.grid != encoder.grid:
+            raise ValueError(
+                f"predictor (width {predictor.embed_dim}, grid {predictor.grid}) does not match "
+                f"encoder (width {encoder.embed_dim}, grid {encoder.grid})"
+            )
+        self.encoder = encoder
+        self.predictor = predictor
+        self.target_encoder = copy.deepcopy(encoder)
+        self.target_encoder.requires_grad_(False)
+        self.target_encoder.eval()
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "VJEPA":
+        cfg = as_model_config(cfg)
+        return cls(VisionTransformer.from_config(cfg), Predictor.from_config(cfg))
+
+    def train(self, mode: bool = True) -> "VJEPA":
+        super().train(mode)
+        self.target_encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def forward_target(self, clips: torch.Tensor, masks: Masks) -> list[torch.Tensor]:
+        """clips: [B, 3, T, H, W] -> one [B, Nt_i, D] target tensor per mask type.
+
+        The target encoder sees every token once per clip; targets are its outputs layer-normed
+        without affine parameters (per token, over D), gathered at each mask type's targets.
+        """
+        h = self.target_encoder(clips)  # [B, N, D]
+        h = F.layer_norm(h.float(), (h.size(-1),))  # fp32 even under bf16 autocast: these are the targets
+        return [gather_tokens(h, tgt_idx) for _, tgt_idx in masks]
+
+    def forward_context(self, clips: torch.Tensor, masks: Masks) -> list[torch.Tensor]:
+        """clips: [B, 3, T, H, W] -> one [B, Nt_i, D] prediction per mask type.
+
+        Encoder and predictor run once per mask type: the encoder on the context tokens only, the
+        predictor on those features plus mask tokens at the target positions.
+        """
+        preds = []
+        for mask_type, (ctx_idx, tgt_idx) in enumerate(masks):
+            z = self.encoder(clips, keep=ctx_idx)  # [B, Nc, D]
+            preds.append(self.predictor(z, ctx_idx, tgt_idx, mask_type))
+        return preds
+
+    def forward(self, clips: torch.Tensor, masks: Masks) -> torch.Tensor:
+        """clips: [B, 3, T, H, W]; masks: [(ctx_idx [B, Nc], tgt_idx [B, Nt]), ...] one pair per mask
+        type. Returns the scalar loss: L1 per mask type, averaged over mask types."""
+        if not 1 <= len(masks) <= self.predictor.num_mask_types:
+            raise ValueError(
+                f"got {len(masks)} mask types, the predictor has {self.predictor.num_mask_types} mask tokens"
+            )
+        targets = self.forward_target(clips, masks)
+        preds = self.forward_context(clips, masks)
+        # The L1 mean reduces over B * Nt * D values (~1.3M at ViT-L scale): accumulate in fp32.
+        losses = [torch.mean(torch.abs(p.float() - t)) for p, t in zip(preds, targets)]
+        return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def ema_update(self, momentum: float) -> None:
+        """target <- m * target + (1 - m) * encoder, over parameters (buffers are fixed tables)."""
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
+        tgt = list(self.target_encoder.parameters())
+        src = list(self.encoder.parameters())
+        torch._foreach_mul_(tgt, momentum)
+        torch._foreach_add_(tgt, src, alpha=1.0 - momentum)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups for the encoder and predictor (never the target encoder).
+
+        Biases and 1-D parameters (norm scales and shifts) get no weight decay. Each group carries
+        `name` and `apply_wd` so a weight-decay schedule can update only the decayed groups.
+        """
+        groups = []
+        for module_name, module in (("encoder", self.encoder), ("predictor", self.predictor)):
+            decay, no_decay = [], []
+            for name, p in module.named_parameters():
+                if not p.requires_grad:
+                    continue
+                (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+            groups += [
+                {"name": f"{module_name}.decay", "params": decay, "weight_decay": weight_decay, "apply_wd": True},
+                {"name": f"{module_name}.no_decay", "params": no_decay, "weight_decay": 0.0, "apply_wd": False},
+            ]
+        return [g for g in groups if g["params"]]

@@ -1,0 +1,232 @@
+"""The streaming stage: a DALI pipeline turns shards into V-JEPA batches (clips + masks), resumable to the sample.
+
+The project samples (pipeline/sampling.py), DALI decodes and augments: per step, the sampler names the
+rows and the sampling record of each clip (start frame, crop window, flip); the encoded videos are read
+from the shards by manifest offset and fed to one DALI graph:
+
+    external_source -> decoders.video (start, 16 frames, stride 4, edge padding)
+                    -> resize (the crop window -> crop_size^2, linear, antialiased)
+                    -> crop_mirror_normalize (flip, ImageNet mean/std, FHWC -> CFHW)
+
+with device='mixed' (NVDEC) on a GPU and 'cpu' without one: the same graph. DALI prepares `prefetch`
+batches ahead; the loader's state is what the consumer has received, so resuming ignores what was in flight.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Deque, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from pipeline.config import LoaderConfig
+from pipeline.dataset import IMAGENET_MEAN, IMAGENET_STD, SplitIndex, open_split
+from pipeline.masks import sample_masks
+from pipeline.sampling import BatchPlan, ClipRecord, Plan
+from pipeline.storage import ShardStore
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class LoaderError(RuntimeError):
+    """Decoding a batch failed; the message names the samples and shards involved."""
+
+
+@dataclass
+class Batch:
+    clips: torch.Tensor  # [B, 3, T, H, W], normalised, on the training device
+    masks: List[Tuple[torch.Tensor, torch.Tensor]]  # per mask type: (context [B, Nc], target [B, Nt]) int64
+    keys: List[str]
+    labels: torch.Tensor  # [B] int64, -1 when unlabelled
+    records: List[ClipRecord]
+    padded: torch.Tensor  # [B] bool: a repeat that fills a rank's last step of an epoch
+    epoch: int
+    step: int
+    rows: List[int] = field(default_factory=list)
+
+
+@dataclass
+class LoaderStats:
+    """Per batch, for the metrics backend: where the time went and how much was read."""
+
+    wait_seconds: float  # the consumer blocked in next()
+    feed_seconds: float  # reading encoded videos + sampling + masks (Python side)
+    latency_seconds: float  # from feeding the batch to DALI to handing it to the consumer
+    bytes_read: int
+    samples: int
+    padded: int
+    queue_depth: int  # batches in flight after this one was taken
+    epoch: int
+    position: int
+
+
+def masks_for(plan: Plan, bplan: BatchPlan, cfg: LoaderConfig, grid: Optional[Tuple[int, int, int]]):
+    if grid is None or not cfg.masks:
+        return []
+    return sample_masks(plan.mask_rng(bplan), len(bplan.rows), grid, cfg.masks)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("data.device=cuda but torch sees no GPU; use data.device=cpu or auto")
+    return name
+
+
+class VideoLoader:
+    """Iterate V-JEPA batches for one rank.
+
+    train=True: endless, reshuffled every epoch, random clip records. train=False: one pass over every video's
+    `eval_clips x eval_crops` views, in order (the frozen probe's evaluation). `grid` = (T', H', W') tubelet
+    grid for the masks (None: no masks).
+    """
+
+    def __init__(self, cfg: LoaderConfig, *, grid: Optional[Tuple[int, int, int]] = None, rank: int = 0,
+                 world_size: int = 1, train: bool = True, on_batch: Optional[Callable[[LoaderStats], None]] = None):
+        self.cfg, self.grid, self.train = cfg, grid, train
+        self.index: SplitIndex = open_split(cfg.root, cfg.split, cfg.verify_hashes)
+        self.store = ShardStore(cfg.root, cfg.cache_dir)
+        self.device = resolve_device(cfg.device)
+        self.dtype = DTYPES[cfg.dtype]
+        self.on_batch = on_batch
+        self._plan_args = dict(
+            batch_size=cfg.batch_size, rank=rank, world_size=world_size, seed=cfg.seed, train=train,
+            num_frames=cfg.num_frames, stride=cfg.frame_stride, scale=cfg.crop_scale, ratio=cfg.crop_aspect,
+            flip=cfg.flip, num_clips=cfg.eval_clips, num_crops=cfg.eval_crops)
+        self._state = Plan(self.index.geometry(), **self._plan_args).state_dict()
+        self._pipe = None
+
+    # -- state -------------------------------------------------------------------------------------
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return Plan(self.index.geometry(), **self._plan_args).steps_per_epoch
+
+    def state_dict(self) -> dict:
+        """(epoch, position) of what the consumer has received: batches in flight are not counted."""
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        Plan(self.index.geometry(), **self._plan_args).load_state_dict(state)  # validates
+        self._state = dict(state)
+        self._close_pipe()
+
+    # -- DALI --------------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        from nvidia.dali import fn, pipeline_def, types
+
+        cfg = self.cfg
+        gpu = self.device == "cuda"
+        self._feed_plan = Plan(self.index.geometry(), **self._plan_args)
+        self._feed_plan.load_state_dict(self._state)
+        self._inflight: Deque[tuple] = deque()
+        self._ended = False
+        mean = [255 * m for m in IMAGENET_MEAN]
+        std = [255 * s for s in IMAGENET_STD]
+        threads = cfg.threads or max(1, len(__import__("os").sched_getaffinity(0)))
+
+        @pipeline_def(batch_size=cfg.batch_size, num_threads=threads,
+                      device_id=torch.cuda.current_device() if gpu else None,
+                      prefetch_queue_depth=cfg.prefetch, exec_dynamic=True)
+        def graph():
+            video, start, roi0, roi1, flip = fn.external_source(
+                source=self._feed, num_outputs=5, batch=True,
+                dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32])
+            frames = fn.decoders.video(video, device="mixed" if gpu else "cpu", start_frame=start,
+                                       sequence_length=cfg.num_frames, stride=cfg.frame_stride, pad_mode="edge")
+            frames = fn.resize(frames, size=[cfg.crop_size, cfg.crop_size], roi_start=roi0, roi_end=roi1,
+                               roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=True)
+            return fn.crop_mirror_normalize(frames, mirror=flip, mean=mean, std=std, output_layout="CFHW",
+                                            dtype=types.FLOAT16 if cfg.dtype == "fp16" else types.FLOAT)
+
+        self._pipe = graph()
+        self._pipe.build()
+
+    def _feed(self):
+        """DALI pulls the next batch's inputs (ahead of the consumer, up to `prefetch` batches)."""
+        t0 = time.perf_counter()
+        try:
+            bp = next(self._feed_plan)
+        except StopIteration:
+            self._ended = True
+            raise
+        before = self.store.bytes_read
+        videos = [np.frombuffer(self.index.read_video(self.store, r), np.uint8) for r in bp.rows]
+        starts = [np.array(rec.start, np.int32) for rec in bp.records]
+        roi0 = [np.array(rec.crop[:2], np.float32) for rec in bp.records]
+        roi1 = [np.array((rec.crop[0] + rec.crop[2], rec.crop[1] + rec.crop[3]), np.float32) for rec in bp.records]
+        flips = [np.array(int(rec.flip), np.int32) for rec in bp.records]
+        masks = masks_for(self._feed_plan, bp, self.cfg, self.grid)
+        t1 = time.perf_counter()
+        self._inflight.append((bp, masks, self.store.bytes_read - before, t1 - t0, t1))
+        return videos, starts, roi0, roi1, flips
+
+    def _close_pipe(self) -> None:
+        if self._pipe is not None:
+            del self._pipe
+            self._pipe = None
+
+    # -- iteration ---------------------------------------------------------------------------------
+
+    def __iter__(self) -> "VideoLoader":
+        if self._pipe is None:
+            self._build()
+        return self
+
+    def __next__(self) -> Batch:
+        if self._pipe is None:
+            self._build()
+        t0 = time.perf_counter()
+        try:
+            (out,) = self._pipe.run()
+        except StopIteration:
+            self._close_pipe()
+            raise
+        except Exception as e:
+            bp = self._inflight[0][0] if self._inflight else None
+            what = ""
+            if bp is not None:
+                shards = sorted({self.index.shards[r] for r in bp.rows})
+                what = (f" while decoding samples {[self.index.keys[r] for r in bp.rows][:8]} from shards "
+                        f"{shards} of {self.cfg.root}")
+            self._close_pipe()
+            raise LoaderError(f"the DALI pipeline failed{what}: {str(e).strip().splitlines()[-1][:300]}. "
+                              "Check the set with `python -m pipeline.verify --hashes "
+                              f"{self.cfg.root}` and rebuild bad shards with `make shards`.") from None
+        bp, masks, nbytes, feed_s, fed_at = self._inflight.popleft()
+        clips = self._to_torch(out)
+        t1 = time.perf_counter()
+        self._state = {**self._state, "epoch": bp.epoch, "position": bp.next_position}
+        dev = clips.device
+        batch = Batch(
+            clips=clips,
+            masks=[(torch.from_numpy(c).to(dev), torch.from_numpy(t).to(dev)) for c, t in masks],
+            keys=[self.index.keys[r] for r in bp.rows],
+            labels=torch.from_numpy(self.index.labels[bp.rows]).to(dev),
+            records=bp.records, padded=torch.tensor(bp.padded, device=dev), epoch=bp.epoch, step=bp.step,
+            rows=bp.rows,
+        )
+        if self.on_batch is not None:
+            self.on_batch(LoaderStats(t1 - t0, feed_s, t1 - fed_at, nbytes, len(bp.rows), sum(bp.padded),
+                                      len(self._inflight), bp.epoch, bp.next_position))
+        return batch
+
+    def _to_torch(self, out) -> torch.Tensor:
+        if self.device == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            t = out.as_tensor()
+            buf = torch.empty(t.shape(), dtype=torch.float16 if self.cfg.dtype == "fp16" else torch.float32,
+                              device="cuda")
+            feed_ndarray(t, buf, cuda_stream=torch.cuda.current_stream())
+            return buf.to(self.dtype)
+        return torch.from_numpy(out.as_array()).to(self.dtype)
+
+    def close(self) -> None:
+        self._close_pipe()
+        self.store.close()

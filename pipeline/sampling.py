@@ -1,0 +1,200 @@
+"""The project's sampling: which samples each rank reads at each step, and every random choice per sample.
+
+Everything here is a pure function of (seed, epoch, position), where position is a sample's place in the
+epoch's global order. A loader's whole state is therefore (epoch, position): resuming rebuilds the exact
+stream, with any number of data workers, and with another number of ranks the rest of the epoch is still
+served exactly once. DALI's own checkpointing cannot do this (its video decoder refuses checkpointing).
+
+Order: a global permutation of the dataset per epoch (not a shuffle buffer). Steps: each step takes the next
+`world_size * batch_size` positions; rank r takes a contiguous slice of them. The last step of an epoch may
+be short: its samples are spread evenly over the ranks (sizes differ by at most one), so every sample is
+seen once and every rank takes the same number of steps. Only when that last step holds fewer samples than
+there are ranks, a rank repeats one of them, flagged `padded`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+# stream ids keep the random draws of different purposes independent
+_ORDER, _SAMPLE, _MASKS = 0, 1, 2
+
+
+def rng_for(seed: int, epoch: int, position: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, position, stream]))
+
+
+@dataclass(frozen=True)
+class ClipRecord:
+    """How one clip was sampled from a video: enough to reproduce it exactly (the reference loader does)."""
+
+    start: int  # first frame
+    crop: Tuple[int, int, int, int]  # y0, x0, h, w in decoded-video pixels
+    flip: bool
+    view: int = 0  # evaluation: which (clip, crop) view of the video
+
+
+@dataclass
+class BatchPlan:
+    epoch: int
+    step: int
+    position: int  # global position of the first sample of this step (all ranks)
+    next_position: int  # where the epoch continues after this step
+    rows: List[int]  # manifest rows read by this rank, in batch order
+    records: List[ClipRecord]
+    padded: List[bool] = field(default_factory=list)
+    mask_seed: Tuple[int, int, int] = (0, 0, 0)
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    if not shuffle:
+        return np.arange(num_samples)
+    return rng_for(seed, epoch, 0, _ORDER).permutation(num_samples)
+
+
+def steps_in_epoch(num_samples: int, batch_size: int, world_size: int, position: int = 0) -> int:
+    return math.ceil(max(0, num_samples - position) / (batch_size * world_size))
+
+
+def rank_slice(start: int, count: int, rank: int, world_size: int) -> Tuple[List[int], List[bool]]:
+    """Global positions [start, start+count) split evenly: rank r's positions and their padded flags."""
+    lo = start + (rank * count) // world_size
+    hi = start + ((rank + 1) * count) // world_size
+    if hi > lo:
+        return list(range(lo, hi)), [False] * (hi - lo)
+    return [start + rank % count], [True]  # fewer samples than ranks: repeat one so every rank steps
+
+
+def random_resized_crop(rng: np.random.Generator, height: int, width: int, scale: Sequence[float],
+                        ratio: Sequence[float]) -> Tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop window (10 tries, then a centre crop), in whole pixels."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            y0 = int(rng.integers(0, height - h + 1))
+            x0 = int(rng.integers(0, width - w + 1))
+            return y0, x0, h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def clip_span(num_frames: int, stride: int) -> int:
+    return (num_frames - 1) * stride + 1
+
+
+def train_record(seed: int, epoch: int, position: int, nframes: int, height: int, width: int,
+                 num_frames: int, stride: int, scale: Sequence[float], ratio: Sequence[float],
+                 flip: bool) -> ClipRecord:
+    """The random choices for the sample at `position` of `epoch`: start frame, crop window, flip."""
+    rng = rng_for(seed, epoch, position, _SAMPLE)
+    start = int(rng.integers(0, max(1, nframes - clip_span(num_frames, stride) + 1)))
+    crop = random_resized_crop(rng, height, width, scale, ratio)
+    return ClipRecord(start, crop, bool(flip and rng.random() < 0.5))
+
+
+def eval_record(view: int, num_clips: int, num_crops: int, nframes: int, height: int, width: int,
+                num_frames: int, stride: int) -> ClipRecord:
+    """Deterministic evaluation views: clips evenly spaced in time x square crops along the long side."""
+    clip, crop = divmod(view, num_crops)
+    free = max(0, nframes - clip_span(num_frames, stride))
+    start = round(clip * free / (num_clips - 1)) if num_clips > 1 else free // 2
+    side = min(height, width)
+    slack_y, slack_x = height - side, width - side
+    frac = crop / (num_crops - 1) if num_crops > 1 else 0.5
+    return ClipRecord(int(start), (int(round(slack_y * frac)), int(round(slack_x * frac)), side, side), False, view)
+
+
+class Plan:
+    """The batches one rank reads, from a resumable (epoch, position) state.
+
+    `samples`: per manifest row, (nframes, height, width). Training: shuffled every epoch, random records,
+    endless. Evaluation: every video expanded into `views` deterministic views, one pass, in order.
+    """
+
+    def __init__(self, samples: Sequence[Tuple[int, int, int]], *, batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, train: bool = True, num_frames: int = 16,
+                 stride: int = 4, scale: Sequence[float] = (0.3, 1.0), ratio: Sequence[float] = (0.75, 1.35),
+                 flip: bool = True, num_clips: int = 1, num_crops: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.samples = list(samples)
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.train, self.num_frames, self.stride = train, num_frames, stride
+        self.scale, self.ratio, self.flip = tuple(scale), tuple(ratio), flip
+        self.views = 1 if train else num_clips * num_crops
+        self.num_clips, self.num_crops = num_clips, num_crops
+        self.epoch, self.position = 0, 0
+        self._order: Optional[np.ndarray] = None
+        self._order_epoch = -1
+
+    @property
+    def num_items(self) -> int:
+        return len(self.samples) * self.views
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_in_epoch(self.num_items, self.batch_size, self.world_size)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_items": self.num_items}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_items"] != self.num_items or state["seed"] != self.seed:
+            raise ValueError(f"loader state is for {state['num_items']} items with seed {state['seed']}, this "
+                             f"loader has {self.num_items} with seed {self.seed}: wrong dataset or config")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def _item_order(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            self._order = epoch_order(self.num_items, self.seed, epoch, shuffle=self.train)
+            self._order_epoch = epoch
+        return self._order
+
+    def __iter__(self) -> Iterator[BatchPlan]:
+        return self
+
+    def __next__(self) -> BatchPlan:
+        """The next step's batch for this rank; advances the state."""
+        if self.position >= self.num_items:
+            if not self.train:
+                raise StopIteration
+            self.epoch, self.position = self.epoch + 1, 0
+        epoch, start = self.epoch, self.position
+        count = min(self.batch_size * self.world_size, self.num_items - start)
+        positions, padded = rank_slice(start, count, self.rank, self.world_size)
+        order = self._item_order(epoch)
+        rows, records = [], []
+        for p in positions:
+            item = int(order[p])
+            row, view = divmod(item, self.views)
+            n, h, w = self.samples[row]
+            if self.train:
+                rec = train_record(self.seed, epoch, p, n, h, w, self.num_frames, self.stride, self.scale,
+                                   self.ratio, self.flip)
+            else:
+                rec = eval_record(view, self.num_clips, self.num_crops, n, h, w, self.num_frames, self.stride)
+            rows.append(row)
+            records.append(rec)
+        step = start // (self.batch_size * self.world_size)
+        self.position = start + count
+        return BatchPlan(epoch, step, start, self.position, rows, records, padded,
+                         mask_seed=(self.seed, epoch, positions[0]))
+
+    def mask_rng(self, plan: BatchPlan) -> np.random.Generator:
+        seed, epoch, pos = plan.mask_seed
+        return rng_for(seed, epoch, pos, _MASKS)
