@@ -125,7 +125,7 @@ class VideoLoader:
         self._feed_plan = Plan(self.index.geometry(), **self._plan_args)
         self._feed_plan.load_state_dict(self._state)
         self._inflight: Deque[tuple] = deque()
-        self._ended = False
+        self._feed_error: Optional[Exception] = None
         mean = [255 * m for m in IMAGENET_MEAN]
         std = [255 * s for s in IMAGENET_STD]
         threads = cfg.threads or max(1, len(__import__("os").sched_getaffinity(0)))
@@ -150,13 +150,13 @@ class VideoLoader:
     def _feed(self):
         """DALI pulls the next batch's inputs (ahead of the consumer, up to `prefetch` batches)."""
         t0 = time.perf_counter()
-        try:
-            bp = next(self._feed_plan)
-        except StopIteration:
-            self._ended = True
-            raise
+        bp = next(self._feed_plan)  # StopIteration ends an evaluation pass
         before = self.store.bytes_read
-        videos = [np.frombuffer(self.index.read_video(self.store, r), np.uint8) for r in bp.rows]
+        try:
+            videos = [np.frombuffer(self.index.read_video(self.store, r), np.uint8) for r in bp.rows]
+        except Exception as e:  # DALI would wrap it; keep the original (it names the shard) for __next__
+            self._feed_error = e
+            raise
         starts = [np.array(rec.start, np.int32) for rec in bp.records]
         roi0 = [np.array(rec.crop[:2], np.float32) for rec in bp.records]
         roi1 = [np.array((rec.crop[0] + rec.crop[2], rec.crop[1] + rec.crop[3]), np.float32) for rec in bp.records]
@@ -188,13 +188,14 @@ class VideoLoader:
             self._close_pipe()
             raise
         except Exception as e:
-            bp = self._inflight[0][0] if self._inflight else None
-            what = ""
-            if bp is not None:
-                shards = sorted({self.index.shards[r] for r in bp.rows})
-                what = (f" while decoding samples {[self.index.keys[r] for r in bp.rows][:8]} from shards "
-                        f"{shards} of {self.cfg.root}")
+            feed_error = self._feed_error
+            rows = [r for item in self._inflight for r in item[0].rows]  # the batches DALI was working on
             self._close_pipe()
+            if feed_error is not None:
+                raise feed_error from None
+            shards = sorted({self.index.shards[r] for r in rows})
+            what = (f" while decoding one of the samples {[self.index.keys[r] for r in rows][:12]} from shards "
+                    f"{shards} of {self.cfg.root}")
             raise LoaderError(f"the DALI pipeline failed{what}: {str(e).strip().splitlines()[-1][:300]}. "
                               "Check the set with `python -m pipeline.verify --hashes "
                               f"{self.cfg.root}` and rebuild bad shards with `make shards`.") from None

@@ -1,0 +1,230 @@
+"""The streaming loader: DALI output equals the PyAV reference, determinism, exact resume, rank splits, errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import LoaderConfig, load_config
+from pipeline.loader import LoaderError, VideoLoader
+from pipeline.manifest import ManifestError, read_manifest
+from pipeline.reference import ReferenceLoader
+from pipeline.sampling import Plan, clip_span
+
+GRID = (4, 3, 3)  # 8 frames / tubelet 2, 48 px / patch 16
+# one grey level of a [0, 255] frame, in normalised units (ImageNet std ~0.226)
+LEVEL = 1 / (0.226 * 255)
+
+
+def cfg_for(root: str, *extra: str) -> LoaderConfig:
+    return load_config(LoaderConfig, None, [f"root={root}", "batch_size=3", "num_frames=8", "frame_stride=3",
+                                            "crop_size=48", "dtype=fp32", "threads=2", *extra])
+
+
+def take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def same_batches(a, b) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert x.keys == y.keys and x.records == y.records and x.epoch == y.epoch and x.step == y.step
+        assert torch.equal(x.clips, y.clips)
+        for (c1, t1), (c2, t2) in zip(x.masks, y.masks, strict=True):
+            assert torch.equal(c1, c2) and torch.equal(t1, t2)
+
+
+def test_dali_matches_reference_loader(small_shards):
+    cfg = cfg_for(small_shards)
+    dali = take(VideoLoader(cfg, grid=GRID), 6)  # 12 train videos, batch 3: crosses an epoch boundary
+    ref = list(ReferenceLoader(cfg, grid=GRID).batches(6))
+    for d, r in zip(dali, ref, strict=True):
+        assert d.keys == r.keys and d.records == r.records
+        assert d.clips.shape == (len(d.keys), 3, 8, 48, 48) and d.clips.dtype == torch.float32
+        for (c1, t1), (c2, t2) in zip(d.masks, r.masks, strict=True):
+            assert torch.equal(c1, c2) and torch.equal(t1, t2)
+        diff = (d.clips - r.clips).abs()
+        # decoders and resize filters round differently; a wrong frame, crop or flip is far above this
+        assert diff.mean() < 1.5 * LEVEL, d.keys
+        for i, rec in enumerate(d.records):
+            flipped = r.clips[i].flip(-1)
+            if rec.flip or not torch.allclose(flipped, r.clips[i], atol=8 * LEVEL):
+                assert (d.clips[i] - flipped).abs().mean() > 3 * (d.clips[i] - r.clips[i]).abs().mean()
+    index = VideoLoader(cfg, grid=GRID).index
+    assert (index.nframes < clip_span(8, 3)).any(), "the set must include clips shorter than the window (padding)"
+
+
+def test_crop_window_is_exact(small_shards):
+    """Shifting the crop window by a few pixels must show: the comparison sees crops, not just statistics."""
+    cfg = cfg_for(small_shards, "flip=false")
+    d = take(VideoLoader(cfg, grid=GRID), 2)
+    ref = ReferenceLoader(cfg, grid=GRID)
+    plans = [next(ref.plan) for _ in range(2)]
+    from pipeline.reference import make_clip
+    from pipeline.storage import ShardStore
+
+    store = ShardStore(small_shards)
+    for batch, bp in zip(d, plans):
+        for i, (row, rec) in enumerate(zip(bp.rows, bp.records)):
+            y0, x0, h, w = rec.crop
+            if w < ref.index.widths[row] - 4:  # room to shift
+                shifted = replace(rec, crop=(y0, x0 + 4 if x0 + w + 4 <= ref.index.widths[row] else x0 - 4, h, w))
+                video = ref.index.read_video(store, row)
+                good = make_clip(video, rec, int(ref.index.nframes[row]), 8, 3, 48)
+                bad = make_clip(video, shifted, int(ref.index.nframes[row]), 8, 3, 48)
+                assert (batch.clips[i] - good).abs().mean() < 0.5 * (batch.clips[i] - bad).abs().mean()
+
+
+def test_same_seed_same_batches_and_epochs_reshuffle(small_shards):
+    cfg = cfg_for(small_shards)
+    a = take(VideoLoader(cfg, grid=GRID), 8)  # 4 steps per epoch: 2 epochs
+    b = take(VideoLoader(cfg, grid=GRID), 8)
+    same_batches(a, b)
+    epoch0 = [k for x in a[:4] for k in x.keys]
+    epoch1 = [k for x in a[4:] for k in x.keys]
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
+    assert [x.epoch for x in a] == [0] * 4 + [1] * 4
+    other = take(VideoLoader(replace(cfg, seed=1), grid=GRID), 4)
+    assert [k for x in other for k in x.keys] != epoch0
+
+
+def test_order_does_not_depend_on_threads(small_shards):
+    same_batches(take(VideoLoader(cfg_for(small_shards, "threads=1"), grid=GRID), 3),
+                 take(VideoLoader(cfg_for(small_shards, "threads=2", "prefetch=3"), grid=GRID), 3))
+
+
+def test_resume_is_exact(small_shards):
+    cfg = cfg_for(small_shards)
+    straight = take(VideoLoader(cfg, grid=GRID), 7)
+    first = VideoLoader(cfg, grid=GRID)
+    take(first, 3)  # DALI has prefetched beyond these: the state must count only what was received
+    state = first.state_dict()
+    first.close()
+    assert state["position"] == 9 and state["epoch"] == 0
+    resumed = VideoLoader(cfg, grid=GRID)
+    resumed.load_state_dict(state)
+    same_batches(straight[3:], take(resumed, 4))
+
+
+def test_state_for_another_dataset_is_refused(small_shards):
+    loader = VideoLoader(cfg_for(small_shards), grid=GRID)
+    with pytest.raises(ValueError, match="wrong dataset or config"):
+        loader.load_state_dict({"epoch": 0, "position": 3, "seed": 0, "num_items": 999})
+
+
+def test_two_ranks_disjoint_complete_equal_steps(small_shards):
+    cfg = cfg_for(small_shards, "batch_size=2")  # 12 videos, 2 ranks x 2: 3 steps per epoch
+    ranks = [VideoLoader(cfg, grid=GRID, rank=r, world_size=2) for r in range(2)]
+    assert ranks[0].steps_per_epoch == ranks[1].steps_per_epoch == 3
+    seen = [[k for b in take(l, 3) for k in b.keys] for l in ranks]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(ranks[0].index.keys)
+
+
+@pytest.mark.parametrize("n,batch,world", [(12, 2, 2), (13, 3, 2), (10, 4, 3), (5, 2, 4), (2, 4, 3)])
+def test_plan_every_sample_once_per_epoch(n, batch, world):
+    plans = [Plan([(20, 64, 64)] * n, batch_size=batch, rank=r, world_size=world, seed=3) for r in range(world)]
+    steps = plans[0].steps_per_epoch
+    rows = []
+    for p in plans:
+        batches = [next(p) for _ in range(steps)]
+        assert all(b.epoch == 0 for b in batches) and len(batches) == steps
+        rows += [r for b in batches for r, pad in zip(b.rows, b.padded) if not pad]
+    assert sorted(rows) == list(range(n))
+
+
+def test_resume_with_another_world_size_serves_the_rest_once():
+    geom = [(20, 64, 64)] * 23
+    two = [Plan(geom, batch_size=3, rank=r, world_size=2, seed=5) for r in range(2)]
+    served = [r for p in two for _ in range(2) for r in next(p).rows]  # 2 steps of 2 ranks x 3
+    state = two[0].state_dict()
+    assert state == two[1].state_dict()
+    three = [Plan(geom, batch_size=3, rank=r, world_size=3, seed=5) for r in range(3)]
+    for p in three:
+        p.load_state_dict(state)
+    rest_steps = -(-(23 - state["position"]) // 9)
+    for p in three:
+        for _ in range(rest_steps):
+            b = next(p)
+            served += [r for r, pad in zip(b.rows, b.padded) if not pad]
+    assert sorted(served) == list(range(23))
+
+
+def test_eval_views_one_pass(small_shards):
+    cfg = cfg_for(small_shards, "split=val", "eval_clips=2", "eval_crops=3", "batch_size=4")
+    loader = VideoLoader(cfg, grid=None, train=False)
+    batches = list(loader)
+    views = [(k, r.view) for b in batches for k, r in zip(b.keys, b.records)]
+    assert len(views) == len(set(views)) == 4 * 6
+    assert all(not r.flip for b in batches for r in b.records) and all(b.masks == [] for b in batches)
+    again = list(VideoLoader(cfg, grid=None, train=False))
+    same_batches(batches, again)
+    crops = {r.crop for b in batches for r in b.records}
+    assert len(crops) > 3  # left/centre/right windows differ
+
+
+def test_masks_in_batches(small_shards):
+    b = take(VideoLoader(cfg_for(small_shards), grid=GRID), 1)[0]
+    assert len(b.masks) == 2
+    for ctx, tgt in b.masks:
+        assert ctx.shape[0] == tgt.shape[0] == len(b.keys) and ctx.dtype == torch.int64
+        for c, t in zip(ctx.tolist(), tgt.tolist()):
+            assert not set(c) & set(t) and max(c + t) < np.prod(GRID)
+
+
+def test_dtypes(small_shards):
+    for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        assert take(VideoLoader(cfg_for(small_shards, f"dtype={name}"), grid=GRID), 1)[0].clips.dtype == dt
+
+
+@pytest.fixture
+def shard_copy(small_shards, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(small_shards, dst)
+    return dst
+
+
+def test_truncated_shard_refused_before_training(shard_copy):
+    name = read_manifest(str(shard_copy)).shards[0]["name"]
+    with open(shard_copy / name, "r+b") as f:
+        f.truncate(os.path.getsize(shard_copy / name) - 1024)
+    with pytest.raises(ManifestError, match=name):
+        VideoLoader(cfg_for(str(shard_copy)), grid=GRID)
+
+
+def test_missing_index_or_manifest_refused(shard_copy):
+    m = read_manifest(str(shard_copy))
+    os.unlink(shard_copy / m.shards[-1]["index"])
+    with pytest.raises(ManifestError, match=m.shards[-1]["index"]):
+        VideoLoader(cfg_for(str(shard_copy)), grid=GRID)
+    os.unlink(shard_copy / "manifest.parquet")
+    with pytest.raises(ManifestError, match="not a finished shard set"):
+        VideoLoader(cfg_for(str(shard_copy)), grid=GRID)
+
+
+def test_shard_not_matching_offsets_gives_clear_error(shard_copy):
+    m = read_manifest(str(shard_copy))
+    row = m.samples.slice(0, 1).to_pylist()[0]
+    with open(shard_copy / row["shard"], "r+b") as f:  # clobber the member's tar header
+        f.seek(row["video_offset"] - 512)
+        f.write(b"X" * 100)
+    loader = VideoLoader(cfg_for(str(shard_copy), "split=" + row["split"]), grid=GRID)
+    with pytest.raises(ManifestError, match=row["shard"]):
+        take(loader, 4)
+
+
+def test_corrupt_video_bytes_name_the_samples(shard_copy):
+    m = read_manifest(str(shard_copy))
+    rows = m.samples.to_pylist()
+    for row in rows:  # garble every training video's payload, keeping sizes and headers
+        with open(shard_copy / row["shard"], "r+b") as f:
+            f.seek(row["video_offset"])
+            f.write(os.urandom(row["video_size"]))
+    loader = VideoLoader(cfg_for(str(shard_copy)), grid=GRID)
+    with pytest.raises(LoaderError, match="while decoding one of the samples"):
+        take(loader, 2)
