@@ -10,7 +10,8 @@ DALI ?= nvidia-dali-cuda130
 STAMP := $(VENV)/.tubelet-setup
 ARGS ?=
 
-.PHONY: setup ffmpeg-tool sample shards test bench-shards demo clean help
+.PHONY: setup ffmpeg-tool prometheus-tool sample shards train probe proof test bench-shards bench-loader \
+	bench-train monitor demo clean help
 
 help:
 	@echo "make setup | sample | shards [ARGS='k=v ...'] | test | bench-shards | demo"
@@ -28,6 +29,10 @@ $(STAMP): pyproject.toml Makefile
 ffmpeg-tool:
 	@command -v ffmpeg >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; }
 
+# Debian's prometheus (prometheus + promtool) for `make monitor` and the metrics tests; installed only when missing.
+prometheus-tool:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
 sample: setup
 	$(PY) -m pipeline.sample --out data/sample
 
@@ -35,11 +40,18 @@ sample: setup
 shards: setup
 	$(PY) -m pipeline.make_shards --config configs/shards.yaml $(ARGS)
 
-test: setup
+test: setup prometheus-tool
 	$(PY) -m pytest -q $(ARGS)
 
 bench-shards: setup ffmpeg-tool
 	$(PY) -m benchmarks.bench_shards $(ARGS)
+
+bench-loader: setup
+	$(PY) -m benchmarks.bench_loader $(ARGS)
+
+# Prometheus on 127.0.0.1:9090 scraping a local training job (ranks on 127.0.0.1:9400..9407); data in runs/prometheus.
+monitor: prometheus-tool
+	bash scripts/monitor.sh $(ARGS)
 
 demo: shards
 

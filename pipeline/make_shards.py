@@ -26,6 +26,7 @@ import os
 import posixpath
 import socket
 import sys
+import tarfile
 import tempfile
 import time
 from collections import Counter, deque
@@ -54,6 +55,7 @@ class Group:
     index: int
     sources: List[Source]
     keys: List[str]
+    label_index: List[Optional[int]]  # class index of each source (numbered over all splits)
 
     @property
     def name(self) -> str:
@@ -67,23 +69,25 @@ class Group:
 def plan(cfg: ShardsConfig) -> Tuple[List[Group], Dict[str, int]]:
     """List every split's inputs and cut them into groups (deterministic, identical in every partition)."""
     listed = {split: list_split(spec, cfg.labels_from_dirs) for split, spec in sorted(cfg.inputs.items())}
+    labels = label_map(listed)
     groups = []
     for split, sources in listed.items():
         if not sources:
             raise InputError(f"inputs.{split}={cfg.inputs[split]} names no video files")
         keys = check_unique_keys(split, sources)
         n = cfg.shard.max_samples
+        index = [labels[s.label] if s.label is not None else None for s in sources]
         for g in range(0, len(sources), n):
-            groups.append(Group(split, g // n, sources[g:g + n], keys[g:g + n]))
-    return groups, label_map(listed)
+            groups.append(Group(split, g // n, sources[g:g + n], keys[g:g + n], index[g:g + n]))
+    return groups, labels
 
 
 def fingerprint(cfg: ShardsConfig, group: Group) -> str:
-    """What a group's output depends on: its inputs and the transcode/filter settings."""
+    """What a group's output depends on: its inputs, their class indices, the transcode/filter settings."""
     h = hashlib.sha256()
     h.update(json.dumps([to_dict(cfg.transcode), to_dict(cfg.filter), cfg.shard.max_bytes], sort_keys=True).encode())
-    for s, k in zip(group.sources, group.keys):
-        h.update(f"\0{s.url}\0{s.label}\0{k}".encode())
+    for s, k, i in zip(group.sources, group.keys, group.label_index):
+        h.update(f"\0{s.url}\0{s.label}\0{i}\0{k}".encode())
     return h.hexdigest()
 
 
@@ -220,7 +224,8 @@ class GroupWriter:
             if r.meta["label_index"] is not None:
                 comps.append(("cls", str(r.meta["label_index"]).encode()))
             need = sum(512 + -(-len(d) // 512) * 512 for _, d in comps)
-            if writer is not None and writer.samples and writer.bytes_written + need > cfg.shard.max_bytes:
+            if writer is not None and writer.samples and \
+                    closed_size(writer.bytes_written + need) > cfg.shard.max_bytes:
                 close_shard()
             if writer is None:
                 fd, tmp = tempfile.mkstemp(dir=self.tmpdir, suffix=".tar")
@@ -238,6 +243,11 @@ class GroupWriter:
         # the record is the commit point of the group: written last, atomically
         self.out.write_bytes_atomic(f"{PARTS}/{g.name}.json", json.dumps(record).encode(), self.tmpdir)
         return record
+
+
+def closed_size(offset: int) -> int:
+    """The size of a tar closed at `offset`: tarfile adds two zero blocks, then pads to a whole record."""
+    return -(-(offset + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
 def _row(split: str, index: int, r: Sample, m: Dict) -> dict:
@@ -262,7 +272,19 @@ def _row(split: str, index: int, r: Sample, m: Dict) -> dict:
 
 def _pool(workers: int) -> cf.ProcessPoolExecutor:
     # spawn: workers start clean (no inherited threads or locks from the parent's libraries)
-    return cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+    return cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_die_with_parent,
+                                  initargs=(os.getpid(),))
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: when the parent is killed (kill -9), its workers exit instead of idling forever."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def run_jobs(jobs: Sequence[Tuple[object, Job]], workers: int, on_result) -> None:
@@ -295,8 +317,9 @@ def run_jobs(jobs: Sequence[Tuple[object, Job]], workers: int, on_result) -> Non
                         inflight[pool.submit(process, job)] = (tag, job)
                     done, _ = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
                     for fut in done:
+                        result = fut.result()  # BrokenProcessPool: fut stays in flight, so it is retried
                         tag, job = inflight.pop(fut)
-                        on_result(tag, fut.result())
+                        on_result(tag, result)
             except BrokenProcessPool:
                 suspects.extend(inflight.values())
                 pool.shutdown(cancel_futures=True)
@@ -322,7 +345,7 @@ def run(cfg: ShardsConfig) -> Optional[dict]:
         if not cfg.merge:
             mine = [g for g in groups if g.index % part.count == part.index] if part.count > 1 else groups
             todo = [g for g in mine if not _finished(out, cfg, g)]
-            _shard_groups(cfg, out, todo, labels, done=len(mine) - len(todo), owner=owner)
+            _shard_groups(cfg, out, todo, done=len(mine) - len(todo), owner=owner)
             if part.count > 1:
                 print(f"partition {part.index}/{part.count}: {len(mine)} groups done; "
                       f"run with merge=true once every partition has finished")
@@ -344,16 +367,14 @@ def _finished(out: Output, cfg: ShardsConfig, g: Group) -> bool:
     return True
 
 
-def _shard_groups(cfg: ShardsConfig, out: Output, todo: List[Group], labels: Dict[str, int], done: int,
-                  owner: str) -> None:
+def _shard_groups(cfg: ShardsConfig, out: Output, todo: List[Group], done: int, owner: str) -> None:
     if not todo:
         return
     tmpdir = out.tmpdir(owner)
     writers = {g.name: GroupWriter(g, out, cfg, tmpdir) for g in todo}
     jobs = []
     for g in todo:
-        for pos, (s, key) in enumerate(zip(g.sources, g.keys)):
-            label_index = labels[s.label] if s.label is not None else None
+        for pos, (s, key, label_index) in enumerate(zip(g.sources, g.keys, g.label_index)):
             jobs.append(((g.name, pos), Job(key, s.url, s.label, label_index, cfg.transcode, cfg.filter)))
     workers = cfg.workers or os.cpu_count() or 1
     from tqdm import tqdm
@@ -382,8 +403,7 @@ def _shard_groups(cfg: ShardsConfig, out: Output, todo: List[Group], labels: Dic
     finally:
         bar.close()
         stats.close()
-    if out.local:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        shutil.rmtree(tmpdir, ignore_errors=True)  # holds nothing with a final name; local or not
 
 
 def _merge(cfg: ShardsConfig, out: Output, groups: List[Group], labels: Dict[str, int], wall: float,
