@@ -1,0 +1,175 @@
+"""`make bench-train`: the training step on synthetic clips + masks (no loader), with model FLOPs utilisation.
+
+    python -m benchmarks.bench_train [--size base] [--batch 8] [--steps 20] [--warmup 3] [--img 224]
+                                     [--frames 16] [--amp auto|bf16|off] [--config YAML] [--out FILE]
+                                     [key=value TrainConfig overrides ...]
+
+Times `train.trainer.train_step` (forward, backward, clipping, AdamW, EMA, the NaN guard's sync) exactly as the
+trainer runs it, on random clips and masks drawn with the configured mask types. MFU = model FLOPs per second /
+the matrix-multiply rate measured on this device in the same run (CPU: fp32 matmul; GPU: bf16 matmul), so it
+says how much of what this device can actually do the step uses.
+
+Model FLOPs are counted analytically from each step's real token counts (`step_flops`): 2 x weights x tokens for
+every linear layer and the tubelet embedding, plus 4 N^2 D per attention layer (QK^T and AV); the target encoder
+runs forward only on all N tokens; the encoder (on each mask type's context tokens) and the predictor (context +
+target tokens) run forward and backward (backward = 2 x forward; 1 x for the tubelet embedding, whose input needs
+no gradient). Norms, activations and the optimizer are not counted (the usual MFU convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from types import SimpleNamespace
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from model.config import VIT_SIZES, ModelConfig
+from pipeline.config import load_config
+from pipeline.masks import sample_masks
+from train import dist, trainer
+from train.config import TrainConfig
+
+
+def vit_forward_flops(tokens: int, width: int, depth: int) -> float:
+    """Transformer blocks on `tokens` tokens of one clip: linear layers (qkv, proj, fc1, fc2 = 12 D^2 weights)
+    and attention scores/values (4 N^2 D)."""
+    return depth * (2.0 * 12 * width * width * tokens + 4.0 * tokens * tokens * width)
+
+
+def step_flops(cfg: ModelConfig, batch: int, masks: Sequence[Tuple[int, int]]) -> Dict[str, float]:
+    """Model FLOPs of one training step. masks: (context tokens, target tokens) per mask type."""
+    width, depth, _ = VIT_SIZES[cfg.size]
+    n = int(np.prod(cfg.grid))
+    embed = 2.0 * n * (3 * cfg.tubelet_size * cfg.patch_size**2) * width  # every token, before the gather
+    target = embed + vit_forward_flops(n, width, depth)
+    encoder_fwd = encoder_bwd = predictor_fwd = 0.0
+    w = cfg.predictor_width
+    for nc, nt in masks:
+        blocks = vit_forward_flops(nc, width, depth)
+        encoder_fwd += embed + blocks
+        encoder_bwd += embed + 2 * blocks  # tubelet embedding: weight gradient only
+        predictor_fwd += 2.0 * nc * width * w + vit_forward_flops(nc + nt, w, cfg.predictor_depth) + 2.0 * nt * w * width
+    per_clip = {"target_encoder": target, "encoder": encoder_fwd + encoder_bwd, "predictor": 3 * predictor_fwd}
+    out = {k: v * batch for k, v in per_clip.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def matmul_rate(device: torch.device, seconds: float = 2.0) -> Tuple[float, str]:
+    """Measured dense matmul FLOP/s: bf16 on GPU, fp32 on CPU."""
+    if device.type == "cuda":
+        n, dtype = 8192, torch.bfloat16
+    else:
+        n, dtype = 1024, torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(4):
+            a @ b
+        reps += 4
+        sync()
+    return 2.0 * n**3 * reps / (time.perf_counter() - t0), f"{str(dtype).split('.')[-1]} {n}x{n}x{n}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="TrainConfig YAML (default: the schema defaults)")
+    ap.add_argument("--size", default=None, choices=sorted(VIT_SIZES))
+    ap.add_argument("--batch", type=int, default=None, help="clips per step")
+    ap.add_argument("--img", type=int, default=None, help="image size (model.img_size = data.crop_size)")
+    ap.add_argument("--frames", type=int, default=None, help="frames per clip")
+    ap.add_argument("--amp", default=None, choices=["auto", "bf16", "off"])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default="", help="write the results as JSON here")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    extra = []
+    if args.size:
+        extra.append(f"model.size={args.size}")
+    if args.batch:
+        extra.append(f"data.batch_size={args.batch}")
+    if args.img:
+        extra += [f"model.img_size={args.img}", f"data.crop_size={args.img}"]
+    if args.frames:
+        extra += [f"model.num_frames={args.frames}", f"data.num_frames={args.frames}"]
+    if args.amp:
+        extra.append(f"amp={args.amp}")
+    cfg = load_config(TrainConfig, args.config, [*args.overrides, *extra, "metrics.enabled=false"])
+
+    env = dist.init(cfg.device)
+    try:
+        parts = trainer.build(cfg, env)
+        B, grid = cfg.data.batch_size, cfg.model.grid
+        rng = np.random.default_rng(0)
+        clips = torch.randn(B, 3, cfg.model.num_frames, cfg.model.img_size, cfg.model.img_size, device=env.device)
+        batches = [SimpleNamespace(clips=clips, masks=[(torch.from_numpy(c), torch.from_numpy(t))
+                                                       for c, t in sample_masks(rng, B, grid, cfg.data.masks)])
+                   for _ in range(args.warmup + args.steps)]
+        times: List[float] = []
+        flops = 0.0
+        for i, b in enumerate(batches):
+            t0 = time.perf_counter()
+            trainer.train_step(parts, b, i + 1)  # ends in a host sync (the NaN guard's .tolist())
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+                flops += step_flops(cfg.model, B, [(c.shape[1], t.shape[1]) for c, t in b.masks])["total"]
+        peak, peak_what = matmul_rate(env.device)
+    finally:
+        dist.cleanup()
+
+    total = sum(times)
+    achieved = flops / total
+    n = int(np.prod(grid))
+    mean_tokens = [(statistics.mean(b.masks[k][0].shape[1] for b in batches),
+                    statistics.mean(b.masks[k][1].shape[1] for b in batches)) for k in range(len(cfg.data.masks))]
+    per_step = step_flops(cfg.model, B, [(round(c), round(t)) for c, t in mean_tokens])
+    device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else (
+        platform.processor() or platform.machine())
+    result = {
+        "size": cfg.model.size, "clip": [cfg.model.num_frames, cfg.model.img_size, cfg.model.img_size],
+        "tokens": n, "batch": B, "device": f"{env.device.type}: {device_name}",
+        "threads": torch.get_num_threads(), "amp": "bf16" if parts.amp else "off", "steps": len(times),
+        "step_seconds_mean": total / len(times), "step_seconds_median": statistics.median(times),
+        "clips_per_second": B * len(times) / total,
+        "context_target_tokens": [[round(c, 1), round(t, 1)] for c, t in mean_tokens],
+        "model_flops_per_step": flops / len(times), "model_flops_split": per_step,
+        "achieved_flops_per_second": achieved, "matmul_flops_per_second": peak, "matmul": peak_what,
+        "mfu": achieved / peak,
+    }
+    precision = "bf16 autocast" if parts.amp else f"fp32, {result['threads']} threads"
+    print(f"bench_train: ViT-{cfg.model.size}/{cfg.model.patch_size}, {cfg.model.num_frames}x{cfg.model.img_size}"
+          f"x{cfg.model.img_size} ({n} tokens), batch {B}, {result['device']}, {precision}")
+    rows = [
+        ("step time (median / mean)", f"{result['step_seconds_median']:.3f} s / {result['step_seconds_mean']:.3f} s"),
+        ("clips/s", f"{result['clips_per_second']:.2f}"),
+        ("context / target tokens", ", ".join(f"{c:.0f}/{t:.0f}" for c, t in mean_tokens)),
+        ("model FLOPs per step", f"{result['model_flops_per_step'] / 1e12:.3f} TFLOP (target enc "
+         f"{per_step['target_encoder'] / per_step['total']:.0%}, encoder {per_step['encoder'] / per_step['total']:.0%}, "
+         f"predictor {per_step['predictor'] / per_step['total']:.0%})"),
+        ("achieved", f"{achieved / 1e12:.3f} TFLOP/s"),
+        ("matmul rate (measured)", f"{peak / 1e12:.3f} TFLOP/s ({peak_what})"),
+        ("MFU", f"{result['mfu']:.1%}"),
+    ]
+    for k, v in rows:
+        print(f"  {k:<28} {v}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

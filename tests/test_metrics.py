@@ -1,0 +1,596 @@
+"""The Prometheus backend (train/prometheus.py) and configs/monitoring/: exposition, NVML, rules, dashboards.
+
+Needs Debian's `prometheus` package (prometheus + promtool; `make prometheus-tool` installs it). Without it these
+tests fail, unless TUBELET_ALLOW_SKIP_PROMETHEUS=1, which skips the ones that need the binaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.loader import LoaderStats
+from train import prometheus as prom
+from train.metrics import MetricsConfig, NullMetrics, StepStats, build_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+MON = ROOT / "configs" / "monitoring"
+DASHBOARD = MON / "grafana" / "dashboards" / "tubelet.json"
+
+LOADER_NAMES = ["tubelet_loader_wait_seconds", "tubelet_loader_feed_seconds", "tubelet_loader_latency_seconds",
+                "tubelet_loader_samples", "tubelet_loader_padded_samples", "tubelet_loader_read_bytes",
+                "tubelet_loader_queue_depth", "tubelet_loader_epoch", "tubelet_loader_position"]
+TRAIN_NAMES = ["tubelet_train_step_seconds", "tubelet_train_data_wait_seconds", "tubelet_train_steps",
+               "tubelet_train_skipped_steps", "tubelet_train_clips", "tubelet_train_step", "tubelet_train_loss",
+               "tubelet_train_learning_rate", "tubelet_train_weight_decay", "tubelet_train_ema_momentum",
+               "tubelet_train_grad_norm", "tubelet_train_nonfinite", "tubelet_train_nonfinite_stop",
+               "tubelet_train_checkpoint_step", "tubelet_train_checkpoint_seconds",
+               "tubelet_train_checkpoint_timestamp_seconds"]
+PROCESS_NAMES = ["process_cpu_seconds", "process_resident_memory_bytes", "python_info"]
+GPU_NAMES = ["tubelet_gpu_utilization_ratio", "tubelet_gpu_decoder_utilization_ratio",
+             "tubelet_gpu_memory_used_bytes", "tubelet_gpu_memory_total_bytes", "tubelet_gpu_power_watts",
+             "tubelet_gpu_energy_joules"]
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("TUBELET_ALLOW_SKIP_PROMETHEUS"):
+            pytest.skip(f"{name} not installed (TUBELET_ALLOW_SKIP_PROMETHEUS is set)")
+        pytest.fail(f"{name} not found: install Debian's prometheus package (`make prometheus-tool`, or apt-get "
+                    "install prometheus), or set TUBELET_ALLOW_SKIP_PROMETHEUS=1 to skip these tests")
+    return path
+
+
+def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("promtool"), *args], input=stdin, capture_output=True, text=True, cwd=MON,
+                          timeout=60)
+
+
+# -- the exporter ----------------------------------------------------------------------------------
+
+
+def cfg(**kw) -> MetricsConfig:
+    return MetricsConfig(**{"base_port": 0, **kw})
+
+
+def feed(m, steps: int = 3, skip_at: int = 0) -> None:
+    """Realistic numbers: 8-clip batches, ~40 ms waits, ~0.6 s steps, a checkpoint, a skipped step."""
+    for s in range(1, steps + 1):
+        m.loader(LoaderStats(wait_seconds=0.04 * s, feed_seconds=0.12, latency_seconds=0.35, bytes_read=2_400_000,
+                             samples=8, padded=1 if s == steps else 0, queue_depth=2, epoch=0, position=16 * s))
+        bad = s == skip_at
+        if bad:
+            m.nonfinite(s, "skip")
+        m.step(StepStats(step=s, step_seconds=0.6, data_wait_seconds=0.04 * s, clips=8,
+                         loss=float("nan") if bad else 0.9 - 0.01 * s, lr=2e-4 + 1e-6 * s, weight_decay=0.04,
+                         ema_momentum=0.998, grad_norm=float("inf") if bad else 1.5, skipped=bad))
+    m.checkpoint(steps, 0.8)
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read().decode()
+
+
+def families(text: str) -> dict:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+@contextlib.contextmanager
+def exporter(**kw):
+    m = prom.PrometheusMetrics(cfg(**kw), rank=1, local_rank=0)
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+def nvml_loadable() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        return True
+    except Exception:
+        return False
+
+
+def test_exposition_passes_promtool_and_labels_every_series_with_rank():
+    with exporter() as m:
+        feed(m, steps=4, skip_at=3)
+        assert m.url.startswith("http://127.0.0.1:") and m.url.endswith("/metrics")
+        text = scrape(m.url)
+    r = promtool("check", "metrics", stdin=text)
+    assert r.returncode == 0 and not r.stdout.strip(), r.stdout + r.stderr
+    fams = families(text)
+    for name in LOADER_NAMES + TRAIN_NAMES + PROCESS_NAMES:
+        assert name in fams, f"{name} missing from the exposition"
+    for f in fams.values():
+        for s in f.samples:
+            assert s.labels.get("rank") == "1", s
+            assert not s.name.endswith("_created"), s
+    value = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in fams.values() for s in f.samples}
+    r1 = (("rank", "1"),)
+    assert value[("tubelet_train_steps_total", r1)] == 4
+    assert value[("tubelet_train_skipped_steps_total", r1)] == 1
+    assert value[("tubelet_train_clips_total", r1)] == 32
+    assert value[("tubelet_train_step_seconds_count", r1)] == 4
+    assert value[("tubelet_train_data_wait_seconds_sum", r1)] == pytest.approx(0.4)
+    assert value[("tubelet_train_loss", r1)] == pytest.approx(0.86)  # the skipped NaN step left it alone
+    assert value[("tubelet_train_grad_norm", r1)] == 1.5
+    assert value[("tubelet_train_nonfinite_total", (("action", "skip"), ("rank", "1")))] == 1
+    assert value[("tubelet_train_nonfinite_total", (("action", "stop"), ("rank", "1")))] == 0
+    assert value[("tubelet_train_nonfinite_stop", r1)] == 0
+    assert value[("tubelet_loader_read_bytes_total", r1)] == 4 * 2_400_000
+    assert value[("tubelet_loader_padded_samples_total", r1)] == 1
+    assert value[("tubelet_loader_position", r1)] == 64
+    assert value[("tubelet_train_checkpoint_step", r1)] == 4
+    if not nvml_loadable():  # this CPU machine: NVML absent, the exporter runs and serves no GPU series
+        assert not [n for n in fams if n.startswith("tubelet_gpu_")]
+
+
+def test_last_values_are_absent_until_reported():
+    """No loss or checkpoint step of 0 before the first step or checkpoint; counters and the stop flag at 0."""
+    with exporter(nvml=False) as m:
+        fams = families(scrape(m.url))
+        assert not {"tubelet_train_loss", "tubelet_train_step", "tubelet_train_checkpoint_step",
+                    "tubelet_loader_position"} & set(fams)
+        assert fams["tubelet_train_steps"].samples[0].value == 0
+        assert fams["tubelet_train_nonfinite_stop"].samples[0].value == 0
+        feed(m, steps=1)
+        fams = families(scrape(m.url))
+        assert fams["tubelet_train_loss"].samples[0].value == pytest.approx(0.89)
+
+
+def test_without_nvml_the_gpu_series_are_absent(monkeypatch):
+    import pynvml
+
+    def no_library():
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", no_library)
+    with exporter() as m:
+        feed(m)
+        fams = families(scrape(m.url))
+    assert "tubelet_train_steps" in fams and not [n for n in fams if n.startswith("tubelet_gpu_")]
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed at all
+    with exporter() as m:
+        assert not [n for n in families(scrape(m.url)) if n.startswith("tubelet_gpu_")]
+
+
+class FakeNvml(types.ModuleType):
+    """pynvml with 8 GPUs; GPU 5 has no energy counter (NotSupported)."""
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_NotSupported(NVMLError):
+        pass
+
+    def __init__(self):
+        super().__init__("pynvml")
+        self.calls, self.shut = 0, False
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        self.shut = True
+
+    def nvmlDeviceGetCount(self):
+        return 8
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return ("gpu", i)
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        self.calls += 1
+        return types.SimpleNamespace(gpu=87, memory=40)
+
+    def nvmlDeviceGetDecoderUtilization(self, h):
+        return [93, 167000]
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return types.SimpleNamespace(used=30 * 2**30, total=80 * 2**30, free=50 * 2**30)
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return 412_500  # mW
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h):
+        if h[1] == 5:
+            raise self.NVMLError_NotSupported()
+        return 7_200_000  # mJ
+
+
+def test_nvml_series_in_base_units_for_the_ranks_gpu(monkeypatch):
+    fake = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,7")  # local rank 1 is cuda:1 = NVML device 7
+    m = prom.PrometheusMetrics(cfg(nvml_interval=0.05), rank=9, local_rank=1)
+    try:
+        first = fake.calls
+        deadline = time.monotonic() + 10
+        while fake.calls < first + 2 and time.monotonic() < deadline:  # the thread samples every 0.05 s
+            time.sleep(0.01)
+        assert fake.calls >= first + 2
+        text = scrape(m.url)
+    finally:
+        m.close()
+    assert fake.shut
+    assert promtool("check", "metrics", stdin=text).returncode == 0
+    got = {s.name: s for f in families(text).values() for s in f.samples if s.name.startswith("tubelet_gpu_")}
+    assert {n: s.labels for n, s in got.items()} == {
+        n if n != "tubelet_gpu_energy_joules" else n + "_total": {"gpu": "7", "rank": "9"} for n in GPU_NAMES}
+    assert got["tubelet_gpu_utilization_ratio"].value == 0.87
+    assert got["tubelet_gpu_decoder_utilization_ratio"].value == 0.93
+    assert got["tubelet_gpu_memory_used_bytes"].value == 30 * 2**30
+    assert got["tubelet_gpu_memory_total_bytes"].value == 80 * 2**30
+    assert got["tubelet_gpu_power_watts"].value == 412.5
+    assert got["tubelet_gpu_energy_joules_total"].value == 7200.0
+
+    # a query the GPU does not support is dropped, the rest stays; nvml=false: no GPU series at all
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    with exporter(nvml_interval=60) as m:
+        names = {n for n in families(scrape(m.url)) if n.startswith("tubelet_gpu_")}
+    assert names == set(GPU_NAMES) - {"tubelet_gpu_energy_joules"}
+    with exporter(nvml=False) as m:
+        assert not [n for n in families(scrape(m.url)) if n.startswith("tubelet_gpu_")]
+    # no GPU for this local rank (2 visible, local rank 2): absent, no failure
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    m = prom.PrometheusMetrics(cfg(), rank=2, local_rank=2)
+    try:
+        assert not [n for n in families(scrape(m.url)) if n.startswith("tubelet_gpu_")]
+    finally:
+        m.close()
+
+
+def test_port_in_use_is_a_clear_error_naming_the_port_and_the_key():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(RuntimeError, match=rf"127\.0\.0\.1:{port} \(metrics\.base_port={port - 1} \+ "
+                                               r"local_rank 1\).*metrics\.base_port=.*metrics\.enabled=false"):
+            prom.PrometheusMetrics(MetricsConfig(base_port=port - 1), rank=1, local_rank=1)
+
+
+def test_build_metrics_picks_the_backend():
+    assert isinstance(build_metrics(MetricsConfig(enabled=False), 0, 0), NullMetrics)
+    m = build_metrics(cfg(nvml=False), 3, 0)
+    try:
+        assert isinstance(m, prom.PrometheusMetrics) and m.url
+        with pytest.raises(ValueError, match="'stop' or 'skip'"):
+            m.nonfinite(1, "retry")
+    finally:
+        m.close()
+
+
+def test_a_nonfinite_stop_is_scraped_before_close_returns(monkeypatch):
+    monkeypatch.setattr(prom, "STOP_LINGER_SECONDS", 20.0)
+    with exporter(nvml=False) as m:  # nobody ever scraped: close() does not wait
+        m.nonfinite(7, "stop")
+        t0 = time.monotonic()
+        m.close()
+        assert time.monotonic() - t0 < 1
+    m = prom.PrometheusMetrics(cfg(nvml=False), rank=0, local_rank=0)
+    scrape(m.url)  # a Prometheus is watching
+    m.nonfinite(7, "stop")
+    closer = threading.Thread(target=m.close)
+    closer.start()
+    time.sleep(0.3)
+    assert closer.is_alive()  # waits for the next scrape...
+    fams = families(scrape(m.url))
+    closer.join(timeout=5)
+    assert not closer.is_alive()  # ...and returns once it came
+    stop = fams["tubelet_train_nonfinite_stop"].samples[0]
+    assert stop.value == 1 and stop.labels == {"rank": "0"}
+
+
+# -- rules and configs ------------------------------------------------------------------------------
+
+
+def test_promtool_check_config_and_rules():
+    r = promtool("check", "config", "prometheus.yml")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = promtool("check", "rules", "rules/recording.yml", "rules/alerts.yml")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_alert_rules_unit_tests():
+    """rules/alerts_test.yml: every alert with firing and non-firing cases, recording rules' values."""
+    r = promtool("test", "rules", "rules/alerts_test.yml")
+    assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
+    tests = yaml.safe_load((MON / "rules" / "alerts_test.yml").read_text())["tests"]
+    cases = [c for t in tests for c in t.get("alert_rule_test", [])]
+    alerts = [r["alert"] for g in yaml.safe_load((MON / "rules" / "alerts.yml").read_text())["groups"]
+              for r in g["rules"]]
+    for a in alerts:
+        assert any(c["alertname"] == a and c["exp_alerts"] for c in cases), f"{a}: no firing case"
+        assert any(c["alertname"] == a and not c["exp_alerts"] for c in cases), f"{a}: no non-firing case"
+
+
+def test_dashboard_and_provisioning_are_consistent():
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] and dash["title"]
+    names = {v["name"]: v for v in dash["templating"]["list"]}
+    assert names["datasource"]["type"] == "datasource" and names["datasource"]["query"] == "prometheus"
+    assert names["rank"]["includeAll"] and names["rank"]["allValue"] == ".*"
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in dash["panels"]:
+        if p["type"] == "row":
+            continue
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+        assert p["targets"] and all(t["expr"] for t in p["targets"]), p["title"]
+        assert 0 <= p["gridPos"]["x"] and p["gridPos"]["x"] + p["gridPos"]["w"] <= 24, p["title"]
+    ds = yaml.safe_load((MON / "grafana/provisioning/datasources/tubelet.yml").read_text())["datasources"][0]
+    assert ds["type"] == "prometheus" and ds["url"] == "http://127.0.0.1:9090" and ds["uid"]
+    prov = yaml.safe_load((MON / "grafana/provisioning/dashboards/tubelet.yml").read_text())["providers"][0]
+    assert prov["type"] == "file" and prov["options"]["path"]
+
+
+# -- a real Prometheus scraping a 2-rank job -------------------------------------------------------
+
+RATE_INTERVAL = "10s"  # what Grafana's $__rate_interval is at a 1 s scrape interval and a short time range
+
+
+def dashboard_queries(job: str) -> list:
+    """(panel title, expr) of every panel target, with the dashboard variables substituted."""
+    dash = json.loads(DASHBOARD.read_text())
+    out = []
+    for p in dash["panels"]:
+        for t in p.get("targets", []):
+            e = t["expr"].replace("$__rate_interval", RATE_INTERVAL).replace("$job", job).replace("$rank", ".*")
+            assert "$" not in e, f"{p['title']}: unknown variable in {e}"
+            out.append((p["title"], e))
+    return out
+
+
+def variable_queries(job: str) -> list:
+    """(variable, selector, label) of the dashboard's label_values() variables."""
+    dash = json.loads(DASHBOARD.read_text())
+    out = []
+    for v in dash["templating"]["list"]:
+        if v["type"] == "query":
+            q = v["query"]["query"].replace("$job", job)
+            assert q.startswith("label_values(") and q.endswith(")")
+            selector, label = q[len("label_values("):-1].rsplit(",", 1)
+            out.append((v["name"], selector.strip(), label.strip()))
+    return out
+
+
+def recording_rules() -> list:
+    groups = yaml.safe_load((MON / "rules" / "recording.yml").read_text())["groups"]
+    return sorted({r["record"] for g in groups for r in g["rules"]})
+
+
+def free_ports(n: int) -> int:
+    """A base port with base..base+n-1 free on loopback."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for p in range(base, base + n):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+class Prometheus:
+    """configs/monitoring/prometheus.yml with its rules, scraping `targets` every second, on a free port."""
+
+    def __init__(self, tmp: Path, targets: list, job: str = "tubelet"):
+        conf = yaml.safe_load((MON / "prometheus.yml").read_text())
+        conf["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+        conf["rule_files"] = [str(MON / f) for f in conf["rule_files"]]
+        (scrape_cfg,) = conf["scrape_configs"]
+        assert scrape_cfg["job_name"] == job
+        scrape_cfg["static_configs"] = [{"targets": targets}]
+        (tmp / "prometheus.yml").write_text(yaml.safe_dump(conf))
+        self.job = job
+        self.url = f"http://127.0.0.1:{free_ports(1)}"
+        self.log = open(tmp / "prometheus.log", "w")
+        self.proc = subprocess.Popen(
+            [tool("prometheus"), f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+             f"--web.listen-address={self.url[len('http://'):]}"], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/-/ready", timeout=1).read()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"prometheus did not start: {(tmp / 'prometheus.log').read_text()[-2000:]}")
+                time.sleep(0.2)
+
+    def api(self, path: str, **params) -> dict:
+        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = json.load(r)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str, at: float) -> list:
+        return self.api("query", query=expr, time=f"{at:.3f}")["result"]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def missing_data(p: Prometheus, ranks: list, gpu: bool) -> list:
+    """Why the dashboard and the recording rules do not (yet) all show data now; [] when they do."""
+    at, why = time.time(), []
+    for title, expr in dashboard_queries(p.job):
+        if "tubelet_gpu_" in expr and not gpu:
+            continue  # GPU-only panels: no NVML series on a machine without a GPU
+        res = p.query(expr, at)
+        values = [float(r["value"][1]) for r in res]
+        if not res or not all(math.isfinite(v) for v in values):
+            why.append(f"panel {title!r}: {expr} -> {values}")
+        elif "by (rank" in expr and sorted(r["metric"]["rank"] for r in res) != ranks:
+            why.append(f"panel {title!r}: {expr} -> ranks {[r['metric'].get('rank') for r in res]}")
+    for name, selector, label in variable_queries(p.job):
+        got = sorted({r["metric"].get(label) for r in p.query(selector, at)} - {None})
+        if not got or (name == "rank" and got != ranks):
+            why.append(f"variable {name}: {selector} -> {got}")
+    for rule in recording_rules():
+        res = p.query(rule, at)
+        if not res or not all(math.isfinite(float(r["value"][1])) for r in res):
+            why.append(f"recording rule {rule} -> {[r['value'][1] for r in res]}")
+    return why
+
+
+def check_dashboards_against(p: Prometheus, procs: list, ranks: list, timeout: float, log: Path = None) -> None:
+    """Polls until every panel query, variable and recording rule returns data for all ranks at one instant
+    while the job runs; fails (naming what is empty) when the job ends or `timeout` passes first."""
+    gpu = bool(p.query("tubelet_gpu_utilization_ratio", time.time()))
+    deadline = time.monotonic() + timeout
+    why = ["not queried"]
+    while time.monotonic() < deadline and all(q.poll() is None for q in procs):
+        why = missing_data(p, ranks, gpu)
+        if not why:
+            break
+        time.sleep(1)
+    ended = [q.returncode for q in procs if q.poll() is not None]
+    assert not why, ("empty panels or rules" + (f" (the job ended: exit {ended})" if ended else "") + ":\n"
+                     + "\n".join(why) + (f"\njob log:\n{log.read_text()[-3000:]}" if log else ""))
+    rules = p.api("rules")["groups"]
+    bad = [(r["name"], r.get("lastError")) for g in rules for r in g["rules"] if r["health"] == "err"]
+    assert not bad, bad
+    assert {r["name"] for g in rules for r in g["rules"]} >= set(recording_rules())
+
+
+FEEDER = """
+import sys, time
+from pipeline.loader import LoaderStats
+from train.metrics import MetricsConfig, StepStats, build_metrics
+rank, base, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+m = build_metrics(MetricsConfig(base_port=base), rank=rank, local_rank=rank)
+t_end, step = time.monotonic() + seconds, 0
+while time.monotonic() < t_end:
+    step += 1
+    t0 = time.perf_counter(); time.sleep(0.01 * (rank + 1)); wait = time.perf_counter() - t0
+    m.loader(LoaderStats(wait, 0.02, 0.05, 1_000_000, 4, 0, 2, step // 50, 4 * step))
+    time.sleep(0.05)
+    m.step(StepStats(step, time.perf_counter() - t0, wait, 4, 1.0 / step, 1e-4, 0.04, 0.998, 2.0))
+    if step % 10 == 0:
+        m.checkpoint(step, 0.01)
+m.close()
+"""
+
+
+def test_dashboards_and_rules_on_two_exporters(tmp_path):
+    """Two processes feed PrometheusMetrics like two ranks; a real Prometheus scrapes them; every panel, the
+    dashboard variables and every recording rule return data for both ranks."""
+    base = free_ports(2)
+    p = Prometheus(tmp_path, [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"])
+    procs = []
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", FEEDER, str(r), str(base), "60"], cwd=ROOT)
+                 for r in (0, 1)]
+        check_dashboards_against(p, procs, ["0", "1"], timeout=50)
+    finally:
+        for q in procs:
+            q.terminate()
+            q.wait(timeout=10)
+        p.close()
+
+
+def torchrun(tmp_path: Path, shards: str, base_port: int, log: Path, env=None, **overrides) -> subprocess.Popen:
+    """`torchrun --nproc-per-node=2 -m train.trainer` on the tiny CPU config with metrics on, in its own session."""
+    args = {"data.root": shards, "run_dir": tmp_path / "run", "metrics.enabled": "true",
+            "metrics.base_port": base_port, "data.batch_size": 2, "data.threads": 1, "schedule.total_steps": 1000,
+            "optim.warmup_steps": 5, "checkpoint.every_steps": 5, "checkpoint.keep_last": 1, "log_every": 10,
+            **overrides}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "train.trainer",
+           "--config", str(ROOT / "configs/train/cpu.yaml"), *[f"{k}={v}" for k, v in args.items()]]
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+
+
+def stop(job: subprocess.Popen) -> None:
+    if job.poll() is None:
+        os.killpg(job.pid, signal.SIGTERM)  # torchrun and its workers (their own session)
+        try:
+            job.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+
+
+def test_dashboards_and_rules_on_a_torchrun_training_run(tmp_path, small_shards):
+    """A 2-rank CPU training run scraped every second by a real Prometheus: every panel, the dashboard
+    variables and every recording rule return data for both ranks while it trains; the job is stopped once
+    they do (or the test fails after a time limit)."""
+    base = free_ports(2)
+    p = Prometheus(tmp_path, [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"])
+    job = torchrun(tmp_path, small_shards, base, tmp_path / "train.log")
+    try:
+        check_dashboards_against(p, [job], ["0", "1"], timeout=150, log=tmp_path / "train.log")
+        # the trainer's numbers as Prometheus has them: 2 clips per step on each rank, checkpoints on rank 0
+        at = time.time()
+        per_step = p.query("tubelet_train_clips_total / tubelet_train_steps_total", at)
+        assert sorted(r["metric"]["rank"] for r in per_step) == ["0", "1"]
+        assert all(float(r["value"][1]) == 2 for r in per_step), per_step
+        ckpt = p.query("tubelet_train_checkpoint_step", at)
+        assert [r["metric"]["rank"] for r in ckpt] == ["0"] and float(ckpt[0]["value"][1]) % 5 == 0, ckpt
+    finally:
+        stop(job)
+        p.close()
+
+
+def test_a_nan_stop_reaches_prometheus_and_fires_the_alert(tmp_path, small_shards):
+    """The trainer stops on a NaN loss at step 3 (fault injection) and exits; its ranks wait for one more scrape,
+    so the stop indicator is stored and TubeletNonFiniteStop fires after the processes are gone."""
+    base = free_ports(2)
+    p = Prometheus(tmp_path, [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"])
+    log = tmp_path / "train.log"
+    job = torchrun(tmp_path, small_shards, base, log, env={"TUBELET_FAULT_NAN": "3"})
+    try:
+        assert job.wait(timeout=150) != 0, log.read_text()[-3000:]
+        assert "non-finite loss or gradient at step 3" in log.read_text()
+        deadline, firing = time.monotonic() + 15, []
+        while time.monotonic() < deadline:
+            firing = [a["labels"] for a in p.api("alerts")["alerts"]
+                      if a["labels"]["alertname"] == "TubeletNonFiniteStop" and a["state"] == "firing"]
+            if firing:
+                break
+            time.sleep(0.5)
+        assert firing, log.read_text()[-3000:]
+        assert {a["rank"] for a in firing} <= {"0", "1"} and all(a["severity"] == "critical" for a in firing)
+        assert p.query("up", time.time()) and not p.query("up == 1", time.time())  # the job is gone
+    finally:
+        stop(job)
+        p.close()

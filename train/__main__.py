@@ -1,0 +1,7 @@
+"""`python -m train` is `python -m train.trainer`."""
+
+import sys
+
+from train.trainer import main
+
+sys.exit(main())

@@ -1,0 +1,135 @@
+"""The trainer's typed config tree: one dataclass schema per component, loaded with `pipeline.config.load_config`.
+
+    cfg = load_config(TrainConfig, "configs/train/cpu.yaml", ["optim.lr=3e-4", "data.batch_size=4"])
+
+Defaults are the published V-JEPA optimisation recipe (facebookresearch/jepa, ViT-L/16) around the model's
+own defaults (ViT-tiny, 16x224x224); `configs/train/*.yaml` pick the model and data sizes. Steps are counted
+from 1: "step k" is the k-th optimizer update, and `ckpt-k` holds the state after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+from model.config import ModelConfig
+from pipeline.config import ConfigError, LoaderConfig
+from train.metrics import MetricsConfig
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with per-step LR / weight decay from `train.schedules`, and the EMA of the target encoder."""
+
+    lr: float = 6.25e-4  # peak LR, reached at the end of the warmup
+    start_lr: float = 2e-4  # LR at step 0 (linear warmup from here)
+    final_lr: float = 1e-6  # cosine floor (at the schedule horizon, never reached when horizon_scale > 1)
+    warmup_steps: int = 12000
+    weight_decay: float = 0.04  # at step 0 (cosine towards final_weight_decay); biases and norms get none
+    final_weight_decay: float = 0.4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    clip_grad: float = 10.0  # max grad norm of the encoder and of the predictor, each; after warmup; 0 = off
+    ema_start: float = 0.998  # target-encoder momentum, rising linearly to ema_end over the horizon
+    ema_end: float = 1.0
+
+    def validate(self) -> None:
+        _check(self.lr > 0 and self.start_lr >= 0 and self.final_lr >= 0, "optim.lr",
+               "lr must be > 0, start_lr and final_lr >= 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(self.weight_decay >= 0 and self.final_weight_decay >= 0, "optim.weight_decay",
+               "weight_decay and final_weight_decay must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               f"must be two values in [0, 1), got {list(self.betas)}")
+        _check(self.eps > 0, "optim.eps", "must be > 0")
+        _check(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 = off)")
+        _check(0 <= self.ema_start <= self.ema_end <= 1, "optim.ema_start",
+               f"need 0 <= ema_start <= ema_end <= 1, got {self.ema_start} -> {self.ema_end}")
+
+
+@dataclass
+class ScheduleConfig:
+    total_steps: int = 90000  # the length of the training run the schedules are laid out for
+    # every schedule (LR cosine, weight decay, EMA) spans horizon_scale x total_steps, as the reference
+    # does (1.25: training stops at 80% of the horizon, LR ~7.5e-5, EMA ~0.9996 on the ViT-L recipe)
+    horizon_scale: float = 1.25
+    # stop this invocation after this step (0 = total_steps); the schedules still span total_steps.
+    # For time-boxed jobs (a SLURM time limit) and resume tests: the next run resumes from here.
+    stop_at: int = 0
+
+    @property
+    def horizon(self) -> float:
+        return self.horizon_scale * self.total_steps
+
+    @property
+    def last_step(self) -> int:
+        return self.stop_at or self.total_steps
+
+    def validate(self) -> None:
+        _check(self.total_steps >= 1, "schedule.total_steps", "must be >= 1")
+        _check(self.horizon_scale >= 1, "schedule.horizon_scale", "must be >= 1 (the horizon covers the run)")
+        _check(0 <= self.stop_at <= self.total_steps, "schedule.stop_at",
+               f"must be 0 (= total_steps) or in [1, {self.total_steps}]")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000  # also written at the last step of every invocation
+    keep_last: int = 3  # older checkpoints are deleted; 0 keeps all
+    dir: str = "checkpoints"  # inside run_dir (an absolute path is used as is)
+
+    def validate(self) -> None:
+        _check(self.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
+        _check(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0 (0 = keep all)")
+        _check(bool(self.dir), "checkpoint.dir", "must name a folder")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    run_dir: str = "runs/train"  # config.yaml, losses.jsonl and checkpoints/; resumed from when present
+    seed: int = 0  # model init (the data order, crops and masks follow data.seed)
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable runs and resumes
+    nonfinite: str = "stop"  # a NaN/inf loss or grad norm: stop (error naming the step) | skip (the update)
+    log_every: int = 10  # steps between log lines (losses.jsonl gets every step)
+    amp: str = "auto"  # auto (bf16 autocast on GPU, off on CPU) | bf16 | off
+    device: str = "auto"  # auto | cpu | cuda
+    dist_timeout_s: int = 600  # collectives that wait longer fail (a dead or stuck peer)
+
+    def validate(self) -> None:
+        for sub in (self.data, self.optim, self.schedule, self.checkpoint):
+            sub.validate()
+        try:
+            self.model.validate()
+            self.metrics.validate()
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        m, d = self.model, self.data
+        _check(d.num_frames == m.num_frames, "data.num_frames",
+               f"{d.num_frames} != model.num_frames {m.num_frames}: the clips must have the model's frame count")
+        _check(d.crop_size == m.img_size, "data.crop_size",
+               f"{d.crop_size} != model.img_size {m.img_size}: the clips must have the model's image size")
+        _check(1 <= len(d.masks) <= m.num_mask_types, "data.masks",
+               f"{len(d.masks)} mask types, the predictor has model.num_mask_types={m.num_mask_types}")
+        _check(self.optim.warmup_steps < self.schedule.total_steps, "optim.warmup_steps",
+               f"{self.optim.warmup_steps} must be < schedule.total_steps {self.schedule.total_steps}")
+        _check(self.nonfinite in ("stop", "skip"), "nonfinite", f"must be stop or skip, got {self.nonfinite!r}")
+        _check(self.amp in ("auto", "bf16", "off"), "amp", f"must be auto, bf16 or off, got {self.amp!r}")
+        _check(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
+        _check(not (self.device == "cpu" and d.device == "cuda"), "data.device",
+               "cuda with device=cpu: the clips must be on the training device")
+        _check(self.log_every >= 1, "log_every", "must be >= 1")
+        _check(bool(self.run_dir), "run_dir", "must name a folder")
+        _check(self.dist_timeout_s >= 1, "dist_timeout_s", "must be >= 1")

@@ -1,0 +1,355 @@
+"""The Prometheus backend of `train.metrics`: each rank serves its own endpoint on `addr:base_port + local_rank`.
+
+Every series carries a `rank` label (the global rank), added at exposition time to everything in the rank's
+registry, the process collectors included, so dashboards can split or aggregate by rank whatever the scrape
+config. Names: prefix `tubelet_`, base units, counters end in `_total`, durations are histograms.
+
+    tubelet_loader_*   per batch, from `pipeline.loader.LoaderStats`
+    tubelet_train_*    per step (`StepStats`), checkpoints, non-finite events
+    tubelet_gpu_*      NVML, sampled every `metrics.nvml_interval` s; absent without a GPU or NVML
+    process_*, python_*  prometheus_client's process / platform / GC collectors
+
+NVML is sampled by a background thread rather than at scrape time: an NVML call can block for a long time on
+a busy or wedged driver, and a scrape must stay fast (a hung scrape loses every series of the rank, not just
+the GPU ones); the sampling cadence is the config's, independent of the scrape interval.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from typing import Dict, Iterable, Optional
+
+from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, Histogram, PlatformCollector,
+                               ProcessCollector, start_http_server)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from pipeline.loader import LoaderStats
+from train.metrics import MetricsConfig, StepStats
+
+log = logging.getLogger(__name__)
+
+# 1 ms .. 2 min: a data wait of a few ms (healthy) up to a stalled step or a slow first (compiling) step
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    120.0)
+# After a non-finite *stop*, close() waits up to this long for one more scrape, so the stop indicator reaches
+# Prometheus before the process exits (only when something has scraped this endpoint before).
+STOP_LINGER_SECONDS = 30.0
+
+
+class PrometheusMetrics:
+    """`NullMetrics`' methods, recorded into a per-rank registry served over HTTP.
+
+    `cfg.base_port = 0` serves on a free port the OS picks (tests); `url` says which.
+    """
+
+    def __init__(self, cfg: MetricsConfig, rank: int, local_rank: int):
+        self.rank, self.local_rank = rank, local_rank
+        reg = CollectorRegistry()  # this rank's series, without the rank label
+        ProcessCollector(registry=reg)
+        PlatformCollector(registry=reg)
+        GCCollector(registry=reg)
+        self._define(reg)
+        self._nvml = _NvmlSampler.start(local_rank, cfg.nvml_interval) if cfg.nvml else None
+        if self._nvml is not None:
+            reg.register(self._nvml)
+        self._served = _RankLabelled(reg, str(rank))
+        self.registry = CollectorRegistry(auto_describe=False)  # what the endpoint serves
+        self.registry.register(self._served)
+        self._stop_seen_at: Optional[int] = None  # scrape count when a non-finite stop was recorded
+
+        port = 0 if cfg.base_port == 0 else cfg.base_port + local_rank
+        try:
+            self._server, self._thread = start_http_server(port, addr=cfg.addr, registry=self.registry)
+        except OSError as e:
+            if self._nvml is not None:
+                self._nvml.close()
+            hint = ("another job or a leftover process holds the port: pick a free range with metrics.base_port=..."
+                    if e.errno == errno.EADDRINUSE else "check metrics.addr (an address of this machine)")
+            raise RuntimeError(
+                f"metrics: rank {rank} cannot serve on {cfg.addr}:{port} (metrics.base_port={cfg.base_port} + "
+                f"local_rank {local_rank}): {e.strerror or e}; {hint}, or turn metrics off with "
+                "metrics.enabled=false") from None
+        host = socket.gethostname() if cfg.addr in ("", "0.0.0.0", "::") else cfg.addr
+        host = f"[{host}]" if ":" in host else host
+        self._url = f"http://{host}:{self._server.server_address[1]}/metrics"
+
+    def _define(self, reg: CollectorRegistry) -> None:
+        def hist(name, doc):
+            return Histogram(name, doc, buckets=DURATION_BUCKETS, registry=reg)
+
+        def counter(name, doc, labels=()):
+            return Counter(name, doc, labels, registry=reg)
+
+        # loader, per batch
+        self.loader_wait = hist("tubelet_loader_wait_seconds", "Time the consumer blocked in next(loader), per batch")
+        self.loader_feed = hist("tubelet_loader_feed_seconds",
+                                "Python-side time to feed a batch: read encoded videos, sample, masks")
+        self.loader_latency = hist("tubelet_loader_latency_seconds",
+                                   "Time from feeding a batch to the decode pipeline to handing it to the consumer")
+        self.loader_samples = counter("tubelet_loader_samples_total", "Samples delivered, padding repeats included")
+        self.loader_padded = counter("tubelet_loader_padded_samples_total",
+                                     "Padding repeats that fill a rank's last step of an epoch")
+        self.loader_bytes = counter("tubelet_loader_read_bytes_total", "Bytes of encoded video read from shards")
+        # trainer, per step
+        self.step_seconds = hist("tubelet_train_step_seconds", "Wall time of a training step, data wait included")
+        self.data_wait = hist("tubelet_train_data_wait_seconds", "Time a training step waited for its batch")
+        self.steps = counter("tubelet_train_steps_total", "Training steps finished, skipped ones included")
+        self.skipped = counter("tubelet_train_skipped_steps_total", "Steps whose update was skipped (non-finite)")
+        self.clips = counter("tubelet_train_clips_total", "Clips trained on by this rank")
+        self.nonfinite_events = counter("tubelet_train_nonfinite_total", "Non-finite loss or gradient, by action",
+                                        ["action"])
+        for action in ("stop", "skip"):
+            self.nonfinite_events.labels(action)  # exported at 0 from the start: increase() sees the first one
+        self.nonfinite_stop = Gauge("tubelet_train_nonfinite_stop",
+                                    "1 once training stopped on a non-finite loss or gradient", registry=reg)
+        # last values: absent until first reported (no misleading 0 before the first step or checkpoint, and
+        # no checkpoint series on ranks that do not write checkpoints)
+        self.last = _LastValues({
+            "tubelet_loader_queue_depth": "Batches in flight after the last one was taken",
+            "tubelet_loader_epoch": "Epoch of the last batch delivered",
+            "tubelet_loader_position": "Global sample position in the epoch after the last batch",
+            "tubelet_train_step": "Last finished step (continues across resumes)",
+            "tubelet_train_loss": "Loss of the last finite step",
+            "tubelet_train_learning_rate": "Learning rate of the last step",
+            "tubelet_train_weight_decay": "Weight decay of the last step",
+            "tubelet_train_ema_momentum": "Target-encoder EMA momentum of the last step",
+            "tubelet_train_grad_norm": "Gradient norm of the last finite step",
+            "tubelet_train_checkpoint_step": "Step of the last checkpoint written",
+            "tubelet_train_checkpoint_seconds": "Time to write the last checkpoint",
+            "tubelet_train_checkpoint_timestamp_seconds": "Unix time the last checkpoint was written",
+        })
+        reg.register(self.last)
+
+    # -- NullMetrics' methods ----------------------------------------------------------------------
+
+    def loader(self, stats: LoaderStats) -> None:
+        self.loader_wait.observe(stats.wait_seconds)
+        self.loader_feed.observe(stats.feed_seconds)
+        self.loader_latency.observe(stats.latency_seconds)
+        self.loader_samples.inc(stats.samples)
+        self.loader_padded.inc(stats.padded)
+        self.loader_bytes.inc(stats.bytes_read)
+        self.last.set(tubelet_loader_queue_depth=stats.queue_depth, tubelet_loader_epoch=stats.epoch,
+                      tubelet_loader_position=stats.position)
+
+    def step(self, stats: StepStats) -> None:
+        self.step_seconds.observe(stats.step_seconds)
+        self.data_wait.observe(stats.data_wait_seconds)
+        self.steps.inc()
+        self.clips.inc(stats.clips)
+        if stats.skipped:
+            self.skipped.inc()
+        self.last.set(tubelet_train_step=stats.step, tubelet_train_learning_rate=stats.lr,
+                      tubelet_train_weight_decay=stats.weight_decay, tubelet_train_ema_momentum=stats.ema_momentum)
+        # a NaN gauge would blank the loss panel; the skip/stop counters tell about non-finite steps
+        if math.isfinite(stats.loss):
+            self.last.set(tubelet_train_loss=stats.loss)
+        if math.isfinite(stats.grad_norm):
+            self.last.set(tubelet_train_grad_norm=stats.grad_norm)
+
+    def checkpoint(self, step: int, seconds: float) -> None:
+        self.last.set(tubelet_train_checkpoint_step=step, tubelet_train_checkpoint_seconds=seconds,
+                      tubelet_train_checkpoint_timestamp_seconds=time.time())
+
+    def nonfinite(self, step: int, action: str) -> None:
+        if action not in ("stop", "skip"):
+            raise ValueError(f"metrics.nonfinite: action must be 'stop' or 'skip', got {action!r}")
+        self.nonfinite_events.labels(action).inc()
+        if action == "stop":
+            self.nonfinite_stop.set(1)
+            self._stop_seen_at = self._served.scrapes
+
+    @property
+    def url(self) -> Optional[str]:
+        return self._url
+
+    def close(self) -> None:
+        if self._server is None:
+            return
+        if self._stop_seen_at is not None and self._served.scrapes > 0:
+            self._wait_for_scrape(self._stop_seen_at)
+        self._server.shutdown()
+        self._server.server_close()
+        self._server = None
+        if self._nvml is not None:
+            self._nvml.close()
+
+    def _wait_for_scrape(self, after: int) -> None:
+        deadline = time.monotonic() + STOP_LINGER_SECONDS
+        if self._served.scrapes <= after:
+            log.warning("metrics: rank %d waits up to %.0f s for a last scrape so the non-finite stop is recorded",
+                        self.rank, STOP_LINGER_SECONDS)
+        while self._served.scrapes <= after and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class _LastValues:
+    """Gauges that appear once first set (a collector of the latest values)."""
+
+    def __init__(self, docs: Dict[str, str]):
+        self._docs = docs
+        self._values: Dict[str, float] = {}
+
+    def set(self, **values: float) -> None:
+        for name, v in values.items():
+            if name not in self._docs:
+                raise KeyError(f"undeclared metric {name}")
+            self._values[name] = float(v)
+
+    def collect(self) -> Iterable[Metric]:
+        for name, v in list(self._values.items()):
+            yield GaugeMetricFamily(name, self._docs[name], value=v)
+
+
+class _RankLabelled:
+    """A collector that re-emits every family of `inner` with a `rank` label; counts scrapes.
+
+    Drops the `<name>_created` timestamps prometheus_client adds to counters and histograms: in the text format
+    they are extra gauge series nothing here reads.
+    """
+
+    def __init__(self, inner: CollectorRegistry, rank: str):
+        self._inner, self._rank = inner, rank
+        self.scrapes = 0
+
+    def collect(self) -> Iterable[Metric]:
+        for fam in self._inner.collect():
+            out = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            created = fam.name + "_created"
+            out.samples = [s._replace(labels={"rank": self._rank, **s.labels}) for s in fam.samples
+                           if s.name != created]
+            yield out
+        self.scrapes += 1
+
+
+# -- GPU through NVML ------------------------------------------------------------------------------
+
+
+class _NvmlSampler:
+    """Samples this rank's GPU every `interval` s in a daemon thread; a collector of the latest values.
+
+    The GPU is `cuda:local_rank` as the trainer sees it, mapped to NVML through CUDA_VISIBLE_DEVICES (NVML
+    ignores it). A query the GPU does not support is dropped after its first failure.
+    """
+
+    GAUGES = {  # name -> (help, read(pynvml, handle) in base units)
+        "tubelet_gpu_utilization_ratio": (
+            "Fraction of time one or more kernels ran on the GPU (NVML utilization.gpu, 'SM utilisation')",
+            lambda nv, h: nv.nvmlDeviceGetUtilizationRates(h).gpu / 100.0),
+        "tubelet_gpu_decoder_utilization_ratio": (
+            "NVDEC (video decoder) utilisation",
+            lambda nv, h: nv.nvmlDeviceGetDecoderUtilization(h)[0] / 100.0),
+        "tubelet_gpu_memory_used_bytes": ("GPU memory used (all processes)",
+                                          lambda nv, h: float(nv.nvmlDeviceGetMemoryInfo(h).used)),
+        "tubelet_gpu_memory_total_bytes": ("GPU memory installed",
+                                           lambda nv, h: float(nv.nvmlDeviceGetMemoryInfo(h).total)),
+        "tubelet_gpu_power_watts": ("GPU power draw", lambda nv, h: nv.nvmlDeviceGetPowerUsage(h) / 1000.0),
+    }
+    COUNTERS = {
+        "tubelet_gpu_energy_joules": ("GPU energy consumed since the driver loaded",
+                                      lambda nv, h: nv.nvmlDeviceGetTotalEnergyConsumption(h) / 1000.0),
+    }
+
+    @classmethod
+    def start(cls, local_rank: int, interval: float) -> Optional["_NvmlSampler"]:
+        """The sampler, or None (logged) without NVML, a driver or this rank's GPU."""
+        try:
+            import pynvml
+        except ImportError:
+            log.info("metrics: pynvml not installed; no GPU series")
+            return None
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as e:
+            log.info("metrics: NVML unavailable (%s); no GPU series", e)
+            return None
+        try:
+            found = _nvml_device(pynvml, local_rank)
+        except pynvml.NVMLError as e:
+            found, why = None, str(e)
+        else:
+            why = "no such GPU visible"
+        if found is None:
+            log.info("metrics: no NVML device for local rank %d (%s); no GPU series", local_rank, why)
+            pynvml.nvmlShutdown()
+            return None
+        return cls(pynvml, *found, interval)
+
+    def __init__(self, nv, handle, index: int, interval: float):
+        self._nv, self._handle, self._gpu, self._interval = nv, handle, str(index), interval
+        self._reads = {**self.GAUGES, **self.COUNTERS}
+        self._latest: Dict[str, float] = {}
+        self._lock = threading.Lock()  # sampling vs nvmlShutdown
+        self.sample()  # series exist from the first scrape
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tubelet-nvml", daemon=True)
+        self._thread.start()
+
+    def sample(self) -> None:
+        latest = {}
+        with self._lock:
+            if self._handle is None:
+                return
+            for name, (_, read) in list(self._reads.items()):
+                try:
+                    latest[name] = read(self._nv, self._handle)
+                except self._nv.NVMLError_NotSupported:
+                    log.info("metrics: NVML %s not supported on GPU %s; dropped", name, self._gpu)
+                    del self._reads[name]
+                except self._nv.NVMLError as e:  # transient (GPU busy, lost): keep the query, skip the value
+                    log.debug("metrics: NVML %s failed: %s", name, e)
+        self._latest = latest
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sample()
+
+    def collect(self) -> Iterable[Metric]:
+        latest = self._latest
+        for name, (doc, _) in self.GAUGES.items():
+            if name in latest:
+                g = GaugeMetricFamily(name, doc, labels=["gpu"])
+                g.add_metric([self._gpu], latest[name])
+                yield g
+        for name, (doc, _) in self.COUNTERS.items():
+            if name in latest:
+                c = CounterMetricFamily(name, doc, labels=["gpu"])
+                c.add_metric([self._gpu], latest[name])
+                yield c
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with self._lock:
+            self._handle = None
+            try:
+                self._nv.nvmlShutdown()
+            except self._nv.NVMLError:
+                pass
+
+
+def _nvml_device(nv, local_rank: int):
+    """(handle, NVML index) of the GPU `cuda:local_rank` is, or None."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        entry = str(local_rank)
+    else:
+        entries = [e.strip() for e in visible.split(",") if e.strip()]
+        if local_rank >= len(entries):
+            return None
+        entry = entries[local_rank]
+    if entry.isdigit():
+        index = int(entry)
+        if index >= nv.nvmlDeviceGetCount():
+            return None
+        return nv.nvmlDeviceGetHandleByIndex(index), index
+    if entry.startswith("GPU-"):  # a full GPU UUID (MIG instances have no utilisation counters: skipped)
+        handle = nv.nvmlDeviceGetHandleByUUID(entry)
+        return handle, nv.nvmlDeviceGetIndex(handle)
+    return None
