@@ -14,7 +14,7 @@ ARGS ?=
 	bench-train monitor demo clean help
 
 help:
-	@echo "make setup | sample | shards [ARGS='k=v ...'] | test | bench-shards | demo"
+	@echo "make setup | demo | test | sample | shards | train | probe | proof | monitor | bench-shards | bench-loader | bench-train   (ARGS='key=value ...')"
 
 setup: $(STAMP)
 
@@ -40,11 +40,26 @@ sample: setup
 shards: setup
 	$(PY) -m pipeline.make_shards --config configs/shards.yaml $(ARGS)
 
+# ViT-tiny on the built-in sample (shards/sample); a few minutes on 2 CPU cores. Rerunning resumes runs/cpu.
+train: shards
+	$(PY) -m train.trainer --config configs/train/cpu.yaml $(ARGS)
+
+# Frozen attentive probe of a checkpoint: make probe ARGS="checkpoint=runs/cpu/checkpoints/ckpt-00000300.pt"
+probe: setup
+	$(PY) -m train.probe --config configs/probe/cpu.yaml $(ARGS)
+
+# The learning proof: pretrain on the sample, probe it and the same network with random weights (one seed).
+proof: shards
+	$(PY) -m benchmarks.learning_proof $(ARGS)
+
 test: setup prometheus-tool
 	$(PY) -m pytest -q $(ARGS)
 
 bench-shards: setup ffmpeg-tool
 	$(PY) -m benchmarks.bench_shards $(ARGS)
+
+bench-train: setup
+	$(PY) -m benchmarks.bench_train $(ARGS)
 
 bench-loader: setup
 	$(PY) -m benchmarks.bench_loader $(ARGS)
@@ -53,7 +68,10 @@ bench-loader: setup
 monitor: prometheus-tool
 	bash scripts/monitor.sh $(ARGS)
 
+# The main job end to end on the built-in sample: generate, shard, pretrain briefly, probe.
 demo: shards
+	$(PY) -m train.trainer --config configs/train/cpu.yaml run_dir=runs/demo schedule.total_steps=60 \
+		optim.warmup_steps=10 checkpoint.every_steps=30 $(ARGS)
 
 clean:
 	rm -rf data/sample shards/sample runs

@@ -46,9 +46,16 @@ def load_config(schema: Type[T], path: Optional[str | Path] = None, overrides: S
     except OmegaConfBaseException as e:
         # omegaconf's message names the key and the expected type; keep it, drop the stack noise
         raise ConfigError(f"invalid config{f' in {path}' if path else ''}: {_first_line(e)}") from None
+    except ValueError as e:  # a schema's __post_init__ check
+        raise ConfigError(f"invalid config{f' in {path}' if path else ''}: {e}") from None
     validate = getattr(obj, "validate", None)
     if validate is not None:
-        validate()
+        try:
+            validate()
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return obj
 
 

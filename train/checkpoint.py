@@ -57,36 +57,42 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save(folder: str | Path, step: int, state: Dict[str, Any], keep_last: int = 0,
-         kill_midway: bool = False) -> Path:
-    """Write `state` as the checkpoint of `step` atomically; then delete all but the newest `keep_last`.
+def save_atomic(path: str | Path, obj: Any, kill_midway: bool = False) -> Path:
+    """torch.save `obj` so that `path` is either absent or complete: temp file in the same folder, flush,
+    fsync, os.replace, fsync the folder.
 
     kill_midway: fault injection (TUBELET_FAULT_KILL_IN_CKPT), SIGKILL this process after half of the
     temp file is written and synced, as a node failure or OOM kill would.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    final = path_for(folder, step)
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.{os.getpid()}{TMP_SUFFIX}")
     try:
         with open(tmp, "wb") as f:
             if kill_midway:
                 buf = io.BytesIO()
-                torch.save(state, buf)
+                torch.save(obj, buf)
                 data = buf.getbuffer()
                 f.write(data[: len(data) // 2])
                 f.flush()
                 os.fsync(f.fileno())
                 os.kill(os.getpid(), signal.SIGKILL)
-            torch.save(state, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(folder)
-    _remove_stale(folder, keep_last)
+    _fsync_dir(final.parent)
+    return final
+
+
+def save(folder: str | Path, step: int, state: Dict[str, Any], keep_last: int = 0,
+         kill_midway: bool = False) -> Path:
+    """Write `state` as the checkpoint of `step` atomically; then delete all but the newest `keep_last`."""
+    final = save_atomic(path_for(folder, step), state, kill_midway)
+    _remove_stale(Path(folder), keep_last)
     return final
 
 

@@ -44,6 +44,7 @@ from pipeline.loader import Batch, VideoLoader
 from train import checkpoint, dist, schedules
 from train.config import TrainConfig
 from train.metrics import StepStats, build_metrics
+from train.plots import plot_losses
 
 
 class NonFiniteError(RuntimeError):
@@ -394,6 +395,9 @@ def run(cfg: TrainConfig) -> Dict:
 
         dist.barrier()  # no rank reports success before the final checkpoint exists
         seconds = time.perf_counter() - t_start
+        if env.is_main:
+            log.close()
+            plot_losses(run_dir / "losses.jsonl", run_dir / "loss.png", f"{run_dir}: {cfg.model.size}, step {step}")
         dist.print0(f"done: step {step}, {step - first} steps in {seconds:.1f} s, {skipped} skipped"
                     + (f"; parameters identical on all {env.world_size} ranks" if env.distributed else ""))
         return {"step": step, "first_step": first, "skipped_steps": skipped, "losses": losses,

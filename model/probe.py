@@ -1,0 +1,63 @@
+"""The frozen-evaluation head of the method: an attentive probe over all of an encoder's output tokens.
+
+One cross-attention block whose single learnable query attends to the (frozen) tokens, then a linear
+classifier. tokens: [B, N, D] -> logits [B, C].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.vit import LN_EPS, MLP
+
+
+class CrossAttention(nn.Module):
+    """queries [B, Q, D] attend to x [B, N, D] -> [B, Q, D]."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"probe width {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, queries: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        Q, h = queries.shape[1], self.num_heads
+        q = self.q(queries).reshape(B, Q, h, D // h).transpose(1, 2)
+        k, v = self.kv(x).reshape(B, N, 2, h, D // h).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, h, Q, D/h]
+        return self.proj(out.transpose(1, 2).reshape(B, Q, D))
+
+
+class AttentiveProbe(nn.Module):
+    def __init__(self, dim: int, num_classes: int, num_heads: int = 12, mlp_ratio: float = 4.0):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"a probe needs at least 2 classes, got {num_classes}")
+        self.query = nn.Parameter(torch.zeros(1, 1, dim))
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = CrossAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.query, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        # residual branches start small, as in the encoder's init
+        self.attn.proj.weight.data.div_(math.sqrt(2.0))
+        self.mlp.fc2.weight.data.div_(math.sqrt(2.0))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        q = self.query.expand(tokens.shape[0], -1, -1)
+        q = q + self.attn(q, self.norm1(tokens))
+        q = q + self.mlp(self.norm2(q))
+        return self.head(q[:, 0])

@@ -1,0 +1,251 @@
+"""Frozen attentive-probe evaluation: `python -m train.probe checkpoint=RUN/checkpoints/ckpt-N.pt [key=value ...]`.
+
+The checkpoint's target encoder is frozen; an attentive probe (model/probe.py) is trained on the train split's
+encoder features and scored on the val split: every video is seen as `eval_clips x eval_crops` views whose
+logits are averaged. `random_init=true` probes the same architecture with random weights, the same way
+(the baseline a pretraining must beat).
+
+Features are extracted in *passes*: one pass runs every training video once through the loader's training
+augmentation (random crop and flip, new draws every pass). With `cache=true` (default) `cached_passes`
+passes are extracted once, stored in the probe folder, and the probe's epochs cycle over them; with
+`cache=false` every epoch extracts a fresh pass. Extraction is split over ranks like training (torchrun),
+the probe is trained with DDP on each rank's share, and view logits are summed over ranks.
+
+Results: `<checkpoint folder>/probe[-random]-<split>.json` (top-1, top-5, per epoch losses), a PNG of the
+probe's curve next to it, and a resumable state folder (`probe[-random]/`) with the cached features and the
+probe's last epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model.config import as_model_config
+from model.features import CheckpointError, load_encoder
+from model.probe import AttentiveProbe
+from model.vit import VisionTransformer
+from pipeline.config import ConfigError, LoaderConfig, load_config, to_dict
+from pipeline.loader import VideoLoader
+from train import dist
+from train.checkpoint import save_atomic
+from train.plots import plot_probe
+
+
+@dataclass
+class ProbeConfig:
+    checkpoint: str = ""  # a training checkpoint (its target encoder and model config are used)
+    random_init: bool = False  # the same architecture with random weights (seeded by `seed`)
+    data: LoaderConfig = field(default_factory=lambda: LoaderConfig(flip=True, masks=[]))
+    train_split: str = "train"
+    val_split: str = "val"
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3  # AdamW, cosine to 0 over the epochs (the method's probe recipe)
+    weight_decay: float = 0.01
+    warmup_epochs: int = 0
+    heads: int = 0  # probe attention heads; 0 = the encoder's
+    cache: bool = True
+    cached_passes: int = 4
+    seed: int = 0
+    out: str = ""  # results JSON; "" = next to the checkpoint
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("checkpoint: name a training checkpoint (e.g. runs/train/checkpoints/ckpt-00000300.pt)")
+        self.data.validate()
+        for key, ok in (("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
+                        ("cached_passes", self.cached_passes >= 1), ("heads", self.heads >= 0)):
+            if not ok:
+                raise ConfigError(f"{key}: must be positive")
+
+
+def build_encoder(cfg: ProbeConfig, device: torch.device) -> Tuple[VisionTransformer, dict]:
+    ckpt = torch.load(cfg.checkpoint, map_location="cpu", mmap=True, weights_only=True)
+    train_cfg = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not train_cfg or "model" not in train_cfg:
+        raise CheckpointError(f"{cfg.checkpoint}: no config.model; not a tubelet training checkpoint")
+    if cfg.random_init:
+        torch.manual_seed(cfg.seed)
+        encoder = VisionTransformer.from_config(as_model_config(train_cfg["model"]))
+    else:
+        encoder = load_encoder(cfg.checkpoint)
+    encoder.requires_grad_(False)
+    return encoder.to(device).eval(), train_cfg
+
+
+def data_config(cfg: ProbeConfig, train_cfg: dict, split: str) -> LoaderConfig:
+    """Clips shaped like the pretraining's (frames, stride, size), from the probe's own data root and split."""
+    m, d = train_cfg["model"], train_cfg["data"]
+    return replace(cfg.data, split=split, num_frames=m["num_frames"], crop_size=m["img_size"],
+                   frame_stride=d["frame_stride"], masks=[], seed=cfg.seed)
+
+
+@torch.no_grad()
+def extract(encoder, loader: VideoLoader, steps: Optional[int], device) -> Dict[str, torch.Tensor]:
+    """Tokens [n, N, D] (fp16 to halve the cache), labels [n] and manifest rows [n] of this rank's clips."""
+    feats, labels, rows = [], [], []
+    amp = device.type == "cuda"
+    it = iter(loader)
+    for i in range(steps) if steps is not None else iter(int, 1):
+        try:
+            b = next(it)
+        except StopIteration:
+            break
+        keep = ~b.padded
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            tokens = encoder(b.clips.to(device, torch.float32 if not amp else b.clips.dtype))
+        feats.append(tokens[keep.to(tokens.device)].half().cpu())
+        labels.append(b.labels[keep.to(b.labels.device)].cpu())
+        rows.append(torch.tensor(b.rows)[keep.cpu()])
+    return {"tokens": torch.cat(feats), "labels": torch.cat(labels), "rows": torch.cat(rows)}
+
+
+def cached(path: Path, make):
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    value = make()
+    save_atomic(path, value)
+    return value
+
+
+def lr_at(cfg: ProbeConfig, epoch: float) -> float:
+    if epoch < cfg.warmup_epochs:
+        return cfg.lr * (epoch + 1) / cfg.warmup_epochs
+    t = (epoch - cfg.warmup_epochs) / max(1, cfg.epochs - cfg.warmup_epochs)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * t))
+
+
+def run(cfg: ProbeConfig) -> Optional[dict]:
+    env = dist.init(cfg.device)
+    try:
+        return _run(cfg, env)
+    finally:
+        dist.cleanup()
+
+
+def _run(cfg: ProbeConfig, env) -> Optional[dict]:
+    device = env.device
+    encoder, train_cfg = build_encoder(cfg, device)
+    tag = "probe-random" if cfg.random_init else "probe"
+    ckpt_dir = Path(cfg.checkpoint).parent
+    state_dir = ckpt_dir / f"{tag}-{Path(cfg.checkpoint).stem}-s{cfg.seed}"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out) if cfg.out else ckpt_dir / f"{tag}-{Path(cfg.checkpoint).stem}-s{cfg.seed}.json"
+    t0 = time.time()
+
+    train_loader = VideoLoader(data_config(cfg, train_cfg, cfg.train_split), rank=env.rank,
+                               world_size=env.world_size, train=True)
+    classes = train_loader.index.classes
+    if len(classes) < 2 or (train_loader.index.labels < 0).any():
+        raise ConfigError(f"{cfg.data.root} split {cfg.train_split}: a probe needs labelled videos of at least "
+                          f"2 classes (found classes {classes})")
+    steps = train_loader.steps_per_epoch
+    passes: Dict[int, dict] = {}
+
+    def features_for(epoch: int) -> dict:
+        p = epoch % cfg.cached_passes if cfg.cache else epoch
+        if p not in passes:
+            def make():
+                train_loader.load_state_dict({**train_loader.state_dict(), "epoch": p, "position": 0})
+                return extract(encoder, train_loader, steps, device)
+            passes.clear()
+            passes[p] = cached(state_dir / f"train-pass{p}-rank{env.rank}.pt", make) if cfg.cache else make()
+        return passes[p]
+
+    probe = AttentiveProbe(encoder.embed_dim, len(classes), cfg.heads or encoder.blocks[0].attn.num_heads).to(device)
+    model = DDP(probe) if env.distributed else probe
+    opt = torch.optim.AdamW(probe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history: List[dict] = []
+    start_epoch = 0
+    state_file = state_dir / "state.pt"
+    if state_file.exists():  # resume after the last finished epoch
+        st = torch.load(state_file, weights_only=True)
+        probe.load_state_dict(st["probe"])
+        opt.load_state_dict(st["optimizer"])
+        start_epoch, history = st["epoch"], json.loads(st["history"])
+        dist.print0(f"probe: resuming after epoch {start_epoch} from {state_file}")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        data = features_for(epoch)
+        n = int(dist.all_reduce(torch.tensor([len(data["labels"])], device=device), "min").item())
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + env.rank)
+        order = torch.randperm(len(data["labels"]), generator=g)[:n]
+        nb = max(1, n // cfg.batch_size)
+        total = 0.0
+        model.train()
+        for i in range(nb):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, epoch + i / nb)
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            x = data["tokens"][idx].to(device, torch.float32)
+            loss = F.cross_entropy(model(x), data["labels"][idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        history.append({"epoch": epoch + 1, "loss": dist.mean_scalar(total / nb, device)})
+        if env.is_main:
+            save_atomic(state_file, {"probe": probe.state_dict(), "optimizer": opt.state_dict(),
+                                     "epoch": epoch + 1, "history": json.dumps(history)})
+        dist.print0(f"probe epoch {epoch + 1}/{cfg.epochs}: loss {history[-1]['loss']:.4f}")
+
+    val_cfg = replace(data_config(cfg, train_cfg, cfg.val_split), eval_clips=cfg.data.eval_clips,
+                      eval_crops=cfg.data.eval_crops)
+    val_loader = VideoLoader(val_cfg, rank=env.rank, world_size=env.world_size, train=False)
+    val = cached(state_dir / f"val-rank{env.rank}.pt", lambda: extract(encoder, val_loader, None, device))
+    probe.eval()
+    nvid = len(val_loader.index)
+    logits = torch.zeros(nvid, len(classes), device=device)
+    with torch.no_grad():
+        for i in range(0, len(val["labels"]), cfg.batch_size):
+            x = val["tokens"][i:i + cfg.batch_size].to(device, torch.float32)
+            logits.index_add_(0, val["rows"][i:i + cfg.batch_size].to(device), probe(x).softmax(-1))
+    dist.all_reduce(logits)  # every view's probabilities, summed per video over all ranks
+    labels = torch.from_numpy(val_loader.index.labels).to(device)
+    top1 = (logits.argmax(-1) == labels).float().mean().item()
+    k = min(5, len(classes))
+    top5 = (logits.topk(k, -1).indices == labels[:, None]).any(-1).float().mean().item() if len(classes) > 5 else None
+    result = {
+        "checkpoint": str(cfg.checkpoint), "random_init": cfg.random_init, "seed": cfg.seed,
+        "split": cfg.val_split, "videos": nvid, "classes": classes, "chance": 1 / len(classes),
+        "views": cfg.data.eval_clips * cfg.data.eval_crops, "top1": top1, "top5": top5,
+        "epochs": cfg.epochs, "history": history, "seconds": round(time.time() - t0, 1),
+        "config": to_dict(cfg),
+    }
+    if env.is_main:
+        out.write_text(json.dumps(result, indent=2))
+        plot_probe(result, out.with_suffix(".png"))
+        dist.print0(f"probe {'(random weights) ' if cfg.random_init else ''}top-1 {100 * top1:.1f}% on "
+                    f"{nvid} {cfg.val_split} videos (chance {100 / len(classes):.1f}%) -> {out}")
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None)
+    ap.add_argument("overrides", nargs="*", help="key=value, e.g. checkpoint=runs/train/checkpoints/ckpt-00000300.pt")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(ProbeConfig, args.config, args.overrides)
+        run(cfg)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
