@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import fsspec
 
 from pipeline.config import ConfigError, ShardsConfig, load_config, to_dict
-from pipeline.manifest import MANIFEST, fsync_dir, join, write_manifest
+from pipeline.manifest import MANIFEST, fsync_dir, write_manifest
 from pipeline.sources import InputError, Source, check_unique_keys, label_map, list_split
 from pipeline.transcode import Job, Reject, Sample, meta_json, nframes_bytes, process
 from pipeline.wds import ShardWriter, format_index, sha256_file

@@ -17,12 +17,10 @@ from train.probe import ProbeConfig, main
 from train.probe import run as run_probe
 from train.trainer import run as run_train
 
+from test_train import TINY as TRAIN_TINY  # tests/ is on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.size=tiny", "model.img_size=32", "model.patch_size=8", "model.num_frames=4",
-        "model.predictor_width=96", "model.predictor_depth=2", "model.predictor_heads=4",
-        "data.crop_size=32", "data.num_frames=4", "data.frame_stride=1", "data.batch_size=2", "data.threads=1",
-        "data.dtype=fp32", "data.device=cpu", "device=cpu", "metrics.enabled=false", "optim.warmup_steps=1",
-        "schedule.total_steps=4", "checkpoint.every_steps=4"]
+TINY = TRAIN_TINY + ["schedule.total_steps=4", "checkpoint.every_steps=4"]
 
 
 @pytest.fixture(scope="module")

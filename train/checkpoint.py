@@ -28,6 +28,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from pipeline.manifest import fsync_dir
+
 NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 TMP_SUFFIX = ".tmp"
 
@@ -47,14 +49,6 @@ def list_checkpoints(folder: str | Path) -> List[Tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), folder / p) for p in os.listdir(folder) if (m := NAME.match(p))]
     return sorted(found, reverse=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_atomic(path: str | Path, obj: Any, kill_midway: bool = False) -> Path:
@@ -84,7 +78,7 @@ def save_atomic(path: str | Path, obj: Any, kill_midway: bool = False) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(str(final.parent))
     return final
 
 

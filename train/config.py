@@ -13,13 +13,8 @@ from dataclasses import dataclass, field
 from typing import List
 
 from model.config import ModelConfig
-from pipeline.config import ConfigError, LoaderConfig
+from pipeline.config import ConfigError, LoaderConfig, _check
 from train.metrics import MetricsConfig
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
 
 
 @dataclass

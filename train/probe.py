@@ -19,9 +19,9 @@ probe's last epoch.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -98,12 +98,7 @@ def extract(encoder, loader: VideoLoader, steps: Optional[int], device) -> Dict[
     """Tokens [n, N, D] (fp16 to halve the cache), labels [n] and manifest rows [n] of this rank's clips."""
     feats, labels, rows = [], [], []
     amp = device.type == "cuda"
-    it = iter(loader)
-    for i in range(steps) if steps is not None else iter(int, 1):
-        try:
-            b = next(it)
-        except StopIteration:
-            break
+    for b in loader if steps is None else itertools.islice(loader, steps):
         keep = ~b.padded
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             tokens = encoder(b.clips.to(device, torch.float32 if not amp else b.clips.dtype))
