@@ -228,3 +228,17 @@ def test_corrupt_video_bytes_name_the_samples(shard_copy):
     loader = VideoLoader(cfg_for(str(shard_copy)), grid=GRID)
     with pytest.raises(LoaderError, match="while decoding one of the samples"):
         take(loader, 2)
+
+
+def test_remote_shards_through_fsspec_with_local_cache(small_shards, tmp_path):
+    """Shards behind an fsspec URL are verified remotely, downloaded once into the cache, and read from there."""
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    root = f"memory://tubelet-test-{os.getpid()}/shards"
+    mem.put(small_shards, root.removeprefix("memory://"), recursive=True)
+    cache = tmp_path / "cache"
+    remote = take(VideoLoader(cfg_for(root, f"cache_dir={cache}"), grid=GRID), 3)
+    same_batches(take(VideoLoader(cfg_for(small_shards), grid=GRID), 3), remote)
+    cached = sorted(p.name for p in cache.rglob("*.tar"))
+    assert cached and set(cached) <= {s["name"] for s in read_manifest(small_shards).shards}
