@@ -68,7 +68,7 @@ bench-loader: setup
 monitor: prometheus-tool
 	bash scripts/monitor.sh $(ARGS)
 
-# The main job end to end on the built-in sample: generate, shard, pretrain briefly, probe.
+# The main job end to end on the built-in sample: generate, shard, pretrain briefly (loss.png in runs/demo).
 demo: shards
 	$(PY) -m train.trainer --config configs/train/cpu.yaml run_dir=runs/demo schedule.total_steps=60 \
 		optim.warmup_steps=10 checkpoint.every_steps=30 $(ARGS)
