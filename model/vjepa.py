@@ -17,6 +17,14 @@ from model.vit import VisionTransformer, gather_tokens
 Masks = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
+def l1_loss(preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The objective: L1 between predicted and target features per mask type, averaged over mask types.
+
+    The mean reduces over B * Nt * D values (~1.3M at ViT-L scale): accumulated in fp32.
+    """
+    return torch.stack([torch.mean(torch.abs(p.float() - t)) for p, t in zip(preds, targets)]).mean()
+
+
 class VJEPA(nn.Module):
     """Holds the three networks and computes the loss; the optimizer, schedules and EMA timing
     belong to the trainer.
@@ -79,11 +87,7 @@ class VJEPA(nn.Module):
             raise ValueError(
                 f"got {len(masks)} mask types, the predictor has {self.predictor.num_mask_types} mask tokens"
             )
-        targets = self.forward_target(clips, masks)
-        preds = self.forward_context(clips, masks)
-        # The L1 mean reduces over B * Nt * D values (~1.3M at ViT-L scale): accumulate in fp32.
-        losses = [torch.mean(torch.abs(p.float() - t)) for p, t in zip(preds, targets)]
-        return torch.stack(losses).mean()
+        return l1_loss(self.forward_context(clips, masks), self.forward_target(clips, masks))
 
     @torch.no_grad()
     def ema_update(self, momentum: float) -> None:

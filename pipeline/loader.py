@@ -14,6 +14,7 @@ batches ahead; the loader's state is what the consumer has received, so resuming
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -128,7 +129,7 @@ class VideoLoader:
         self._feed_error: Optional[Exception] = None
         mean = [255 * m for m in IMAGENET_MEAN]
         std = [255 * s for s in IMAGENET_STD]
-        threads = cfg.threads or max(1, len(__import__("os").sched_getaffinity(0)))
+        threads = cfg.threads or max(1, len(os.sched_getaffinity(0)))
 
         @pipeline_def(batch_size=cfg.batch_size, num_threads=threads,
                       device_id=torch.cuda.current_device() if gpu else None,

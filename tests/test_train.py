@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import torch
 
+from model.vjepa import l1_loss
 from pipeline.config import load_config, to_dict
 from train import checkpoint, dist, schedules
 from train.config import TrainConfig
-from train.trainer import NonFiniteError, Student, l1_loss, main, run
+from train.trainer import NonFiniteError, Student, main, run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.size=tiny", "model.img_size=32", "model.patch_size=8", "model.num_frames=4",

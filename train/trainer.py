@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model.vjepa import VJEPA
+from model.vjepa import VJEPA, l1_loss
 from pipeline.config import load_config, to_dict, to_yaml
 from pipeline.loader import Batch, VideoLoader
 from train import checkpoint, dist, schedules
@@ -104,11 +104,6 @@ class Student(nn.Module):
 
     # the model's own context path (it reads only self.encoder and self.predictor): one definition of it
     forward = VJEPA.forward_context
-
-
-def l1_loss(preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
-    """VJEPA.forward's loss: L1 per mask type in fp32, averaged over mask types (tests pin the equality)."""
-    return torch.stack([torch.mean(torch.abs(p.float() - t)) for p, t in zip(preds, targets)]).mean()
 
 
 @dataclass
