@@ -32,6 +32,10 @@ class ModelConfig:
     """
 
     size: str = "tiny"  # tiny | small | base | large | huge (see VIT_SIZES)
+    # Encoder shape overrides, 0 = the size's value: for models below the published sizes (CPU runs).
+    width: int = 0
+    depth: int = 0
+    heads: int = 0
     img_size: int = 224
     num_frames: int = 16
     patch_size: int = 16
@@ -49,6 +53,13 @@ class ModelConfig:
         """Raise ValueError naming the offending field; return self so calls can be chained."""
         if self.size not in VIT_SIZES:
             raise ValueError(f"model.size: unknown size {self.size!r}, expected one of {sorted(VIT_SIZES)}")
+        for name in ("width", "depth", "heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"model.{name}: expected 0 (the size's value) or a positive integer, got {value!r}")
+        width, _, heads = self.encoder_shape
+        if width % heads:
+            raise ValueError(f"model.width: encoder width {width} is not divisible by heads={heads}")
         for name in (
             "img_size",
             "num_frames",
@@ -80,7 +91,7 @@ class ModelConfig:
             )
         if not self.uniform_power:
             # The non-uniform sin-cos split gives t D/2 and h, w D/4 channels each; all must be even.
-            widths = (("encoder width", VIT_SIZES[self.size][0]), ("predictor_width", self.predictor_width))
+            widths = (("encoder width", self.encoder_width), ("predictor_width", self.predictor_width))
             for name, dim in widths:
                 if dim % 8:
                     raise ValueError(
@@ -89,8 +100,14 @@ class ModelConfig:
         return self
 
     @property
+    def encoder_shape(self) -> tuple[int, int, int]:
+        """(width, depth, heads) of the encoder: the size's, with any nonzero override applied."""
+        base = VIT_SIZES[self.size]
+        return tuple(o or b for o, b in zip((self.width, self.depth, self.heads), base))
+
+    @property
     def encoder_width(self) -> int:
-        return VIT_SIZES[self.size][0]
+        return self.encoder_shape[0]
 
     @property
     def grid(self) -> tuple[int, int, int]:

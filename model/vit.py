@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import VIT_SIZES, ModelConfig, as_model_config
+from model.config import ModelConfig, as_model_config
 from model.pos_embed import sincos_pos_embed_3d
 
 INIT_STD = 0.02
@@ -166,7 +166,7 @@ class VisionTransformer(nn.Module):
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "VisionTransformer":
         cfg = as_model_config(cfg)
-        width, depth, heads = VIT_SIZES[cfg.size]
+        width, depth, heads = cfg.encoder_shape
         model = cls(
             img_size=cfg.img_size,
             num_frames=cfg.num_frames,

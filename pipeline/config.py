@@ -39,7 +39,7 @@ def load_config(schema: Type[T], path: Optional[str | Path] = None, overrides: S
             # update (not a merge of a dotlist) so that list entries can be addressed: masks.0.num_blocks=4
             key, value = item.split("=", 1)
             try:
-                OmegaConf.update(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "", merge=True)
+                OmegaConf.update(cfg, key.strip(), _parse_value(value), merge=True)
             except (OmegaConfBaseException, ValueError) as e:
                 raise ConfigError(f"override {item!r}: {_first_line(e)}") from None
         obj = OmegaConf.to_object(cfg)
@@ -57,6 +57,17 @@ def load_config(schema: Type[T], path: Optional[str | Path] = None, overrides: S
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return obj
+
+
+def _parse_value(text: str) -> Any:
+    """A YAML value, except that YAML 1.1's yes/no/on/off stay strings (`amp=off` is the string "off";
+    bool fields still accept them: omegaconf converts)."""
+    if not text.strip():
+        return ""
+    value = yaml.safe_load(text)
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text.strip()
+    return value
 
 
 def _first_line(e: Exception) -> str:

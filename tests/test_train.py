@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.vit import VisionTransformer
 from model.vjepa import l1_loss
 from pipeline.config import load_config, to_dict
 from train import checkpoint, dist, schedules
@@ -114,8 +115,25 @@ def test_config_defaults_are_the_published_recipe_and_yamls_load():
         assert c.data.num_frames == c.model.num_frames and c.data.crop_size == c.model.img_size
 
 
+def test_cli_overrides_keep_yaml11_words_as_strings():
+    # `amp=off` is the string the field wants (YAML 1.1 would read False); bool fields still take the words
+    cfg = load_config(TrainConfig, REPO / "configs" / "train" / "cpu.yaml", ["amp=off", "deterministic=yes"])
+    assert cfg.amp == "off" and cfg.deterministic is True
+
+
+def test_encoder_shape_overrides_build_a_smaller_vit():
+    cfg = load_config(TrainConfig, REPO / "configs" / "train" / "cpu.yaml",
+                      ["model.patch_size=8", "model.width=96", "model.depth=6", "model.heads=3"])
+    enc = VisionTransformer.from_config(cfg.model)
+    assert (enc.embed_dim, len(enc.blocks), enc.blocks[0].attn.num_heads) == (96, 6, 3)
+    assert cfg.model.grid == (4, 8, 8) and cfg.model.encoder_width == 96
+    with pytest.raises(ValueError, match="model.width"):
+        load_config(TrainConfig, None, ["model.width=100", "model.heads=3"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["nosuchkey=1"], "nosuchkey"),
+    (["model.depth=-1"], "model.depth"),
     (["optim.nosuchkey=1"], "optim.nosuchkey"),
     (["data.num_frames=8"], "data.num_frames: 8 != model.num_frames 16"),
     (["data.crop_size=112"], "data.crop_size: 112 != model.img_size 224"),
