@@ -96,6 +96,7 @@ DURATION_RANGE_S: tuple[float, float] = (1.5, 4.0)
 # Length of the (format, resolution) cycle: every combination once per period.
 _CONFIG_PERIOD = math.lcm(len(FORMATS), len(RESOLUTIONS))
 
+_BG_CONTRAST = (15.0, 32.0)  # background colour-noise amplitude (grey levels per unit of noise)
 _SIZE_RANGE = (0.08, 0.2)  # object size s (area pi s^2) as a fraction of the short side
 _SHAPES = ("disc", "square", "triangle", "ellipse")
 # Shapes are described in object-local coordinates by a gauge function f (f <= 1 inside);
@@ -196,7 +197,7 @@ class _Scene:
         bg_sigma = rng.uniform(3.0, 9.0) * unit
         n = _smooth_noise(rng, 3, ph, pw, bg_sigma, down=2)
         base = rng.uniform(50.0, 205.0, size=3).astype(np.float32)
-        mix = (rng.standard_normal((3, 3)) * rng.uniform(15.0, 32.0)).astype(np.float32)
+        mix = (rng.standard_normal((3, 3)) * rng.uniform(*_BG_CONTRAST)).astype(np.float32)
         bg = base[None, None, :] + np.einsum("chw,dc->hwd", n, mix)
         self.bg_rgb = np.clip(bg, 0.0, 255.0).astype(np.float32)  # [ph, pw, 3]
         self.bg_origin = (rng.uniform(0, ph), rng.uniform(0, pw))

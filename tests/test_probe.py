@@ -81,3 +81,37 @@ def test_probe_config_errors(capsys):
         load_config(ProbeConfig, None, [])
     assert main(["checkpoint=/nonexistent/ckpt.pt"]) == 2
     assert "/nonexistent/ckpt.pt" in capsys.readouterr().err
+
+
+def test_proof_sweep_runs_pretraining_supervised_and_probes(tmp_path):
+    """The recipe-search tool (benchmarks/proof_sweep.py): rendered sample, trainer steps, probes, summary."""
+    from benchmarks import proof_sweep
+
+    small = {"sample": {"train_per_class": 2, "val_per_class": 1},
+             "train": ["schedule.total_steps=3", "optim.warmup_steps=1", "model.width=48", "model.depth=2",
+                       "model.heads=3", "model.predictor_width=48", "model.predictor_depth=1",
+                       "model.predictor_heads=3"],
+             "probe": ["epochs=2", "cached_passes=1", "data.eval_clips=1", "data.eval_crops=2"]}
+    extra = json.dumps({"jepa": small, "sup": {**small, "supervised": True}})
+    out = tmp_path / "sweep"
+    assert proof_sweep.main(["--out", str(out), "--cache", str(tmp_path / "cache"), "--variants", "--extra", extra,
+                             "--seeds", "0", "--workers", "2"]) == 0
+    rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+    assert sorted(r["name"] for r in rows) == ["jepa", "sup"] and not [r for r in rows if "error" in r]
+    for r in rows:
+        assert r["steps"] == 3 and 0.0 <= r["pretrained"] <= 1.0 and 0.0 <= r["random"] <= 1.0
+    assert "| jepa | 1 |" in (out / "sweep.md").read_text()
+    # one render per design, reused by both variants
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+
+
+def test_sweep_clips_follow_the_sampling_record():
+    from benchmarks.proof_sweep import MEAN, STD, cut
+    from pipeline.sampling import ClipRecord
+
+    video = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 8, 12, 3).clone()
+    video[:, :, 6:] += 100  # right half brighter
+    clip = cut(video, ClipRecord(start=2, crop=(0, 0, 8, 12), flip=True), num_frames=4, stride=3, size=4)
+    grey = (clip * STD.view(3, 1, 1, 1) + MEAN.view(3, 1, 1, 1))[0]  # [T, S, S] grey levels
+    assert torch.allclose(grey[:, 0, 0], torch.tensor([102.0, 105, 108, 109]), atol=1e-3)  # frames 2,5,8,9(clamped)
+    assert torch.allclose(grey[:, 0, -1], torch.tensor([2.0, 5, 8, 9]), atol=1e-3)  # flipped: left half is right

@@ -123,6 +123,41 @@ def lr_at(cfg: ProbeConfig, epoch: float) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * t))
 
 
+def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: Dict[str, torch.Tensor],
+                cfg: ProbeConfig, epoch: int, rank: int, device) -> float:
+    """One probe epoch over cached features `data` (tokens, labels); returns this rank's mean loss. Ranks
+    step the same number of batches (the smallest share), in a seeded order."""
+    n = int(dist.all_reduce(torch.tensor([len(data["labels"])], device=device), "min").item())
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + rank)
+    order = torch.randperm(len(data["labels"]), generator=g)[:n]
+    nb = max(1, n // cfg.batch_size)
+    total = 0.0
+    model.train()
+    for i in range(nb):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, epoch + i / nb)
+        idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        x = data["tokens"][idx].to(device, torch.float32)
+        loss = F.cross_entropy(model(x), data["labels"][idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item()
+    return total / nb
+
+
+@torch.no_grad()
+def video_scores(probe: AttentiveProbe, views: Dict[str, torch.Tensor], num_videos: int, num_classes: int,
+                 batch_size: int, device) -> torch.Tensor:
+    """[num_videos, num_classes]: the softmax of every view (tokens, rows) summed into its video's row."""
+    probe.eval()
+    logits = torch.zeros(num_videos, num_classes, device=device)
+    for i in range(0, len(views["rows"]), batch_size):
+        p = probe(views["tokens"][i:i + batch_size].to(device, torch.float32)).softmax(-1)
+        logits.index_add_(0, views["rows"][i:i + batch_size].to(device), p)
+    return logits
+
+
 def run(cfg: ProbeConfig) -> Optional[dict]:
     env = dist.init(cfg.device)
     try:
@@ -174,24 +209,8 @@ def _run(cfg: ProbeConfig, env) -> Optional[dict]:
         dist.print0(f"probe: resuming after epoch {start_epoch} from {state_file}")
 
     for epoch in range(start_epoch, cfg.epochs):
-        data = features_for(epoch)
-        n = int(dist.all_reduce(torch.tensor([len(data["labels"])], device=device), "min").item())
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + env.rank)
-        order = torch.randperm(len(data["labels"]), generator=g)[:n]
-        nb = max(1, n // cfg.batch_size)
-        total = 0.0
-        model.train()
-        for i in range(nb):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, epoch + i / nb)
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x = data["tokens"][idx].to(device, torch.float32)
-            loss = F.cross_entropy(model(x), data["labels"][idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item()
-        history.append({"epoch": epoch + 1, "loss": dist.mean_scalar(total / nb, device)})
+        loss = train_epoch(model, opt, features_for(epoch), cfg, epoch, env.rank, device)
+        history.append({"epoch": epoch + 1, "loss": dist.mean_scalar(loss, device)})
         if env.is_main:
             save_atomic(state_file, {"probe": probe.state_dict(), "optimizer": opt.state_dict(),
                                      "epoch": epoch + 1, "history": json.dumps(history)})
@@ -201,13 +220,8 @@ def _run(cfg: ProbeConfig, env) -> Optional[dict]:
                       eval_crops=cfg.data.eval_crops)
     val_loader = VideoLoader(val_cfg, rank=env.rank, world_size=env.world_size, train=False)
     val = cached(state_dir / f"val-rank{env.rank}.pt", lambda: extract(encoder, val_loader, None, device))
-    probe.eval()
     nvid = len(val_loader.index)
-    logits = torch.zeros(nvid, len(classes), device=device)
-    with torch.no_grad():
-        for i in range(0, len(val["labels"]), cfg.batch_size):
-            x = val["tokens"][i:i + cfg.batch_size].to(device, torch.float32)
-            logits.index_add_(0, val["rows"][i:i + cfg.batch_size].to(device), probe(x).softmax(-1))
+    logits = video_scores(probe, val, nvid, len(classes), cfg.batch_size, device)
     dist.all_reduce(logits)  # every view's probabilities, summed per video over all ranks
     labels = torch.from_numpy(val_loader.index.labels).to(device)
     top1 = (logits.argmax(-1) == labels).float().mean().item()

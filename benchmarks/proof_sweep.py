@@ -1,0 +1,353 @@
+"""Recipe search for the learning proof (`make proof`), fast, on a GPU host.
+
+    python -m benchmarks.proof_sweep --out DIR [--variants a b ...] [--seeds 0 1 2] [--workers 12] [--budget 420]
+
+The learning proof must run on 2 CPU cores in minutes, so its recipe (model shape, steps, EMA, sample design,
+probe) cannot be searched there. This runs the same proof for many recipes at once: the built-in sample's
+videos are rendered by `pipeline.sample` (the same scenes, plan and labels, at a reduced resolution, without
+the codec), clips are cut with `pipeline.sampling`'s records (window, random resized crop, flip; evaluation
+views) and resized on the device, masks come from `pipeline.masks`, every update is `train.trainer.train_step`
+with the trainer's own config tree, and the frozen-probe epochs and scores are `train.probe`'s. What differs
+from `make proof`: no codec artefacts, and clips come from tensors instead of the DALI loader.
+
+For every (variant, seed) it pretrains, then probes the target encoder and a randomly initialised encoder of
+the same shape (seeded like `train.probe`'s `random_init`). Results stream to DIR/sweep.jsonl (one line per
+job, written as each finishes) and DIR/sweep.md (mean and spread per variant). Jobs are ordered seed-major so
+a run cut short by --budget still covers every variant.
+
+A variant is {"sample": {...}, "train": [key=value ...], "probe": [key=value ...]}, optionally with
+"supervised": true (the encoder and an attentive head trained end to end on the labels for the same steps and
+clips: an upper bound on what the shape can read from the data at that budget) or "data": a .pt file of
+{split: (list of uint8 [F, H, W, 3] videos, labels)} instead of the rendered sample. Sample keys: size_range
+(object size as a fraction of the short side), bg_contrast (background noise amplitude), train_per_class,
+val_per_class. Variants are listed in VARIANTS below; --variants picks some, --extra adds JSON ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+RENDER_SHORT_SIDE = 128  # the clips are 64-96 px: rendering at 2x the crop is plenty
+BASE_SAMPLE = {"size_range": (0.08, 0.2), "bg_contrast": (15.0, 32.0), "train_per_class": 40, "val_per_class": 40}
+
+_P8 = ["model.patch_size=8", "model.width=96", "model.depth=6", "model.heads=3", "model.predictor_width=96",
+       "model.predictor_heads=3"]
+_BIG = {"size_range": (0.15, 0.3)}
+VARIANTS: Dict[str, dict] = {
+    # the committed recipe (configs/train/cpu.yaml, configs/probe/cpu.yaml), then one change at a time
+    "base": {},
+    "steps600": {"train": ["schedule.total_steps=600"]},
+    "steps1000": {"train": ["schedule.total_steps=1000"]},
+    "ema99": {"train": ["optim.ema_start=0.99", "optim.ema_end=0.999"]},
+    "ema996": {"train": ["optim.ema_start=0.996"]},
+    "lr2e-3": {"train": ["optim.lr=2e-3"]},
+    "lr5e-4": {"train": ["optim.lr=5e-4"]},
+    "stride5": {"train": ["data.frame_stride=5"]},
+    "crop06": {"train": ["data.crop_scale=[0.6,1.0]"]},
+    "big_objects": {"sample": _BIG},
+    "train100": {"sample": {"train_per_class": 100}},
+    "p8w96d6": {"train": _P8},
+    "p8w128d6": {"train": ["model.patch_size=8", "model.width=128", "model.depth=6", "model.heads=4",
+                           "model.predictor_width=128", "model.predictor_heads=4"]},
+    "d6": {"train": ["model.depth=6"]},
+    "img96": {"train": ["model.img_size=96", "data.crop_size=96"]},
+    "probe_lr3e-3": {"probe": ["lr=3e-3"]},
+    "probe_ep60": {"probe": ["epochs=60"]},
+    # combinations that fit the CPU budget (~300 s of pretraining per seed on 2 cores)
+    "big_steps600": {"sample": _BIG, "train": ["schedule.total_steps=600"]},
+    "big_ema99_steps600": {"sample": _BIG, "train": ["schedule.total_steps=600", "optim.ema_start=0.99",
+                                                     "optim.ema_end=0.999"]},
+    "p8w96d6_steps450": {"train": [*_P8, "schedule.total_steps=450"]},
+    "big_p8w96d6_steps450": {"sample": _BIG, "train": [*_P8, "schedule.total_steps=450"]},
+    # brackets: much more compute, the easiest data, and a supervised upper bound (encoder + probe trained
+    # end to end on the labels for the same steps: can this shape read the motion at all?)
+    "steps3000": {"train": ["schedule.total_steps=3000"]},
+    "easy_steps1000": {"sample": {"size_range": (0.2, 0.35)},
+                       "train": ["schedule.total_steps=1000", "data.frame_stride=5", "data.crop_scale=[0.6,1.0]"]},
+    "supervised": {"supervised": True},
+    "supervised_p8w96d6": {"supervised": True, "train": _P8},
+    "big_train100_steps600": {"sample": {**_BIG, "train_per_class": 100}, "train": ["schedule.total_steps=600"]},
+}
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _design_key(sample: dict) -> str:
+    (lo, hi), (clo, chi) = sample["size_range"], sample["bg_contrast"]
+    return f"size{lo:g}-{hi:g}_bg{clo:g}-{chi:g}_tr{sample['train_per_class']}_va{sample['val_per_class']}"
+
+
+def _render(task: dict, design: dict) -> np.ndarray:
+    from pipeline import sample as S
+
+    S._SIZE_RANGE, S._BG_CONTRAST = tuple(design["size_range"]), tuple(design["bg_contrast"])
+    w, h = task["width"], task["height"]
+    k = RENDER_SHORT_SIDE / min(w, h)
+    task = {**task, "width": 2 * round(w * k / 2), "height": 2 * round(h * k / 2)}
+    scene = S._scene_for(task)
+    (layer,) = scene.layers("rgb")
+    return np.stack([scene.render(i, layer) for i in range(task["num_frames"])])
+
+
+def _render_star(args):
+    return _render(*args)
+
+
+def render_design(sample: dict, cache: Path, workers: int) -> Path:
+    """Render every video of a sample design once (train and val): {split: (list of uint8 [F, H, W, 3], labels)}."""
+    from pipeline import sample as S
+
+    path = cache / f"{_design_key(sample)}.pt"
+    if path.exists():
+        return path
+    tasks = S._plan(0, {"train": sample["train_per_class"], "val": sample["val_per_class"]})
+    with mp.get_context("fork").Pool(workers) as pool:
+        frames = pool.map(_render_star, [(t, sample) for t in tasks], chunksize=4)
+    data = {}
+    for split in S.SPLITS:
+        idx = [i for i, t in enumerate(tasks) if t["split"] == split]
+        data[split] = ([torch.from_numpy(frames[i]) for i in idx], [tasks[i]["cls_index"] for i in idx])
+    tmp = path.with_suffix(".tmp")
+    torch.save(data, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+
+
+def cut(video: torch.Tensor, rec, num_frames: int, stride: int, size: int) -> torch.Tensor:
+    """One clip [3, T, S, S] (normalised) from a video [F, H, W, 3] and a sampling.ClipRecord."""
+    idx = (rec.start + stride * torch.arange(num_frames, device=video.device)).clamp(max=video.size(0) - 1)
+    y0, x0, h, w = rec.crop
+    x = video[idx, y0:y0 + h, x0:x0 + w].permute(0, 3, 1, 2).float()  # [T, 3, h, w]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    if rec.flip:
+        x = x.flip(-1)
+    x = (x - MEAN.to(x.device)) / STD.to(x.device)
+    return x.permute(1, 0, 2, 3)
+
+
+# ---------------------------------------------------------------------------------------------- one job
+
+
+def _features(encoder, clips: List[torch.Tensor], batch: int) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(clips), batch):
+            out.append(encoder(torch.stack(clips[i:i + batch])).half())
+    return torch.cat(out)
+
+
+def probe_score(encoder, data, tcfg, pcfg, device, head=None) -> float:
+    """train.probe's recipe on clips cut here: cached training passes, then eval views summed per video.
+    With `head` (a trained AttentiveProbe), only score it on the evaluation views."""
+    from model.probe import AttentiveProbe
+    from pipeline.sampling import epoch_order, eval_record, train_record
+    from train.probe import train_epoch, video_scores
+
+    T, S, stride = tcfg.model.num_frames, tcfg.model.img_size, tcfg.data.frame_stride
+    (tv, tl), (vv, vl) = data["train"], data["val"]
+    d = pcfg.data
+    passes = []
+    for p in range(0 if head is not None else pcfg.cached_passes):
+        order = epoch_order(len(tv), pcfg.seed, p)
+        recs = [train_record(pcfg.seed, p, pos, *tv[i].shape[:3], T, stride, d.crop_scale, d.crop_aspect, d.flip)
+                for pos, i in enumerate(order)]
+        clips = [cut(tv[i], r, T, stride, S) for i, r in zip(order, recs)]
+        passes.append({"tokens": _features(encoder, clips, 64), "labels": torch.tensor([tl[i] for i in order])})
+    views, rows = [], []
+    for row, v in enumerate(vv):
+        for view in range(d.eval_clips * d.eval_crops):
+            views.append(cut(v, eval_record(view, d.eval_clips, d.eval_crops, *v.shape[:3], T, stride), T, stride, S))
+            rows.append(row)
+    val = {"tokens": _features(encoder, views, 64), "rows": torch.tensor(rows)}
+    classes = max(tl) + 1
+    probe = head
+    if probe is None:
+        probe = AttentiveProbe(encoder.embed_dim, classes, pcfg.heads or encoder.blocks[0].attn.num_heads).to(device)
+        opt = torch.optim.AdamW(probe.parameters(), lr=pcfg.lr, weight_decay=pcfg.weight_decay)
+        for epoch in range(pcfg.epochs):
+            train_epoch(probe, opt, passes[epoch % len(passes)], pcfg, epoch, 0, device)
+    logits = video_scores(probe, val, len(vv), classes, pcfg.batch_size, device)
+    return (logits.argmax(-1).cpu() == torch.tensor(vl)).float().mean().item()
+
+
+def run_job(job: dict) -> dict:
+    from model.probe import AttentiveProbe
+    from model.vit import VisionTransformer
+    from pipeline.config import load_config
+    from pipeline.masks import sample_masks
+    from pipeline.sampling import epoch_order, train_record
+    from train import dist, trainer
+    from train.config import TrainConfig
+    from train.probe import ProbeConfig
+
+    t0 = time.time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.set_num_threads(1)  # many jobs share the host's cores; the work is on the device
+    seed, var = job["seed"], job["variant"]
+    data = torch.load(job["data"], weights_only=False)
+    data = {s: ([v.to(device) for v in vids], labels) for s, (vids, labels) in data.items()}
+    cfg = load_config(TrainConfig, "configs/train/cpu.yaml",
+                      [*var.get("train", []), f"seed={seed}", f"data.seed={seed}", f"device={device.type}",
+                       "amp=off", "metrics.enabled=false", f"run_dir={job['out']}/runs/{job['name']}-s{seed}"])
+    env = dist.init(device.type)
+    parts = trainer.build(cfg, env)
+    T, S, stride, B = cfg.model.num_frames, cfg.model.img_size, cfg.data.frame_stride, cfg.data.batch_size
+    d = cfg.data
+    vids, labels = data["train"]
+    pcfg = load_config(ProbeConfig, "configs/probe/cpu.yaml",
+                       ["checkpoint=sweep", f"seed={seed}", *var.get("probe", [])])
+    if var.get("supervised"):
+        torch.manual_seed(seed)
+        sup = torch.nn.Sequential(VisionTransformer.from_config(cfg.model), AttentiveProbe(
+            cfg.model.encoder_width, max(labels) + 1, cfg.model.encoder_shape[2])).to(device)
+        sup_opt = torch.optim.AdamW(sup.parameters(), lr=cfg.optim.lr, weight_decay=0.05)
+        labels_t = torch.tensor(labels, device=device)
+    epoch, pos, order = 0, 0, epoch_order(len(vids), seed, 0)
+    losses = []
+    for step in range(1, cfg.schedule.total_steps + 1):
+        if pos >= len(order):
+            epoch, pos = epoch + 1, 0
+            order = epoch_order(len(vids), seed, epoch)
+        idx = order[pos:pos + B]
+        recs = [train_record(seed, epoch, pos + j, *vids[i].shape[:3], T, stride, d.crop_scale, d.crop_aspect, d.flip)
+                for j, i in enumerate(idx)]
+        pos += B
+        clips = torch.stack([cut(vids[i], r, T, stride, S) for i, r in zip(idx, recs)])
+        if var.get("supervised"):
+            for group in sup_opt.param_groups:
+                group["lr"] = cfg.optim.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.schedule.total_steps))
+            loss = F.cross_entropy(sup(clips), labels_t[torch.as_tensor(idx, device=device)])
+            sup_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sup_opt.step()
+            losses.append(loss.item())
+            continue
+        masks = sample_masks(np.random.default_rng([seed, epoch, step]), len(idx), cfg.model.grid, d.masks)
+        batch = SimpleNamespace(clips=clips, masks=[(torch.from_numpy(c), torch.from_numpy(t)) for c, t in masks])
+        losses.append(trainer.train_step(parts, batch, step).loss)
+    t_train = time.time() - t0
+    torch.manual_seed(seed)  # as train.probe's random_init
+    random_enc = VisionTransformer.from_config(cfg.model).to(device).eval()
+    result = {"name": job["name"], "seed": seed, "steps": cfg.schedule.total_steps,
+              "loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-20:])),
+              "train_s": round(t_train, 1)}
+    if var.get("supervised"):  # the end-to-end model scored on the same evaluation views
+        result["pretrained"] = probe_score(sup[0].eval(), data, cfg, pcfg, device, head=sup[1])
+    else:
+        result["pretrained"] = probe_score(parts.model.target_encoder.eval(), data, cfg, pcfg, device)
+    result["random"] = probe_score(random_enc, data, cfg, pcfg, device)
+    result["seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+def _job_main(job: dict, queue) -> None:
+    try:
+        queue.put(run_job(job))
+    except BaseException as e:  # report, never hang the sweep
+        queue.put({"name": job["name"], "seed": job["seed"], "error": f"{type(e).__name__}: {e}"})
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+
+
+def summarise(rows: Sequence[dict]) -> str:
+    by: Dict[str, List[dict]] = {}
+    for r in rows:
+        if "error" not in r:
+            by.setdefault(r["name"], []).append(r)
+
+    def ms(vals):
+        return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals) if len(vals) > 1 else 0:.1f}"
+
+    lines = ["| variant | seeds | pretrained top-1 | random top-1 | gap (points) | loss first -> last | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, rs in sorted(by.items(), key=lambda kv: -statistics.mean(r["pretrained"] - r["random"] for r in kv[1])):
+        def mean(key):
+            return statistics.mean(r[key] for r in rs)
+
+        lines.append(f"| {name} | {len(rs)} | {ms([100 * r['pretrained'] for r in rs])} | "
+                     f"{ms([100 * r['random'] for r in rs])} | "
+                     f"{ms([100 * (r['pretrained'] - r['random']) for r in rs])} | "
+                     f"{mean('loss_first'):.3f} -> {mean('loss_last'):.3f} | {mean('train_s'):.0f} |")
+    errors = [f"- {r['name']} seed {r['seed']}: {r['error']}" for r in rows if "error" in r]
+    return "\n".join(lines + ([""] + errors if errors else [])) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--extra", default="", help="JSON {name: variant} (or a .json file of it) added to the list")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds after which no new job starts")
+    ap.add_argument("--cache", default="/tmp/proof_sweep")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    out, cache = Path(args.out), Path(args.cache)
+    out.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    extra = Path(args.extra).read_text() if args.extra.endswith(".json") else args.extra
+    variants = {**{k: VARIANTS[k] for k in args.variants}, **json.loads(extra or "{}")}
+    designs = {}
+    for name, v in variants.items():
+        sample = {**BASE_SAMPLE, **v.get("sample", {})}
+        designs[name] = v.get("data") or str(render_design(sample, cache, os.cpu_count() or 2))
+    print(f"rendered {len(set(designs.values()))} sample designs in {time.time() - t0:.0f} s", flush=True)
+    jobs = [{"name": n, "seed": s, "variant": v, "data": designs[n], "out": str(out)}
+            for s in args.seeds for n, v in variants.items()]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    running, rows = {}, []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally` below: no orphaned jobs
+    try:
+        with open(out / "sweep.jsonl", "a") as log:
+            _schedule(args, t0, jobs, running, rows, ctx, queue, log, out)
+    finally:
+        for p in running.values():
+            p.kill()
+    print(f"\n{len(rows)} jobs in {time.time() - t0:.0f} s; {len(jobs)} not started\n\n" + summarise(rows), flush=True)
+    return 0
+
+
+def _schedule(args, t0, jobs, running, rows, ctx, queue, log, out) -> None:
+    while jobs or running:
+        while jobs and len(running) < args.workers and time.time() - t0 < args.budget:
+            job = jobs.pop(0)
+            p = ctx.Process(target=_job_main, args=(job, queue))
+            p.start()
+            running[(job["name"], job["seed"])] = p
+        if not running:
+            break
+        r = queue.get()
+        running.pop((r["name"], r["seed"])).join()
+        rows.append(r)
+        log.write(json.dumps(r) + "\n")
+        log.flush()
+        print(json.dumps(r), flush=True)
+        (out / "sweep.md").write_text(summarise(rows))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
