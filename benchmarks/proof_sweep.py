@@ -16,11 +16,16 @@ job, written as each finishes) and DIR/sweep.md (mean and spread per variant). J
 a run cut short by --budget still covers every variant.
 
 A variant is {"sample": {...}, "train": [key=value ...], "probe": [key=value ...]}, optionally with
+"control": "frame_difference" (no pretraining: the probe reads raw tubelet frame differences), "label":
+"brightness" (first-frame brightness quintiles instead of the motion classes: a label one frame carries),
 "supervised": true (the encoder and an attentive head trained end to end on the labels for the same steps and
 clips: an upper bound on what the shape can read from the data at that budget) or "data": a .pt file of
-{split: (list of uint8 [F, H, W, 3] videos, labels)} instead of the rendered sample. Sample keys: size_range
-(object size as a fraction of the short side), bg_contrast (background noise amplitude), train_per_class,
-val_per_class. Variants are listed in VARIANTS below; --variants picks some, --extra adds JSON ones.
+{split: (list of uint8 [F, H, W, 3] videos, labels)} instead of the rendered sample. Sample keys: motion
+("object": the sample; "camera": the same five classes as whole-frame camera motions over textures with one
+shared palette, 96x96), size_range (object size as a fraction of the short side), bg_contrast (background noise
+amplitude), train_per_class, val_per_class. Variants are listed in VARIANTS below; --variants picks some,
+--extra adds JSON ones. Every job also reports how alike a clip's tokens are (the share of feature variance
+that is the per-clip mean).
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ import torch
 import torch.nn.functional as F
 
 RENDER_SHORT_SIDE = 128  # the clips are 64-96 px: rendering at 2x the crop is plenty
-BASE_SAMPLE = {"size_range": (0.08, 0.2), "bg_contrast": (15.0, 32.0), "train_per_class": 40, "val_per_class": 40}
+BASE_SAMPLE = {"motion": "object", "size_range": (0.08, 0.2), "bg_contrast": (15.0, 32.0), "train_per_class": 40,
+               "val_per_class": 40}
 
 _P8 = ["model.patch_size=8", "model.width=96", "model.depth=6", "model.heads=3", "model.predictor_width=96",
        "model.predictor_heads=3"]
@@ -81,6 +87,11 @@ VARIANTS: Dict[str, dict] = {
                        "train": ["schedule.total_steps=1000", "data.frame_stride=5", "data.crop_scale=[0.6,1.0]"]},
     "supervised": {"supervised": True},
     "supervised_p8w96d6": {"supervised": True, "train": _P8},
+    # controls: what the probe reads from local motion alone (no network), and from an appearance label
+    "control_frame_difference": {"control": "frame_difference"},
+    "camera_frame_difference": {"control": "frame_difference", "sample": {"motion": "camera"}},
+    "control_brightness": {"control": "frame_difference", "label": "brightness"},
+    "camera_steps300": {"sample": {"motion": "camera"}},
     "big_train100_steps600": {"sample": {**_BIG, "train_per_class": 100}, "train": ["schedule.total_steps=600"]},
 }
 
@@ -90,12 +101,57 @@ VARIANTS: Dict[str, dict] = {
 
 def _design_key(sample: dict) -> str:
     (lo, hi), (clo, chi) = sample["size_range"], sample["bg_contrast"]
-    return f"size{lo:g}-{hi:g}_bg{clo:g}-{chi:g}_tr{sample['train_per_class']}_va{sample['val_per_class']}"
+    counts = f"tr{sample['train_per_class']}_va{sample['val_per_class']}"
+    if sample["motion"] == "camera":
+        return f"camera_{counts}"
+    return f"size{lo:g}-{hi:g}_bg{clo:g}-{chi:g}_{counts}"
+
+
+# One colour palette for every camera-motion clip: no per-clip colour for an encoder to latch on to.
+_CAMERA_PALETTE = np.array([[40, 10, -20], [-15, 35, 10], [10, -20, 40]], np.float32)
+
+
+def _bounce(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    span = hi - lo
+    m = torch.remainder(x - lo, 2 * span)
+    return lo + torch.where(m > span, 2 * span - m, m)
+
+
+def _render_camera(task: dict) -> np.ndarray:
+    """The sample's five classes as whole-frame camera motions (pan across, pan up/down, roll, zoom, still)
+    over periodic smooth colour noise with one shared palette, 96x96, with the task's frame count and rate."""
+    from pipeline import sample as S
+
+    rng = np.random.default_rng([S.SPLITS.index(task["split"]), task["cls_index"], task["index"], 99])
+    n, c = task["num_frames"], task["cls_index"]
+    tex = 128 + np.einsum("chw,dc->hwd", S._smooth_noise(rng, 3, 192, 192, rng.uniform(4, 8)), _CAMERA_PALETTE)
+    img = torch.from_numpy(np.clip(tex, 0, 255)).permute(2, 0, 1)[None].float().repeat(1, 1, 2, 2)  # periodic
+    t = torch.arange(n) / task["fps"]
+    zero = torch.zeros(n)
+    pan, roll, zoom = zero.clone(), torch.full((n,), float(rng.uniform(0, 2 * math.pi))), zero
+    speed = rng.uniform(0.1, 0.2) * rng.choice([-1, 1])
+    if c in (0, 1):
+        pan = _bounce(torch.tensor(rng.uniform(-0.2, 0.2)) + speed * t, -0.25, 0.25)
+    elif c == 2:
+        roll = roll + rng.uniform(1.6, 3.5) * rng.choice([-1, 1]) * t
+    elif c == 3:
+        zoom = _bounce(torch.tensor(rng.uniform(0, 0.6)) + rng.uniform(0.4, 0.8) * rng.choice([-1, 1]) * t, 0, 0.6)
+    dx, dy = (pan, zero) if c == 0 else (zero, pan)
+    scale = 0.25 * torch.exp(-zoom)  # the frame shows a quarter of the tiled texture at zoom 0
+    cos, sin = torch.cos(roll) * scale, torch.sin(roll) * scale
+    theta = torch.stack([torch.stack([cos, -sin, 4 * (cos * dx - sin * dy)], -1),  # pans in frame coordinates
+                         torch.stack([sin, cos, 4 * (sin * dx + cos * dy)], -1)], 1)
+    grid = F.affine_grid(theta, (n, 3, 96, 96), align_corners=False)
+    frames = F.grid_sample(img.expand(n, -1, -1, -1), grid, mode="bilinear", padding_mode="reflection",
+                           align_corners=False)
+    return frames.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 def _render(task: dict, design: dict) -> np.ndarray:
     from pipeline import sample as S
 
+    if design["motion"] == "camera":
+        return _render_camera(task)
     S._SIZE_RANGE, S._BG_CONTRAST = tuple(design["size_range"]), tuple(design["bg_contrast"])
     w, h = task["width"], task["height"]
     k = RENDER_SHORT_SIDE / min(w, h)
@@ -148,6 +204,26 @@ def cut(video: torch.Tensor, rec, num_frames: int, stride: int, size: int) -> to
 # ---------------------------------------------------------------------------------------------- one job
 
 
+class FrameDifferenceTokens(torch.nn.Module):
+    """A control in place of an encoder: each token is the raw temporal difference of one 2x16x16 tubelet
+    (768 numbers), i.e. local motion with no learning. What the probe can read from local motion alone."""
+
+    embed_dim, num_heads = 768, 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, T, S, S] -> [B, T/2 * (S/16)^2, 768]
+        d = x[:, :, 1::2] - x[:, :, 0::2]
+        B, C, T, S, _ = d.shape
+        d = d.reshape(B, C, T, S // 16, 16, S // 16, 16).permute(0, 2, 3, 5, 1, 4, 6)
+        return d.reshape(B, T * (S // 16) ** 2, C * 256)
+
+
+def clip_mean_share(tokens: torch.Tensor) -> float:
+    """Share of the (layer-normed) token features' variance that is the per-clip mean: 1 = every token of
+    a clip alike."""
+    f = F.layer_norm(tokens.float(), tokens.shape[-1:])
+    return float(f.mean(1).var(0, unbiased=False).sum() / f.var(dim=(0, 1), unbiased=False).sum())
+
+
 def _features(encoder, clips: List[torch.Tensor], batch: int) -> torch.Tensor:
     out = []
     with torch.no_grad():
@@ -156,9 +232,10 @@ def _features(encoder, clips: List[torch.Tensor], batch: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def probe_score(encoder, data, tcfg, pcfg, device, head=None) -> float:
+def probe_score(encoder, data, tcfg, pcfg, device, head=None) -> tuple:
     """train.probe's recipe on clips cut here: cached training passes, then eval views summed per video.
-    With `head` (a trained AttentiveProbe), only score it on the evaluation views."""
+    With `head` (a trained AttentiveProbe), only score it on the evaluation views.
+    Returns (top-1, clip_mean_share of the evaluation features)."""
     from model.probe import AttentiveProbe
     from pipeline.sampling import epoch_order, eval_record, train_record
     from train.probe import train_epoch, video_scores
@@ -182,12 +259,13 @@ def probe_score(encoder, data, tcfg, pcfg, device, head=None) -> float:
     classes = max(tl) + 1
     probe = head
     if probe is None:
-        probe = AttentiveProbe(encoder.embed_dim, classes, pcfg.heads or encoder.blocks[0].attn.num_heads).to(device)
+        heads = pcfg.heads or getattr(encoder, "num_heads", 0) or encoder.blocks[0].attn.num_heads
+        probe = AttentiveProbe(encoder.embed_dim, classes, heads).to(device)
         opt = torch.optim.AdamW(probe.parameters(), lr=pcfg.lr, weight_decay=pcfg.weight_decay)
         for epoch in range(pcfg.epochs):
             train_epoch(probe, opt, passes[epoch % len(passes)], pcfg, epoch, 0, device)
     logits = video_scores(probe, val, len(vv), classes, pcfg.batch_size, device)
-    return (logits.argmax(-1).cpu() == torch.tensor(vl)).float().mean().item()
+    return (logits.argmax(-1).cpu() == torch.tensor(vl)).float().mean().item(), clip_mean_share(val["tokens"])
 
 
 def run_job(job: dict) -> dict:
@@ -207,6 +285,11 @@ def run_job(job: dict) -> dict:
     seed, var = job["seed"], job["variant"]
     data = torch.load(job["data"], weights_only=False)
     data = {s: ([v.to(device) for v in vids], labels) for s, (vids, labels) in data.items()}
+    if var.get("label") == "brightness":  # a control label that one frame carries: first-frame brightness quintile
+        for split, (vids, _) in data.items():
+            m = torch.tensor([v[0].float().mean().item() for v in vids])
+            data[split] = (vids, torch.bucketize(m, torch.quantile(m, torch.tensor([0.2, 0.4, 0.6, 0.8]))).tolist())
+    control = var.get("control") == "frame_difference"  # no pretraining: probe raw tubelet differences
     cfg = load_config(TrainConfig, "configs/train/cpu.yaml",
                       [*var.get("train", []), f"seed={seed}", f"data.seed={seed}", f"device={device.type}",
                        "amp=off", "metrics.enabled=false", f"run_dir={job['out']}/runs/{job['name']}-s{seed}"])
@@ -225,7 +308,8 @@ def run_job(job: dict) -> dict:
         labels_t = torch.tensor(labels, device=device)
     epoch, pos, order = 0, 0, epoch_order(len(vids), seed, 0)
     losses = []
-    for step in range(1, cfg.schedule.total_steps + 1):
+    steps = 0 if control else cfg.schedule.total_steps
+    for step in range(1, steps + 1):
         if pos >= len(order):
             epoch, pos = epoch + 1, 0
             order = epoch_order(len(vids), seed, epoch)
@@ -249,14 +333,17 @@ def run_job(job: dict) -> dict:
     t_train = time.time() - t0
     torch.manual_seed(seed)  # as train.probe's random_init
     random_enc = VisionTransformer.from_config(cfg.model).to(device).eval()
-    result = {"name": job["name"], "seed": seed, "steps": cfg.schedule.total_steps,
-              "loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-20:])),
-              "train_s": round(t_train, 1)}
+    result = {"name": job["name"], "seed": seed, "steps": steps,
+              "loss_first": float(np.mean(losses[:10])) if losses else float("nan"),
+              "loss_last": float(np.mean(losses[-20:])) if losses else float("nan"), "train_s": round(t_train, 1)}
     if var.get("supervised"):  # the end-to-end model scored on the same evaluation views
-        result["pretrained"] = probe_score(sup[0].eval(), data, cfg, pcfg, device, head=sup[1])
+        scored = probe_score(sup[0].eval(), data, cfg, pcfg, device, head=sup[1])
+    elif control:
+        scored = probe_score(FrameDifferenceTokens(), data, cfg, pcfg, device)
     else:
-        result["pretrained"] = probe_score(parts.model.target_encoder.eval(), data, cfg, pcfg, device)
-    result["random"] = probe_score(random_enc, data, cfg, pcfg, device)
+        scored = probe_score(parts.model.target_encoder.eval(), data, cfg, pcfg, device)
+    result["pretrained"], result["pretrained_clip_share"] = scored
+    result["random"], result["random_clip_share"] = probe_score(random_enc, data, cfg, pcfg, device)
     result["seconds"] = round(time.time() - t0, 1)
     return result
 
@@ -280,8 +367,8 @@ def summarise(rows: Sequence[dict]) -> str:
     def ms(vals):
         return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals) if len(vals) > 1 else 0:.1f}"
 
-    lines = ["| variant | seeds | pretrained top-1 | random top-1 | gap (points) | loss first -> last | train s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | seeds | pretrained top-1 | random top-1 | gap (points) | loss first -> last | train s "
+             "| clip-mean share pretrained / random |", "|---|---|---|---|---|---|---|---|"]
     for name, rs in sorted(by.items(), key=lambda kv: -statistics.mean(r["pretrained"] - r["random"] for r in kv[1])):
         def mean(key):
             return statistics.mean(r[key] for r in rs)
@@ -289,7 +376,8 @@ def summarise(rows: Sequence[dict]) -> str:
         lines.append(f"| {name} | {len(rs)} | {ms([100 * r['pretrained'] for r in rs])} | "
                      f"{ms([100 * r['random'] for r in rs])} | "
                      f"{ms([100 * (r['pretrained'] - r['random']) for r in rs])} | "
-                     f"{mean('loss_first'):.3f} -> {mean('loss_last'):.3f} | {mean('train_s'):.0f} |")
+                     f"{mean('loss_first'):.3f} -> {mean('loss_last'):.3f} | {mean('train_s'):.0f} | "
+                     f"{mean('pretrained_clip_share'):.2f} / {mean('random_clip_share'):.2f} |")
     errors = [f"- {r['name']} seed {r['seed']}: {r['error']}" for r in rows if "error" in r]
     return "\n".join(lines + ([""] + errors if errors else [])) + "\n"
 

@@ -92,17 +92,20 @@ def test_proof_sweep_runs_pretraining_supervised_and_probes(tmp_path):
                        "model.heads=3", "model.predictor_width=48", "model.predictor_depth=1",
                        "model.predictor_heads=3"],
              "probe": ["epochs=2", "cached_passes=1", "data.eval_clips=1", "data.eval_crops=2"]}
-    extra = json.dumps({"jepa": small, "sup": {**small, "supervised": True}})
+    camera = {**small, "sample": {**small["sample"], "motion": "camera"}, "control": "frame_difference"}
+    extra = json.dumps({"jepa": small, "sup": {**small, "supervised": True}, "camdiff": camera})
     out = tmp_path / "sweep"
     assert proof_sweep.main(["--out", str(out), "--cache", str(tmp_path / "cache"), "--variants", "--extra", extra,
                              "--seeds", "0", "--workers", "2"]) == 0
     rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
-    assert sorted(r["name"] for r in rows) == ["jepa", "sup"] and not [r for r in rows if "error" in r]
+    assert sorted(r["name"] for r in rows) == ["camdiff", "jepa", "sup"] and not [r for r in rows if "error" in r]
     for r in rows:
-        assert r["steps"] == 3 and 0.0 <= r["pretrained"] <= 1.0 and 0.0 <= r["random"] <= 1.0
+        assert r["steps"] == (0 if r["name"] == "camdiff" else 3)  # the control pretrains nothing
+        assert 0.0 <= r["pretrained"] <= 1.0 and 0.0 <= r["random"] <= 1.0
+        assert 0.0 <= r["pretrained_clip_share"] <= 1.0
     assert "| jepa | 1 |" in (out / "sweep.md").read_text()
-    # one render per design, reused by both variants
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    # one render per design (the sample's, the camera-motion one), reused by the variants that share it
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
 
 
 def test_sweep_clips_follow_the_sampling_record():
