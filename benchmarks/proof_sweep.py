@@ -40,6 +40,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from queue import Empty
 from types import SimpleNamespace
 from typing import Dict, List, Sequence
 
@@ -173,7 +174,7 @@ def render_design(sample: dict, cache: Path, workers: int) -> Path:
     if path.exists():
         return path
     tasks = S._plan(0, {"train": sample["train_per_class"], "val": sample["val_per_class"]})
-    with mp.get_context("fork").Pool(workers) as pool:
+    with mp.get_context("spawn").Pool(workers) as pool:  # not fork: callers hold threads (torch, DALI)
         frames = pool.map(_render_star, [(t, sample) for t in tasks], chunksize=4)
     data = {}
     for split in S.SPLITS:
@@ -419,6 +420,22 @@ def main(argv=None) -> int:
     return 0
 
 
+def _next_result(queue, running: dict, poll: float = 10.0) -> dict:
+    """The next finished job's row; a job process that died without one (killed, crashed) gets an error row."""
+    while True:
+        try:
+            return queue.get(timeout=poll)
+        except Empty:
+            dead = [key for key, p in running.items() if not p.is_alive()]
+            if dead:
+                try:
+                    return queue.get(timeout=poll)  # it may have reported just before exiting
+                except Empty:
+                    name, seed = dead[0]
+                    return {"name": name, "seed": seed,
+                            "error": f"job process died without a result (exit code {running[dead[0]].exitcode})"}
+
+
 def _schedule(args, t0, jobs, running, rows, ctx, queue, log, out) -> None:
     while jobs or running:
         while jobs and len(running) < args.workers and time.time() - t0 < args.budget:
@@ -428,7 +445,7 @@ def _schedule(args, t0, jobs, running, rows, ctx, queue, log, out) -> None:
             running[(job["name"], job["seed"])] = p
         if not running:
             break
-        r = queue.get()
+        r = _next_result(queue, running)
         running.pop((r["name"], r["seed"])).join()
         rows.append(r)
         log.write(json.dumps(r) + "\n")

@@ -118,3 +118,18 @@ def test_sweep_clips_follow_the_sampling_record():
     grey = (clip * STD.view(3, 1, 1, 1) + MEAN.view(3, 1, 1, 1))[0]  # [T, S, S] grey levels
     assert torch.allclose(grey[:, 0, 0], torch.tensor([102.0, 105, 108, 109]), atol=1e-3)  # frames 2,5,8,9(clamped)
     assert torch.allclose(grey[:, 0, -1], torch.tensor([2.0, 5, 8, 9]), atol=1e-3)  # flipped: left half is right
+
+
+def test_proof_sweep_reports_a_job_that_died_instead_of_waiting_forever():
+    import multiprocessing as mp
+    from types import SimpleNamespace
+
+    from benchmarks.proof_sweep import _next_result
+
+    queue = mp.get_context("spawn").Queue()
+    running = {("alive", 0): SimpleNamespace(is_alive=lambda: True, exitcode=None),
+               ("killed", 1): SimpleNamespace(is_alive=lambda: False, exitcode=-9)}
+    row = _next_result(queue, running, poll=0.05)
+    assert row == {"name": "killed", "seed": 1, "error": "job process died without a result (exit code -9)"}
+    queue.put({"name": "alive", "seed": 0, "pretrained": 0.5})
+    assert _next_result(queue, running, poll=0.05)["name"] == "alive"
