@@ -202,6 +202,17 @@ def cut(video: torch.Tensor, rec, num_frames: int, stride: int, size: int) -> to
     return x.permute(1, 0, 2, 3)
 
 
+def train_clips(vids: List[torch.Tensor], order, seed: int, epoch: int, first: int, num_frames: int, stride: int,
+                size: int, d) -> List[torch.Tensor]:
+    """Training clips of videos `order` at epoch positions first, first+1, ...: `pipeline.sampling`'s records
+    (window, random resized crop per `d`'s crop_scale/crop_aspect, flip) cut by `cut`."""
+    from pipeline.sampling import train_record
+
+    return [cut(vids[i], train_record(seed, epoch, first + j, *vids[i].shape[:3], num_frames, stride, d.crop_scale,
+                                      d.crop_aspect, d.flip), num_frames, stride, size)
+            for j, i in enumerate(order)]
+
+
 # ---------------------------------------------------------------------------------------------- one job
 
 
@@ -238,7 +249,7 @@ def probe_score(encoder, data, tcfg, pcfg, device, head=None) -> tuple:
     With `head` (a trained AttentiveProbe), only score it on the evaluation views.
     Returns (top-1, clip_mean_share of the evaluation features)."""
     from model.probe import AttentiveProbe
-    from pipeline.sampling import epoch_order, eval_record, train_record
+    from pipeline.sampling import epoch_order, eval_record
     from train.probe import train_epoch, video_scores
 
     T, S, stride = tcfg.model.num_frames, tcfg.model.img_size, tcfg.data.frame_stride
@@ -247,9 +258,7 @@ def probe_score(encoder, data, tcfg, pcfg, device, head=None) -> tuple:
     passes = []
     for p in range(0 if head is not None else pcfg.cached_passes):
         order = epoch_order(len(tv), pcfg.seed, p)
-        recs = [train_record(pcfg.seed, p, pos, *tv[i].shape[:3], T, stride, d.crop_scale, d.crop_aspect, d.flip)
-                for pos, i in enumerate(order)]
-        clips = [cut(tv[i], r, T, stride, S) for i, r in zip(order, recs)]
+        clips = train_clips(tv, order, pcfg.seed, p, 0, T, stride, S, d)
         passes.append({"tokens": _features(encoder, clips, 64), "labels": torch.tensor([tl[i] for i in order])})
     views, rows = [], []
     for row, v in enumerate(vv):
@@ -274,7 +283,7 @@ def run_job(job: dict) -> dict:
     from model.vit import VisionTransformer
     from pipeline.config import load_config
     from pipeline.masks import sample_masks
-    from pipeline.sampling import epoch_order, train_record
+    from pipeline.sampling import epoch_order
     from train import dist, trainer
     from train.config import TrainConfig
     from train.probe import ProbeConfig
@@ -315,10 +324,8 @@ def run_job(job: dict) -> dict:
             epoch, pos = epoch + 1, 0
             order = epoch_order(len(vids), seed, epoch)
         idx = order[pos:pos + B]
-        recs = [train_record(seed, epoch, pos + j, *vids[i].shape[:3], T, stride, d.crop_scale, d.crop_aspect, d.flip)
-                for j, i in enumerate(idx)]
+        clips = torch.stack(train_clips(vids, idx, seed, epoch, pos, T, stride, S, d))
         pos += B
-        clips = torch.stack([cut(vids[i], r, T, stride, S) for i, r in zip(idx, recs)])
         if var.get("supervised"):
             for group in sup_opt.param_groups:
                 group["lr"] = cfg.optim.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.schedule.total_steps))
