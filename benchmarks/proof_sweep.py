@@ -22,7 +22,9 @@ A variant is {"sample": {...}, "train": [key=value ...], "probe": [key=value ...
 clips: an upper bound on what the shape can read from the data at that budget) or "data": a .pt file of
 {split: (list of uint8 [F, H, W, 3] videos, labels)} instead of the rendered sample. Sample keys: motion
 ("object": the sample; "camera": the same five classes as whole-frame camera motions over textures with one
-shared palette, 96x96), size_range (object size as a fraction of the short side), bg_contrast (background noise
+shared palette, 96x96; "discs": eight pan directions, 45 degrees apart, over a periodic field of bright discs
+on a dark background, 96x96, 40 frames at 1-1.5 px per frame; its classes are not flip-invariant, so probe it
+with data.flip=false), size_range (object size as a fraction of the short side), bg_contrast (background noise
 amplitude), train_per_class, val_per_class. Variants are listed in VARIANTS below; --variants picks some,
 --extra adds JSON ones. Every job also reports how alike a clip's tokens are (the share of feature variance
 that is the per-clip mean).
@@ -55,6 +57,9 @@ BASE_SAMPLE = {"motion": "object", "size_range": (0.08, 0.2), "bg_contrast": (15
 _P8 = ["model.patch_size=8", "model.width=96", "model.depth=6", "model.heads=3", "model.predictor_width=96",
        "model.predictor_heads=3"]
 _BIG = {"size_range": (0.15, 0.3)}
+_SMALL = ["model.width=96", "model.depth=4", "model.heads=3", "model.predictor_width=96", "model.predictor_depth=2",
+          "model.predictor_heads=3"]
+_DISCS = {"motion": "discs", "train_per_class": 25, "val_per_class": 25}
 VARIANTS: Dict[str, dict] = {
     # the committed recipe (configs/train/cpu.yaml, configs/probe/cpu.yaml), then one change at a time
     "base": {},
@@ -94,6 +99,14 @@ VARIANTS: Dict[str, dict] = {
     "control_brightness": {"control": "frame_difference", "label": "brightness"},
     "camera_steps300": {"sample": {"motion": "camera"}},
     "big_train100_steps600": {"sample": {**_BIG, "train_per_class": 100}, "train": ["schedule.total_steps=600"]},
+    # round 3: a design whose labels random features can read (pans of a disc field), a fast encoder, and the
+    # same probe trained longer (does pretraining add information, or only make it quicker to read?)
+    "discs_small300": {"sample": _DISCS, "train": [*_SMALL, "schedule.total_steps=300"], "probe": ["data.flip=false"]},
+    "discs_small300_probe60": {"sample": _DISCS, "train": [*_SMALL, "schedule.total_steps=300"],
+                               "probe": ["data.flip=false", "epochs=60", "lr=3e-3"]},
+    "discs_small1000": {"sample": _DISCS, "train": [*_SMALL, "schedule.total_steps=1000"],
+                        "probe": ["data.flip=false"]},
+    "discs_frame_difference": {"sample": _DISCS, "control": "frame_difference", "probe": ["data.flip=false"]},
 }
 
 
@@ -103,8 +116,8 @@ VARIANTS: Dict[str, dict] = {
 def _design_key(sample: dict) -> str:
     (lo, hi), (clo, chi) = sample["size_range"], sample["bg_contrast"]
     counts = f"tr{sample['train_per_class']}_va{sample['val_per_class']}"
-    if sample["motion"] == "camera":
-        return f"camera_{counts}"
+    if sample["motion"] in ("camera", "discs"):
+        return f"{sample['motion']}_{counts}"
     return f"size{lo:g}-{hi:g}_bg{clo:g}-{chi:g}_{counts}"
 
 
@@ -148,11 +161,43 @@ def _render_camera(task: dict) -> np.ndarray:
     return frames.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()
 
 
+DISC_CLASSES = 8  # pan directions, 45 degrees apart, counter-clockwise from "right"
+
+
+def _render_discs(task: dict) -> np.ndarray:
+    """A pan over a periodic field of bright discs on a faint dark texture, 96x96, 40 frames: the picture moves
+    1-1.5 px per frame in direction 45 * cls_index degrees. A frame alone carries no label."""
+    from pipeline import sample as S
+
+    rng = np.random.default_rng([S.SPLITS.index(task["split"]), task["cls_index"], task["index"], 7])
+    n, size, period = 40, 96, 256
+    canvas = 30 + 6 * S._smooth_noise(rng, 3, period, period, 3.0).transpose(1, 2, 0)
+    yy, xx = np.mgrid[0:period, 0:period].astype(np.float32)
+    for _ in range(70):
+        cy, cx = rng.uniform(0, period, 2)
+        dy, dx = (yy - cy + period / 2) % period - period / 2, (xx - cx + period / 2) % period - period / 2
+        alpha = np.clip(rng.uniform(6, 12) - np.sqrt(dx * dx + dy * dy) + 0.5, 0, 1)[..., None]
+        canvas = canvas * (1 - alpha) + alpha * rng.uniform(120, 255, 3).astype(np.float32)
+    img = torch.from_numpy(np.clip(canvas, 0, 255).astype(np.float32)).permute(2, 0, 1)[None]
+    speed, angle = rng.uniform(1.0, 1.5), math.radians(45 * task["cls_index"])
+    y0, x0 = rng.uniform(0, period, 2)
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    frames = []
+    for i in range(n):  # the picture moves by (cos, -sin) * speed per frame: the window moves the other way
+        tx = (x0 + xs - speed * math.cos(angle) * i) % period
+        ty = (y0 + ys + speed * math.sin(angle) * i) % period
+        grid = torch.stack([tx / period * 2 - 1, ty / period * 2 - 1], -1)[None]
+        frames.append(F.grid_sample(img, grid, mode="bilinear", align_corners=False, padding_mode="border")[0])
+    return torch.stack(frames).clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
 def _render(task: dict, design: dict) -> np.ndarray:
     from pipeline import sample as S
 
     if design["motion"] == "camera":
         return _render_camera(task)
+    if design["motion"] == "discs":
+        return _render_discs(task)
     S._SIZE_RANGE, S._BG_CONTRAST = tuple(design["size_range"]), tuple(design["bg_contrast"])
     w, h = task["width"], task["height"]
     k = RENDER_SHORT_SIDE / min(w, h)
@@ -173,7 +218,12 @@ def render_design(sample: dict, cache: Path, workers: int) -> Path:
     path = cache / f"{_design_key(sample)}.pt"
     if path.exists():
         return path
-    tasks = S._plan(0, {"train": sample["train_per_class"], "val": sample["val_per_class"]})
+    counts = {"train": sample["train_per_class"], "val": sample["val_per_class"]}
+    if sample["motion"] == "discs":
+        tasks = [{"split": split, "cls_index": c, "index": i} for split in S.SPLITS for c in range(DISC_CLASSES)
+                 for i in range(counts[split])]
+    else:
+        tasks = S._plan(0, counts)
     with mp.get_context("spawn").Pool(workers) as pool:  # not fork: callers hold threads (torch, DALI)
         frames = pool.map(_render_star, [(t, sample) for t in tasks], chunksize=4)
     data = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -93,19 +94,35 @@ def test_proof_sweep_runs_pretraining_supervised_and_probes(tmp_path):
                        "model.predictor_heads=3"],
              "probe": ["epochs=2", "cached_passes=1", "data.eval_clips=1", "data.eval_crops=2"]}
     camera = {**small, "sample": {**small["sample"], "motion": "camera"}, "control": "frame_difference"}
-    extra = json.dumps({"jepa": small, "sup": {**small, "supervised": True}, "camdiff": camera})
+    discs = {**small, "sample": {**small["sample"], "motion": "discs"}, "control": "frame_difference"}
+    extra = json.dumps({"jepa": small, "sup": {**small, "supervised": True}, "camdiff": camera, "discdiff": discs})
     out = tmp_path / "sweep"
     assert proof_sweep.main(["--out", str(out), "--cache", str(tmp_path / "cache"), "--variants", "--extra", extra,
                              "--seeds", "0", "--workers", "2"]) == 0
     rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
-    assert sorted(r["name"] for r in rows) == ["camdiff", "jepa", "sup"] and not [r for r in rows if "error" in r]
+    assert sorted(r["name"] for r in rows) == ["camdiff", "discdiff", "jepa", "sup"]
+    assert not [r for r in rows if "error" in r]
     for r in rows:
-        assert r["steps"] == (0 if r["name"] == "camdiff" else 3)  # the control pretrains nothing
+        assert r["steps"] == (0 if r["name"].endswith("diff") else 3)  # the controls pretrain nothing
         assert 0.0 <= r["pretrained"] <= 1.0 and 0.0 <= r["random"] <= 1.0
         assert 0.0 <= r["pretrained_clip_share"] <= 1.0
     assert "| jepa | 1 |" in (out / "sweep.md").read_text()
-    # one render per design (the sample's, the camera-motion one), reused by the variants that share it
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    # one render per design (the sample's, the camera-motion one, the disc pans), reused by variants sharing it
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
+
+
+def test_disc_pans_move_the_way_their_label_says():
+    """proof_sweep's disc design: the picture moves 45 * label degrees counter-clockwise from "right"."""
+    from benchmarks.proof_sweep import DISC_CLASSES, _render_discs
+
+    for c in range(DISC_CLASSES):
+        v = torch.from_numpy(_render_discs({"split": "val", "cls_index": c, "index": 3})).float().mean(-1)
+        a, b = v[0] - v[0].mean(), v[8] - v[8].mean()  # 8 frames apart: 8-12 px
+        score = {(dy, dx): float((a[16:-16, 16:-16] * b.roll((-dy, -dx), (0, 1))[16:-16, 16:-16]).sum())
+                 for dy in range(-14, 15) for dx in range(-14, 15)}
+        dy, dx = max(score, key=score.get)  # b is a moved by (dy, dx), y down
+        assert 7 <= math.hypot(dx, dy) <= 13, (c, dx, dy)
+        assert round(math.degrees(math.atan2(-dy, dx)) / 45) % DISC_CLASSES == c, (c, dx, dy)
 
 
 def test_sweep_clips_follow_the_sampling_record():
