@@ -171,13 +171,17 @@ def _render_discs(task: dict) -> np.ndarray:
 
     rng = np.random.default_rng([S.SPLITS.index(task["split"]), task["cls_index"], task["index"], 7])
     n, size, period = 40, 96, 256
-    canvas = 30 + 6 * S._smooth_noise(rng, 3, period, period, 3.0).transpose(1, 2, 0)
-    yy, xx = np.mgrid[0:period, 0:period].astype(np.float32)
-    for _ in range(70):
+    canvas = (30 + 6 * S._smooth_noise(rng, 3, period, period, 3.0).transpose(1, 2, 0)).astype(np.float64)
+    for _ in range(70):  # each disc paints only its bounding box (+1 px), wrapped around the periodic canvas
         cy, cx = rng.uniform(0, period, 2)
-        dy, dx = (yy - cy + period / 2) % period - period / 2, (xx - cx + period / 2) % period - period / 2
-        alpha = np.clip(rng.uniform(6, 12) - np.sqrt(dx * dx + dy * dy) + 0.5, 0, 1)[..., None]
-        canvas = canvas * (1 - alpha) + alpha * rng.uniform(120, 255, 3).astype(np.float32)
+        r = rng.uniform(6, 12)
+        rows = np.arange(math.floor(cy - r - 1), math.ceil(cy + r + 1))
+        cols = np.arange(math.floor(cx - r - 1), math.ceil(cx + r + 1))
+        dy = ((rows - cy + period / 2) % period - period / 2)[:, None]
+        dx = ((cols - cx + period / 2) % period - period / 2)[None, :]
+        alpha = np.clip(r - np.sqrt(dx * dx + dy * dy) + 0.5, 0, 1)[..., None]
+        box = np.ix_(rows % period, cols % period)
+        canvas[box] = canvas[box] * (1 - alpha) + alpha * rng.uniform(120, 255, 3).astype(np.float32)
     img = torch.from_numpy(np.clip(canvas, 0, 255).astype(np.float32)).permute(2, 0, 1)[None]
     speed, angle = rng.uniform(1.0, 1.5), math.radians(45 * task["cls_index"])
     y0, x0 = rng.uniform(0, period, 2)
