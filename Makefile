@@ -34,13 +34,13 @@ prometheus-tool:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 sample: setup
-	$(PY) -m pipeline.sample --out data/sample
+	$(PY) -m shards.synthetic.render --out data/sample
 
-# No ARGS: shards the built-in sample (generated if absent) into shards/sample/.
+# No ARGS: shards the built-in sample (generated if absent) into data/shards/sample/.
 shards: setup
-	$(PY) -m pipeline.make_shards --config configs/shards.yaml $(ARGS)
+	$(PY) -m shards.make_shards --config configs/shards.yaml $(ARGS)
 
-# ViT-tiny on the built-in sample (shards/sample); a few minutes on 2 CPU cores. Rerunning resumes runs/cpu.
+# ViT-tiny on the built-in sample (data/shards/sample); a few minutes on 2 CPU cores. Rerunning resumes runs/cpu.
 train: shards
 	$(PY) -m train.trainer --config configs/train/cpu.yaml $(ARGS)
 
@@ -50,7 +50,7 @@ probe: setup
 
 # The learning proof: pretrain on the sample, probe it and the same network with random weights (one seed).
 proof: shards
-	$(PY) -m benchmarks.learning_proof $(ARGS)
+	$(PY) -m research.learning_proof $(ARGS)
 
 test: setup prometheus-tool
 	$(PY) -m pytest -q $(ARGS)
@@ -74,4 +74,4 @@ demo: shards
 		optim.warmup_steps=10 checkpoint.every_steps=30 $(ARGS)
 
 clean:
-	rm -rf data/sample shards/sample runs
+	rm -rf data/sample data/shards/sample runs

@@ -1,6 +1,6 @@
 """`make bench-loader`: clips/s of the DALI loader and of the PyAV reference loader, same shards, same workers.
 
-    python -m benchmarks.bench_loader [--root shards/sample] [--batches 12] [--workers N] [--out FILE]
+    python -m benchmarks.bench_loader [--root data/shards/sample] [--batches 12] [--workers N] [--out FILE]
                                       [key=value loader overrides ...]
 
 Both loaders produce the same batches (same sampling records, masks included). The DALI loader gets
@@ -18,8 +18,10 @@ import time
 
 import torch
 
-from pipeline.config import LoaderConfig, load_config
-from pipeline.loader import VideoLoader, resolve_device
+from common.config import load_config
+from pipeline.config import LoaderConfig
+from common.device import resolve_device
+from pipeline.loader import VideoLoader
 from pipeline.reference import ReferenceLoader
 
 
@@ -37,7 +39,7 @@ def timed(batches, n: int) -> tuple[float, int]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default="shards/sample")
+    ap.add_argument("--root", default="data/shards/sample")
     ap.add_argument("--batches", type=int, default=12)
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--skip-reference", action="store_true", help="GPU hosts: time only the DALI loader")
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cfg = load_config(LoaderConfig, None, [f"root={args.root}", f"threads={args.workers}", *args.overrides])
     grid = (cfg.num_frames // 2, cfg.crop_size // 16, cfg.crop_size // 16)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device).type
 
     dali_rate, n = timed(VideoLoader(cfg, grid=grid), args.batches)
     rows = [("DALI loader", f"decoders.video {'mixed (NVDEC)' if device == 'cuda' else 'cpu'}, {args.workers} threads",

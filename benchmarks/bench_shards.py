@@ -5,10 +5,10 @@
 
 1. Inputs: `--videos` H.264 mp4 files of `--seconds` s at `--size`, `--fps`, with moving textured content
    (a panning textured background and moving objects), written once with PyAV into `--cache`.
-2. (a) tubelet: `pipeline.transcode.process` over the inputs in this process, one at a time (read, decode,
+2. (a) tubelet: `shards.transcode.process` over the inputs in this process, one at a time (read, decode,
    resize, encode, decode-back validation); CPU = time.process_time(). `validate_video` is timed apart.
    (b) ffmpeg: the same transcode with the `ffmpeg` CLI, one process per video, the same libvpx-vp9 (or
-   libx264) settings as `pipeline.transcode._encoder`, one decoder and one encoder thread, bicubic scale
+   libx264) settings as `shards.transcode._encoder`, one decoder and one encoder thread, bicubic scale
    to the same size; CPU = getrusage(RUSAGE_CHILDREN).
    (c) `make_shards.run` end to end for each worker count in `--workers`.
 3. Prints a markdown table and writes JSON to `--results`.
@@ -30,8 +30,9 @@ from pathlib import Path
 import av
 import numpy as np
 
-from pipeline import transcode as tc
-from pipeline.config import FilterConfig, ShardsConfig, TranscodeConfig, load_config
+from shards import transcode as tc
+from common.config import load_config
+from shards.config import FilterConfig, ShardsConfig, TranscodeConfig
 
 GENERATOR_VERSION = 1
 
@@ -127,7 +128,7 @@ def tubelet_once(path: Path, cfg: TranscodeConfig) -> dict:
 
 
 def ffmpeg_args(src: Path, dst: Path, cfg: TranscodeConfig, w: int, h: int) -> list:
-    """The transcode of pipeline.transcode with the ffmpeg CLI: same encoder settings, one thread each."""
+    """The transcode of shards.transcode with the ffmpeg CLI: same encoder settings, one thread each."""
     ow, oh = tc._output_size(w, h, cfg.short_side)
     args = ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-y", "-threads", "1", "-i", str(src),
             "-an", "-sn", "-dn", "-filter_threads", "1", "-vf", f"scale={ow}:{oh}:flags=bicubic",
@@ -189,7 +190,7 @@ probe_cache: dict = {}
 
 
 def bench_make_shards(paths: list, cfg: TranscodeConfig, workers: int, workdir: Path) -> dict:
-    from pipeline.make_shards import run
+    from shards.make_shards import run
     import contextlib
     import io
 

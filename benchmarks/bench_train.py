@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from model.config import VIT_SIZES, ModelConfig
-from pipeline.config import load_config
+from common.config import load_config
 from pipeline.masks import sample_masks
 from train import dist, trainer
 from train.config import TrainConfig

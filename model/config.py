@@ -1,8 +1,8 @@
 """Model configuration: the typed schema for the `model` section of the training config.
 
 Only int/float/str/bool fields so that `OmegaConf.structured(ModelConfig)` can merge YAML and
-CLI overrides into it; validation runs in `__post_init__`, i.e. whenever a `ModelConfig` is built
-(including `OmegaConf.to_object`), and again in `as_model_config` for plain dicts / DictConfigs.
+CLI overrides into it. Validated like every schema (`common.config.validate`): by `load_config` as part of the
+training config, and by `as_model_config` where a model is built from a config alone.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from common.config import ConfigError, check, validate
 
 # (width, depth, heads) of the encoder. A plain explicit mapping, not a registry: the five
 # published ViT sizes are all the project trains.
@@ -46,58 +48,30 @@ class ModelConfig:
     num_mask_types: int = 2
     uniform_power: bool = True
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> "ModelConfig":
-        """Raise ValueError naming the offending field; return self so calls can be chained."""
-        if self.size not in VIT_SIZES:
-            raise ValueError(f"model.size: unknown size {self.size!r}, expected one of {sorted(VIT_SIZES)}")
+    def validate(self) -> None:
+        check(self.size in VIT_SIZES, "size", f"unknown size {self.size!r}, expected one of {sorted(VIT_SIZES)}")
         for name in ("width", "depth", "heads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"model.{name}: expected 0 (the size's value) or a positive integer, got {value!r}")
+            check(_is_int(value) and value >= 0, name,
+                  f"expected 0 (the size's value) or a positive integer, got {value!r}")
         width, _, heads = self.encoder_shape
-        if width % heads:
-            raise ValueError(f"model.width: encoder width {width} is not divisible by heads={heads}")
-        for name in (
-            "img_size",
-            "num_frames",
-            "patch_size",
-            "tubelet_size",
-            "predictor_width",
-            "predictor_depth",
-            "predictor_heads",
-            "num_mask_types",
-        ):
+        check(width % heads == 0, "width", f"encoder width {width} is not divisible by heads={heads}")
+        for name in ("img_size", "num_frames", "patch_size", "tubelet_size", "predictor_width", "predictor_depth",
+                     "predictor_heads", "num_mask_types"):
             value = getattr(self, name)
             # bool is an int subclass; `predictor_depth: true` in YAML is a typo, not a depth of 1.
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"model.{name}: expected a positive integer, got {value!r}")
-        if not isinstance(self.uniform_power, bool):
-            raise ValueError(f"model.uniform_power: expected a bool, got {self.uniform_power!r}")
-        if self.img_size % self.patch_size:
-            raise ValueError(
-                f"model.img_size: {self.img_size} is not divisible by patch_size={self.patch_size}"
-            )
-        if self.num_frames % self.tubelet_size:
-            raise ValueError(
-                f"model.num_frames: {self.num_frames} is not divisible by tubelet_size={self.tubelet_size}"
-            )
-        if self.predictor_width % self.predictor_heads:
-            raise ValueError(
-                f"model.predictor_width: {self.predictor_width} is not divisible by "
-                f"predictor_heads={self.predictor_heads}"
-            )
+            check(_is_int(value) and value >= 1, name, f"expected a positive integer, got {value!r}")
+        check(isinstance(self.uniform_power, bool), "uniform_power", f"expected a bool, got {self.uniform_power!r}")
+        check(self.img_size % self.patch_size == 0, "img_size",
+              f"{self.img_size} is not divisible by patch_size={self.patch_size}")
+        check(self.num_frames % self.tubelet_size == 0, "num_frames",
+              f"{self.num_frames} is not divisible by tubelet_size={self.tubelet_size}")
+        check(self.predictor_width % self.predictor_heads == 0, "predictor_width",
+              f"{self.predictor_width} is not divisible by predictor_heads={self.predictor_heads}")
         if not self.uniform_power:
             # The non-uniform sin-cos split gives t D/2 and h, w D/4 channels each; all must be even.
-            widths = (("encoder width", self.encoder_width), ("predictor_width", self.predictor_width))
-            for name, dim in widths:
-                if dim % 8:
-                    raise ValueError(
-                        f"model.uniform_power: false needs widths divisible by 8, {name} is {dim}"
-                    )
-        return self
+            for name, dim in (("encoder width", self.encoder_width), ("predictor_width", self.predictor_width)):
+                check(dim % 8 == 0, "uniform_power", f"false needs widths divisible by 8, {name} is {dim}")
 
     @property
     def encoder_shape(self) -> tuple[int, int, int]:
@@ -116,17 +90,23 @@ class ModelConfig:
         return (self.num_frames // self.tubelet_size, side, side)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def as_model_config(cfg: Any) -> ModelConfig:
     """Accept a ModelConfig, a plain dict or an OmegaConf DictConfig; return a validated ModelConfig.
 
-    Unknown keys are errors (a renamed key must not silently fall back to a default).
+    Unknown keys are errors (a renamed key must not silently fall back to a default). Errors name the key as
+    `model.<field>`, as in the training config.
     """
-    if isinstance(cfg, ModelConfig):
-        return cfg.validate()
     if isinstance(cfg, Mapping):
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(str(k) for k in cfg.keys() if k not in known)
         if unknown:
-            raise ValueError(f"model: unknown keys {unknown}, expected a subset of {sorted(known)}")
-        return ModelConfig(**{k: cfg[k] for k in cfg.keys()})
-    raise TypeError(f"expected a ModelConfig, dict or DictConfig, got {type(cfg).__name__}")
+            raise ConfigError(f"unknown keys {unknown}, expected a subset of {sorted(known)}", "model")
+        cfg = ModelConfig(**{k: cfg[k] for k in cfg.keys()})
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"expected a ModelConfig, dict or DictConfig, got {type(cfg).__name__}")
+    validate(cfg, "model.")
+    return cfg

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from common.errors import CheckpointError
 from model.config import ModelConfig, as_model_config
 from model.vit import VisionTransformer
 
@@ -30,10 +31,6 @@ CONFIG_METADATA_KEY = "tubelet.model_config"
 # Prefixes added by DistributedDataParallel and torch.compile. Stripped only when every key carries
 # the same one: a wrapper rename, not a partial match.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or export that cannot be turned into an encoder; the message names the file."""
 
 
 def _strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -23,11 +23,12 @@ from typing import Callable, Deque, List, Optional, Tuple
 import numpy as np
 import torch
 
+from common.device import resolve_device
 from pipeline.config import LoaderConfig
-from pipeline.dataset import IMAGENET_MEAN, IMAGENET_STD, SplitIndex, open_split
+from pipeline.split_index import IMAGENET_MEAN, IMAGENET_STD, SplitIndex, open_split
 from pipeline.masks import sample_masks
 from pipeline.sampling import BatchPlan, ClipRecord, Plan
-from pipeline.storage import ShardStore
+from pipeline.store import ShardStore
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -70,14 +71,6 @@ def masks_for(plan: Plan, bplan: BatchPlan, cfg: LoaderConfig, grid: Optional[Tu
     return sample_masks(plan.mask_rng(bplan), len(bplan.rows), grid, cfg.masks)
 
 
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("data.device=cuda but torch sees no GPU; use data.device=cpu or auto")
-    return name
-
-
 class VideoLoader:
     """Iterate V-JEPA batches for one rank.
 
@@ -91,7 +84,7 @@ class VideoLoader:
         self.cfg, self.grid, self.train = cfg, grid, train
         self.index: SplitIndex = open_split(cfg.root, cfg.split, cfg.verify_hashes)
         self.store = ShardStore(cfg.root, cfg.cache_dir)
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, key="data.device")
         self.dtype = DTYPES[cfg.dtype]
         self.on_batch = on_batch
         self._plan_args = dict(
@@ -122,7 +115,7 @@ class VideoLoader:
         from nvidia.dali import fn, pipeline_def, types
 
         cfg = self.cfg
-        gpu = self.device == "cuda"
+        gpu = self.device.type == "cuda"
         self._feed_plan = Plan(self.index.geometry(), **self._plan_args)
         self._feed_plan.load_state_dict(self._state)
         self._inflight: Deque[tuple] = deque()
@@ -198,7 +191,7 @@ class VideoLoader:
             what = (f" while decoding one of the samples {[self.index.keys[r] for r in rows][:12]} from shards "
                     f"{shards} of {self.cfg.root}")
             raise LoaderError(f"the DALI pipeline failed{what}: {str(e).strip().splitlines()[-1][:300]}. "
-                              "Check the set with `python -m pipeline.verify --hashes "
+                              "Check the set with `python -m shards.verify --hashes "
                               f"{self.cfg.root}` and rebuild bad shards with `make shards`.") from None
         bp, masks, nbytes, feed_s, fed_at = self._inflight.popleft()
         clips = self._to_torch(out)
@@ -219,7 +212,7 @@ class VideoLoader:
         return batch
 
     def _to_torch(self, out) -> torch.Tensor:
-        if self.device == "cuda":
+        if self.device.type == "cuda":
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
             t = out.as_tensor()

@@ -35,6 +35,8 @@ from typing import List, Sequence
 
 import numpy as np
 
+from common.config import check
+
 __all__ = [
     "MaskBlockConfig",
     "DEFAULT_MASKS",
@@ -69,21 +71,17 @@ class MaskBlockConfig:
 
 
 def validate_spec(spec) -> None:
-    """Raises ValueError naming the bad field. Accepts a MaskBlockConfig or an OmegaConf node of one."""
-    if int(spec.num_blocks) != spec.num_blocks or spec.num_blocks < 1:
-        raise ValueError(f"num_blocks must be an integer >= 1, got {spec.num_blocks!r}")
+    """Raises ConfigError naming the bad field. Accepts a MaskBlockConfig or an OmegaConf node of one."""
+    check(int(spec.num_blocks) == spec.num_blocks and spec.num_blocks >= 1, "num_blocks",
+          f"must be an integer >= 1, got {spec.num_blocks!r}")
     for name in ("spatial_scale", "temporal_scale"):
         value = getattr(spec, name)
-        if not (0.0 < float(value) <= 1.0):
-            raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        check(0.0 < float(value) <= 1.0, name, f"must be in (0, 1], got {value!r}")
     ar = list(spec.aspect_ratio)
-    if len(ar) != 2:
-        raise ValueError(f"aspect_ratio must be [min, max], got {ar!r}")
-    lo, hi = float(ar[0]), float(ar[1])
-    if not (lo > 0.0 and math.isfinite(hi)):
-        raise ValueError(f"aspect_ratio values must be positive and finite, got {ar!r}")
-    if lo > hi:
-        raise ValueError(f"aspect_ratio min must be <= max, got {ar!r}")
+    check(len(ar) == 2, "aspect_ratio", f"must be [min, max], got {ar!r}")
+    check(float(ar[0]) > 0.0 and math.isfinite(float(ar[1])), "aspect_ratio",
+          f"values must be positive and finite, got {ar!r}")
+    check(float(ar[0]) <= float(ar[1]), "aspect_ratio", f"min must be <= max, got {ar!r}")
 
 
 def default_masks() -> List[MaskBlockConfig]:

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import LoaderConfig
-from pipeline.dataset import IMAGENET_MEAN, IMAGENET_STD, open_split
+from pipeline.split_index import IMAGENET_MEAN, IMAGENET_STD, open_split
 from pipeline.loader import DTYPES, Batch, masks_for
 from pipeline.sampling import BatchPlan, ClipRecord, Plan
-from pipeline.storage import ShardStore
+from pipeline.store import ShardStore
 
 
 def decode_frames(video: bytes, indices: List[int]) -> np.ndarray:

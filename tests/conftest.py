@@ -22,8 +22,9 @@ def small_shards(tmp_path_factory) -> str:
     train: 12 videos (3 classes x 4), val: 4 videos; 1-2 s at 12 or 15 fps, 64..128 px, mixed codecs and
     containers, listed by `path,label` CSV files; shard.max_samples=5 so train has 3 shards, val 1.
     """
-    from pipeline.config import ShardsConfig, load_config
-    from pipeline.make_shards import run
+    from common.config import load_config
+    from shards.config import ShardsConfig
+    from shards.make_shards import run
 
     root = tmp_path_factory.mktemp("small_shards")
     i = 0

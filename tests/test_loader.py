@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import LoaderConfig, load_config
+from common.config import load_config
+from pipeline.config import LoaderConfig
 from pipeline.loader import LoaderError, VideoLoader
-from pipeline.manifest import ManifestError, read_manifest
+from shards.manifest import ManifestError, read_manifest
 from pipeline.reference import ReferenceLoader
 from pipeline.sampling import Plan, clip_span
 
@@ -66,7 +67,7 @@ def test_crop_window_is_exact(small_shards):
     ref = ReferenceLoader(cfg, grid=GRID)
     plans = [next(ref.plan) for _ in range(2)]
     from pipeline.reference import make_clip
-    from pipeline.storage import ShardStore
+    from pipeline.store import ShardStore
 
     store = ShardStore(small_shards)
     for batch, bp in zip(d, plans):

@@ -80,7 +80,9 @@ def test_config_defaults_and_grid():
 )
 def test_config_rejects_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=field):
-        ModelConfig(**kwargs)
+        as_model_config(ModelConfig(**kwargs))
+    with pytest.raises(ValueError, match=field):
+        VisionTransformer.from_config(ModelConfig(**kwargs))
 
 
 def test_config_omegaconf_structured_roundtrip():
@@ -93,7 +95,7 @@ def test_config_omegaconf_structured_roundtrip():
     with pytest.raises(ValueError, match="unknown keys"):
         as_model_config({"size": "tiny", "widht": 3})
     with pytest.raises(ValueError, match="model.size"):
-        OmegaConf.to_object(OmegaConf.merge(schema, {"size": "giant"}))
+        as_model_config(OmegaConf.merge(schema, {"size": "giant"}))
 
 
 # ---------------------------------------------------------------- parameter counts

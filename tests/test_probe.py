@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model.probe import AttentiveProbe
-from pipeline.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from train.config import TrainConfig
 from train.probe import ProbeConfig, main
 from train.probe import run as run_probe
@@ -85,8 +85,8 @@ def test_probe_config_errors(capsys):
 
 
 def test_proof_sweep_runs_pretraining_supervised_and_probes(tmp_path):
-    """The recipe-search tool (benchmarks/proof_sweep.py): rendered sample, trainer steps, probes, summary."""
-    from benchmarks import proof_sweep
+    """The recipe-search tool (research/proof_sweep.py): rendered sample, trainer steps, probes, summary."""
+    from research import proof_sweep
 
     small = {"sample": {"train_per_class": 2, "val_per_class": 1},
              "train": ["schedule.total_steps=3", "optim.warmup_steps=1", "model.width=48", "model.depth=2",
@@ -113,7 +113,7 @@ def test_proof_sweep_runs_pretraining_supervised_and_probes(tmp_path):
 
 def test_disc_pans_move_the_way_their_label_says():
     """proof_sweep's disc design: the picture moves 45 * label degrees counter-clockwise from "right"."""
-    from benchmarks.proof_sweep import DISC_CLASSES, _render_discs
+    from research.proof_sweep import DISC_CLASSES, _render_discs
 
     for c in range(DISC_CLASSES):
         v = torch.from_numpy(_render_discs({"split": "val", "cls_index": c, "index": 3})).float().mean(-1)
@@ -126,7 +126,7 @@ def test_disc_pans_move_the_way_their_label_says():
 
 
 def test_sweep_clips_follow_the_sampling_record():
-    from benchmarks.proof_sweep import MEAN, STD, cut
+    from research.proof_sweep import MEAN, STD, cut
     from pipeline.sampling import ClipRecord
 
     video = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 8, 12, 3).clone()
@@ -141,7 +141,7 @@ def test_proof_sweep_reports_a_job_that_died_instead_of_waiting_forever():
     import multiprocessing as mp
     from types import SimpleNamespace
 
-    from benchmarks.proof_sweep import _next_result
+    from research.proof_sweep import _next_result
 
     queue = mp.get_context("spawn").Queue()
     running = {("alive", 0): SimpleNamespace(is_alive=lambda: True, exitcode=None),

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import sample
-from pipeline.sample import CLASSES, SPLITS, generate, render_clip
+from shards.synthetic import render as sample
+from shards.synthetic.render import CLASSES, SPLITS, generate, render_clip
 
 av = pytest.importorskip("av")
 

@@ -29,11 +29,12 @@ import pyarrow.parquet as pq
 import pytest
 
 import videos
-from pipeline.config import FilterConfig, ShardsConfig, TranscodeConfig, load_config
-from pipeline.make_shards import Output, ShardsError, main, run, run_jobs
-from pipeline.manifest import ManifestError, read_manifest, read_rejects, verify
-from pipeline.transcode import Job, Reject, Rejected, Sample, process
-from pipeline.wds import parse_index
+from common.config import load_config
+from shards.config import FilterConfig, ShardsConfig, TranscodeConfig
+from shards.make_shards import Output, ShardsError, main, run, run_jobs
+from shards.manifest import ManifestError, read_manifest, read_rejects, verify
+from shards.transcode import Job, Reject, Rejected, Sample, process
+from shards.wds import parse_index
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -428,8 +429,8 @@ def test_h264_fps_keyframes_short_side_and_byte_spill(tmp_path):
 
 def test_byte_limit_counts_the_tar_end_and_padding(tmp_path):
     """Two samples whose members fill max_bytes exactly do not fit: closing the tar adds 1 KiB + padding."""
-    from pipeline.make_shards import Group, GroupWriter
-    from pipeline.sources import Source
+    from shards.make_shards import Group, GroupWriter
+    from shards.sources import Source
 
     cfg = load_config(ShardsConfig, None, [f"output={tmp_path / 'out'}", "shard.max_bytes=65536"])
     n = 3
@@ -562,7 +563,7 @@ def test_resume_after_kill_9(ref, tmp_path):
     args = [f"inputs.train={ref['inputs']['train']}", f"output={out}", "workers=1", "progress=false",
             *ref["overrides"]]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([PY, "-m", "pipeline.make_shards", *args], cwd=REPO, env=env,
+    proc = subprocess.Popen([PY, "-m", "shards.make_shards", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     parts = out / "_parts"
     deadline = time.time() + 60
@@ -703,7 +704,7 @@ def test_class_indices_shifted_by_a_new_class_are_not_reused(tmp_path, capsys):
 
 
 def test_h264_decode_check_falls_back_to_pyav_on_cpu(tmp_path):
-    from pipeline.transcode import cuda_available
+    from shards.transcode import cuda_available
 
     path = videos.write_video(tmp_path / "v.webm", "libvpx-vp9", 64, 48, 12, 12)
     ok = process(Job("k", str(path), None, None, TranscodeConfig(codec="h264"), FilterConfig()))
@@ -714,7 +715,7 @@ def test_h264_decode_check_falls_back_to_pyav_on_cpu(tmp_path):
 
 
 def test_validate_video_counts_and_checks_frames(tmp_path):
-    from pipeline.transcode import validate_video
+    from shards.transcode import validate_video
 
     path = videos.write_video(tmp_path / "v.webm", "libvpx-vp9", 64, 48, 12, 13)
     data = path.read_bytes()

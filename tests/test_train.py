@@ -23,7 +23,7 @@ import torch
 
 from model.vit import VisionTransformer
 from model.vjepa import l1_loss
-from pipeline.config import load_config, to_dict
+from common.config import load_config, to_dict
 from train import checkpoint, dist, schedules
 from train.config import TrainConfig
 from train.trainer import NonFiniteError, Student, main, run

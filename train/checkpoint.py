@@ -28,14 +28,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from pipeline.manifest import fsync_dir
+from common.errors import CheckpointError
+from shards.manifest import fsync_dir
 
 NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 TMP_SUFFIX = ".tmp"
-
-
-class CheckpointError(RuntimeError):
-    """Checkpoints exist but none can be loaded; the message lists each file and why."""
 
 
 def path_for(folder: str | Path, step: int) -> Path:

@@ -1,4 +1,4 @@
-"""The trainer's typed config tree: one dataclass schema per component, loaded with `pipeline.config.load_config`.
+"""The trainer's typed config tree: one dataclass schema per component, loaded with `common.config.load_config`.
 
     cfg = load_config(TrainConfig, "configs/train/cpu.yaml", ["optim.lr=3e-4", "data.batch_size=4"])
 
@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import List
 
 from model.config import ModelConfig
-from pipeline.config import ConfigError, LoaderConfig, _check
+from common.config import check
+from pipeline.config import LoaderConfig
 from train.metrics import MetricsConfig
 
 
@@ -34,17 +35,17 @@ class OptimConfig:
     ema_end: float = 1.0
 
     def validate(self) -> None:
-        _check(self.lr > 0 and self.start_lr >= 0 and self.final_lr >= 0, "optim.lr",
-               "lr must be > 0, start_lr and final_lr >= 0")
-        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        _check(self.weight_decay >= 0 and self.final_weight_decay >= 0, "optim.weight_decay",
-               "weight_decay and final_weight_decay must be >= 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
-               f"must be two values in [0, 1), got {list(self.betas)}")
-        _check(self.eps > 0, "optim.eps", "must be > 0")
-        _check(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 = off)")
-        _check(0 <= self.ema_start <= self.ema_end <= 1, "optim.ema_start",
-               f"need 0 <= ema_start <= ema_end <= 1, got {self.ema_start} -> {self.ema_end}")
+        check(self.lr > 0 and self.start_lr >= 0 and self.final_lr >= 0, "lr",
+              "lr must be > 0, start_lr and final_lr >= 0")
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(self.weight_decay >= 0 and self.final_weight_decay >= 0, "weight_decay",
+              "weight_decay and final_weight_decay must be >= 0")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+              f"must be two values in [0, 1), got {list(self.betas)}")
+        check(self.eps > 0, "eps", "must be > 0")
+        check(self.clip_grad >= 0, "clip_grad", "must be >= 0 (0 = off)")
+        check(0 <= self.ema_start <= self.ema_end <= 1, "ema_start",
+              f"need 0 <= ema_start <= ema_end <= 1, got {self.ema_start} -> {self.ema_end}")
 
 
 @dataclass
@@ -66,10 +67,10 @@ class ScheduleConfig:
         return self.stop_at or self.total_steps
 
     def validate(self) -> None:
-        _check(self.total_steps >= 1, "schedule.total_steps", "must be >= 1")
-        _check(self.horizon_scale >= 1, "schedule.horizon_scale", "must be >= 1 (the horizon covers the run)")
-        _check(0 <= self.stop_at <= self.total_steps, "schedule.stop_at",
-               f"must be 0 (= total_steps) or in [1, {self.total_steps}]")
+        check(self.total_steps >= 1, "total_steps", "must be >= 1")
+        check(self.horizon_scale >= 1, "horizon_scale", "must be >= 1 (the horizon covers the run)")
+        check(0 <= self.stop_at <= self.total_steps, "stop_at",
+              f"must be 0 (= total_steps) or in [1, {self.total_steps}]")
 
 
 @dataclass
@@ -79,9 +80,9 @@ class CheckpointConfig:
     dir: str = "checkpoints"  # inside run_dir (an absolute path is used as is)
 
     def validate(self) -> None:
-        _check(self.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
-        _check(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0 (0 = keep all)")
-        _check(bool(self.dir), "checkpoint.dir", "must name a folder")
+        check(self.every_steps >= 1, "every_steps", "must be >= 1")
+        check(self.keep_last >= 0, "keep_last", "must be >= 0 (0 = keep all)")
+        check(bool(self.dir), "dir", "must name a folder")
 
 
 @dataclass
@@ -102,29 +103,20 @@ class TrainConfig:
     dist_timeout_s: int = 600  # collectives that wait longer fail (a dead or stuck peer)
 
     def validate(self) -> None:
-        for sub in (self.data, self.optim, self.schedule, self.checkpoint):
-            sub.validate()
-        try:
-            self.model.validate()
-            self.metrics.validate()
-        except ConfigError:
-            raise
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
         m, d = self.model, self.data
-        _check(d.num_frames == m.num_frames, "data.num_frames",
-               f"{d.num_frames} != model.num_frames {m.num_frames}: the clips must have the model's frame count")
-        _check(d.crop_size == m.img_size, "data.crop_size",
-               f"{d.crop_size} != model.img_size {m.img_size}: the clips must have the model's image size")
-        _check(1 <= len(d.masks) <= m.num_mask_types, "data.masks",
-               f"{len(d.masks)} mask types, the predictor has model.num_mask_types={m.num_mask_types}")
-        _check(self.optim.warmup_steps < self.schedule.total_steps, "optim.warmup_steps",
-               f"{self.optim.warmup_steps} must be < schedule.total_steps {self.schedule.total_steps}")
-        _check(self.nonfinite in ("stop", "skip"), "nonfinite", f"must be stop or skip, got {self.nonfinite!r}")
-        _check(self.amp in ("auto", "bf16", "off"), "amp", f"must be auto, bf16 or off, got {self.amp!r}")
-        _check(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
-        _check(not (self.device == "cpu" and d.device == "cuda"), "data.device",
-               "cuda with device=cpu: the clips must be on the training device")
-        _check(self.log_every >= 1, "log_every", "must be >= 1")
-        _check(bool(self.run_dir), "run_dir", "must name a folder")
-        _check(self.dist_timeout_s >= 1, "dist_timeout_s", "must be >= 1")
+        check(d.num_frames == m.num_frames, "data.num_frames",
+              f"{d.num_frames} != model.num_frames {m.num_frames}: the clips must have the model's frame count")
+        check(d.crop_size == m.img_size, "data.crop_size",
+              f"{d.crop_size} != model.img_size {m.img_size}: the clips must have the model's image size")
+        check(1 <= len(d.masks) <= m.num_mask_types, "data.masks",
+              f"{len(d.masks)} mask types, the predictor has model.num_mask_types={m.num_mask_types}")
+        check(self.optim.warmup_steps < self.schedule.total_steps, "optim.warmup_steps",
+              f"{self.optim.warmup_steps} must be < schedule.total_steps {self.schedule.total_steps}")
+        check(self.nonfinite in ("stop", "skip"), "nonfinite", f"must be stop or skip, got {self.nonfinite!r}")
+        check(self.amp in ("auto", "bf16", "off"), "amp", f"must be auto, bf16 or off, got {self.amp!r}")
+        check(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
+        check(not (self.device == "cpu" and d.device == "cuda"), "data.device",
+              "cuda with device=cpu: the clips must be on the training device")
+        check(self.log_every >= 1, "log_every", "must be >= 1")
+        check(bool(self.run_dir), "run_dir", "must name a folder")
+        check(self.dist_timeout_s >= 1, "dist_timeout_s", "must be >= 1")

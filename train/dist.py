@@ -16,6 +16,8 @@ from typing import Iterable, Tuple
 import torch
 import torch.distributed as dist
 
+from common.device import resolve_device
+
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -38,19 +40,6 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.backend != "none"
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise DistError("device=cuda but torch sees no GPU; use device=cpu or auto")
-        if local_rank >= torch.cuda.device_count():
-            raise DistError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPUs: "
-                            "--nproc-per-node must not exceed the GPUs per node")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def init(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from common.config import check
 from pipeline.loader import LoaderStats
 
 
@@ -21,10 +22,8 @@ class MetricsConfig:
     nvml_interval: float = 2.0  # seconds between NVML samples
 
     def validate(self) -> None:
-        if not 0 <= self.base_port <= 65535 - 64:
-            raise ValueError("metrics.base_port: must be a TCP port (0..65471)")
-        if self.nvml_interval <= 0:
-            raise ValueError("metrics.nvml_interval: must be > 0")
+        check(0 <= self.base_port <= 65535 - 64, "base_port", "must be a TCP port (0..65471)")
+        check(self.nvml_interval > 0, "nvml_interval", "must be > 0")
 
 
 @dataclass

@@ -36,7 +36,8 @@ from model.config import as_model_config
 from model.features import CheckpointError, load_encoder
 from model.probe import AttentiveProbe
 from model.vit import VisionTransformer
-from pipeline.config import ConfigError, LoaderConfig, load_config, to_dict
+from common.config import ConfigError, check, load_config, to_dict
+from pipeline.config import LoaderConfig
 from pipeline.loader import VideoLoader
 from train import dist
 from train.checkpoint import save_atomic
@@ -63,13 +64,11 @@ class ProbeConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        if not self.checkpoint:
-            raise ConfigError("checkpoint: name a training checkpoint (e.g. runs/train/checkpoints/ckpt-00000300.pt)")
-        self.data.validate()
-        for key, ok in (("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
-                        ("cached_passes", self.cached_passes >= 1), ("heads", self.heads >= 0)):
-            if not ok:
-                raise ConfigError(f"{key}: must be positive")
+        check(bool(self.checkpoint), "checkpoint",
+              "name a training checkpoint (e.g. runs/train/checkpoints/ckpt-00000300.pt)")
+        for key in ("epochs", "batch_size", "lr", "cached_passes"):
+            check(getattr(self, key) > 0, key, "must be positive")
+        check(self.heads >= 0, "heads", "must be >= 0 (0 = the encoder's)")
 
 
 def build_encoder(cfg: ProbeConfig, device: torch.device) -> Tuple[VisionTransformer, dict]:

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model.vjepa import VJEPA, l1_loss
-from pipeline.config import load_config, to_dict, to_yaml
+from common.config import load_config, to_dict, to_yaml
 from pipeline.loader import Batch, VideoLoader
 from train import checkpoint, dist, schedules
 from train.config import TrainConfig

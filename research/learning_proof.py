@@ -1,8 +1,8 @@
 """`make proof`: does tubelet's V-JEPA pretraining learn? Pretrain on the built-in sample, probe, compare.
 
-    python -m benchmarks.learning_proof [--seeds 0 1 2] [--out runs/proof] [train key=value ...]
+    python -m research.learning_proof [--seeds 0 1 2] [--out runs/proof] [train key=value ...]
 
-For each seed: pretrain the CPU default (configs/train/cpu.yaml) on shards/sample, train a frozen attentive
+For each seed: pretrain the CPU default (configs/train/cpu.yaml) on data/shards/sample, train a frozen attentive
 probe on its target encoder (configs/probe/cpu.yaml), and train the same probe on the same architecture
 with random weights. The sample's labels are kinds of motion, so a single frame carries no label: features
 must encode motion to score above chance. Writes <out>/proof.json and proof.png, and per seed the run
@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from pipeline.config import load_config
+from common.config import load_config
 from train import checkpoint
 from train.config import TrainConfig
 from train.plots import plot_proof

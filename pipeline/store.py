@@ -11,7 +11,7 @@ from typing import Optional
 
 import fsspec
 
-from pipeline.manifest import ManifestError
+from shards.manifest import ManifestError
 
 
 def default_cache_dir() -> str:

@@ -1,10 +1,10 @@
 """Recipe search for the learning proof (`make proof`), fast, on a GPU host.
 
-    python -m benchmarks.proof_sweep --out DIR [--variants a b ...] [--seeds 0 1 2] [--workers 12] [--budget 420]
+    python -m research.proof_sweep --out DIR [--variants a b ...] [--seeds 0 1 2] [--workers 12] [--budget 420]
 
 The learning proof must run on 2 CPU cores in minutes, so its recipe (model shape, steps, EMA, sample design,
 probe) cannot be searched there. This runs the same proof for many recipes at once: the built-in sample's
-videos are rendered by `pipeline.sample` (the same scenes, plan and labels, at a reduced resolution, without
+videos are rendered by `shards.synthetic.render` (the same scenes, plan and labels, at a reduced resolution, without
 the codec), clips are cut with `pipeline.sampling`'s records (window, random resized crop, flip; evaluation
 views) and resized on the device, masks come from `pipeline.masks`, every update is `train.trainer.train_step`
 with the trainer's own config tree, and the frozen-probe epochs and scores are `train.probe`'s. What differs
@@ -134,7 +134,7 @@ def _bounce(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 def _render_camera(task: dict) -> np.ndarray:
     """The sample's five classes as whole-frame camera motions (pan across, pan up/down, roll, zoom, still)
     over periodic smooth colour noise with one shared palette, 96x96, with the task's frame count and rate."""
-    from pipeline import sample as S
+    from shards.synthetic import render as S
 
     rng = np.random.default_rng([S.SPLITS.index(task["split"]), task["cls_index"], task["index"], 99])
     n, c = task["num_frames"], task["cls_index"]
@@ -167,7 +167,7 @@ DISC_CLASSES = 8  # pan directions, 45 degrees apart, counter-clockwise from "ri
 def _render_discs(task: dict) -> np.ndarray:
     """A pan over a periodic field of bright discs on a faint dark texture, 96x96, 40 frames: the picture moves
     1-1.5 px per frame in direction 45 * cls_index degrees. A frame alone carries no label."""
-    from pipeline import sample as S
+    from shards.synthetic import render as S
 
     rng = np.random.default_rng([S.SPLITS.index(task["split"]), task["cls_index"], task["index"], 7])
     n, size, period = 40, 96, 256
@@ -196,7 +196,7 @@ def _render_discs(task: dict) -> np.ndarray:
 
 
 def _render(task: dict, design: dict) -> np.ndarray:
-    from pipeline import sample as S
+    from shards.synthetic import render as S
 
     if design["motion"] == "camera":
         return _render_camera(task)
@@ -217,7 +217,7 @@ def _render_star(args):
 
 def render_design(sample: dict, cache: Path, workers: int) -> Path:
     """Render every video of a sample design once (train and val): {split: (list of uint8 [F, H, W, 3], labels)}."""
-    from pipeline import sample as S
+    from shards.synthetic import render as S
 
     path = cache / f"{_design_key(sample)}.pt"
     if path.exists():
@@ -335,7 +335,7 @@ def probe_score(encoder, data, tcfg, pcfg, device, head=None) -> tuple:
 def run_job(job: dict) -> dict:
     from model.probe import AttentiveProbe
     from model.vit import VisionTransformer
-    from pipeline.config import load_config
+    from common.config import load_config
     from pipeline.masks import sample_masks
     from pipeline.sampling import epoch_order
     from train import dist, trainer

@@ -140,7 +140,7 @@ def read_rejects(root: str) -> pa.Table:
 
 def verify(manifest: Manifest, check_hashes: bool = False) -> None:
     """Refuse a shard set whose files do not match the manifest, naming the shard and what is wrong."""
-    from pipeline.wds import parse_index, sha256_file
+    from shards.wds import parse_index, sha256_file
 
     fs, root = fsspec.core.url_to_fs(manifest.root)
     by_shard: Dict[str, int] = {}

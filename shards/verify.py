@@ -1,11 +1,11 @@
-"""Check a shard set against its manifest: `python -m pipeline.verify [--hashes] ROOT`."""
+"""Check a shard set against its manifest: `python -m shards.verify [--hashes] ROOT`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from pipeline.manifest import ManifestError, read_manifest, verify
+from shards.manifest import ManifestError, read_manifest, verify
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,7 @@ import av
 import fsspec
 import numpy as np
 
-from pipeline.config import FilterConfig, TranscodeConfig
+from shards.config import FilterConfig, TranscodeConfig
 
 # The rejection reasons, a bounded set (they label metrics and fill the rejects table).
 REASONS = (

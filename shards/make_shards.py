@@ -1,6 +1,6 @@
 """`make shards`: raw videos -> validated WebDataset shards + DALI indexes + a parquet manifest.
 
-    python -m pipeline.make_shards [--config configs/shards.yaml] [key=value ...]
+    python -m shards.make_shards [--config configs/shards.yaml] [key=value ...]
 
 Work is cut into *groups*: each split's inputs, in listing order, in runs of `shard.max_samples`. Group g
 of split s becomes shard `s-{g:06d}.tar` (spilling into `s-{g:06d}-{p}.tar` past `shard.max_bytes`), and
@@ -36,11 +36,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import fsspec
 
-from pipeline.config import ConfigError, ShardsConfig, load_config, to_dict
-from pipeline.manifest import MANIFEST, fsync_dir, write_manifest
-from pipeline.sources import InputError, Source, check_unique_keys, label_map, list_split
-from pipeline.transcode import Job, Reject, Sample, meta_json, nframes_bytes, process
-from pipeline.wds import ShardWriter, format_index, sha256_file
+from common.config import ConfigError, load_config, to_dict
+from shards.config import ShardsConfig
+from shards.manifest import MANIFEST, fsync_dir, write_manifest
+from shards.sources import InputError, Source, check_unique_keys, label_map, list_split
+from shards.transcode import Job, Reject, Sample, meta_json, nframes_bytes, process
+from shards.wds import ShardWriter, format_index, sha256_file
 
 PARTS = "_parts"
 
@@ -458,7 +459,7 @@ def _print_summary(url: str, s: dict, speed: dict) -> None:
 
 
 def _metrics(port: int):
-    from pipeline.progress_metrics import ShardsMetrics
+    from shards.metrics import ShardsMetrics
 
     return ShardsMetrics(port)
 
@@ -471,7 +472,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = load_config(ShardsConfig, args.config, args.overrides)
         if not cfg.inputs:
-            from pipeline.sample import generate
+            from shards.synthetic.render import generate
 
             root = generate(cfg.sample_dir)
             cfg = dataclasses.replace(cfg, inputs={"train": str(root / "train.csv"), "val": str(root / "val.csv")})

@@ -7,8 +7,8 @@ from typing import List, Tuple
 
 import numpy as np
 
-from pipeline.manifest import Manifest, read_manifest, verify
-from pipeline.storage import ShardStore
+from shards.manifest import Manifest, read_manifest, verify
+from pipeline.store import ShardStore
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -34,7 +34,7 @@ the same FFmpeg/encoder builds (PyAV wheel); ``SAMPLE.json`` records them.
 
 CLI::
 
-    python -m pipeline.sample --out data/sample [--seed 0] \
+    python -m shards.synthetic.render --out data/sample [--seed 0] \
         [--train-per-class 40] [--val-per-class 12] [--workers N]
 """
 
@@ -718,7 +718,7 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.sample", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m shards.synthetic.render", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output folder (e.g. data/sample)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-per-class", type=int, default=40)

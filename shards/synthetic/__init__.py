@@ -1,0 +1,1 @@
+"""The built-in sample: synthetic labelled motion videos (`render`: the scenes; `generate`: the dataset)."""
