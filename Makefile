@@ -34,7 +34,7 @@ prometheus-tool:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 sample: setup
-	$(PY) -m shards.synthetic.render --out data/sample
+	$(PY) -m shards.synthetic.generate out=data/sample $(ARGS)
 
 # No ARGS: shards the built-in sample (generated if absent) into data/shards/sample/.
 shards: setup

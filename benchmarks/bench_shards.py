@@ -1,22 +1,21 @@
 """Benchmark of `make shards`: tubelet's transcode against the `ffmpeg` CLI, and worker scaling.
 
-    python -m benchmarks.bench_shards [--videos 8 --seconds 6 --size 640x360 --fps 30 --codec vp9
-                                       --workers 1,N --cache data/bench --results data/bench/results.json]
+    python -m benchmarks.bench_shards [videos=8 seconds=6 size=640x360 fps=30 codec=vp9 workers=[1,N]
+                                       cache=data/bench results=data/bench/results.json]
 
-1. Inputs: `--videos` H.264 mp4 files of `--seconds` s at `--size`, `--fps`, with moving textured content
-   (a panning textured background and moving objects), written once with PyAV into `--cache`.
+1. Inputs: `videos` H.264 mp4 files of `seconds` s at `size`, `fps`, with moving textured content
+   (a panning textured background and moving objects), written once with PyAV into `cache`.
 2. (a) tubelet: `shards.transcode.process` over the inputs in this process, one at a time (read, decode,
    resize, encode, decode-back validation); CPU = time.process_time(). `validate_video` is timed apart.
    (b) ffmpeg: the same transcode with the `ffmpeg` CLI, one process per video, the same libvpx-vp9 (or
    libx264) settings as `shards.transcode._encoder`, one decoder and one encoder thread, bicubic scale
    to the same size; CPU = getrusage(RUSAGE_CHILDREN).
-   (c) `make_shards.run` end to end for each worker count in `--workers`.
-3. Prints a markdown table and writes JSON to `--results`.
+   (c) `shards.build.run` end to end for each worker count in `workers`.
+3. Prints a markdown table and writes JSON to `results`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -25,13 +24,17 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List, Optional, Sequence
 
 import av
 import numpy as np
 
+from common.cli import main_for
+from common.config import check, load_config
+from common.files import atomic_path
 from shards import transcode as tc
-from common.config import load_config
 from shards.config import FilterConfig, ShardsConfig, TranscodeConfig
 
 GENERATOR_VERSION = 1
@@ -61,8 +64,7 @@ def write_input(path: Path, seconds: float, w: int, h: int, fps: int, seed: int)
     tex = _texture(h + 64, w + pan * n + 64, rng)
     objs = [(rng.integers(20, 80), rng.uniform(-6, 6), rng.uniform(-4, 4), _texture(96, 96, rng))
             for _ in range(3)]
-    tmp = path.with_suffix(".tmp.mp4")
-    with av.open(str(tmp), "w", format="mp4") as out:
+    with atomic_path(path) as tmp, av.open(tmp, "w", format="mp4") as out:
         st = out.add_stream("libx264", rate=fps)
         st.width, st.height, st.pix_fmt = w, h, "yuv420p"
         st.options = {"preset": "veryfast", "crf": "20"}
@@ -76,7 +78,6 @@ def write_input(path: Path, seconds: float, w: int, h: int, fps: int, seed: int)
                 out.mux(pkt)
         for pkt in st.encode():
             out.mux(pkt)
-    os.replace(tmp, path)
 
 
 def make_inputs(cache: Path, count: int, seconds: float, w: int, h: int, fps: int) -> list:
@@ -190,7 +191,7 @@ probe_cache: dict = {}
 
 
 def bench_make_shards(paths: list, cfg: TranscodeConfig, workers: int, workdir: Path) -> dict:
-    from shards.make_shards import run
+    from shards.build import run
     import contextlib
     import io
 
@@ -215,20 +216,29 @@ def bench_make_shards(paths: list, cfg: TranscodeConfig, workers: int, workdir: 
 # ----------------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--videos", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=6.0)
-    ap.add_argument("--size", default="640x360")
-    ap.add_argument("--fps", type=int, default=30)
-    ap.add_argument("--codec", default="vp9", choices=["vp9", "h264"])
-    ap.add_argument("--workers", default=f"1,{os.cpu_count() or 1}", help="comma-separated worker counts for (c)")
-    ap.add_argument("--cache", default="data/bench")
-    ap.add_argument("--results", default="data/bench/results.json")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per video for (a) and (b); the fastest counts")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: tubelet, ffmpeg, scaling")
-    a = ap.parse_args(argv)
-    skip = set(filter(None, a.skip.split(",")))
+@dataclass
+class BenchShardsConfig:
+    videos: int = 8  # input videos (H.264 mp4, moving textured content), written once into `cache`
+    seconds: float = 6.0  # length of each input
+    size: str = "640x360"  # WxH of the inputs
+    fps: int = 30
+    codec: str = "vp9"  # the transcode's output codec: vp9 | h264
+    workers: List[int] = field(default_factory=lambda: [1, os.cpu_count() or 1])  # worker counts for (c)
+    cache: str = "data/bench"
+    results: str = "data/bench/results.json"
+    repeat: int = 3  # runs per video for (a) and (b); the fastest counts
+    skip: List[str] = field(default_factory=list)  # parts to skip: tubelet, ffmpeg, scaling
+
+    def validate(self) -> None:
+        check(self.videos >= 1 and self.seconds > 0 and self.fps >= 1, "videos", "videos, seconds, fps must be > 0")
+        check(len(self.size.lower().split("x")) == 2, "size", f"must be WxH, got {self.size!r}")
+        check(self.codec in ("vp9", "h264"), "codec", "must be vp9 or h264")
+        check(all(w >= 1 for w in self.workers), "workers", "worker counts must be >= 1")
+        check(set(self.skip) <= {"tubelet", "ffmpeg", "scaling"}, "skip", "parts are tubelet, ffmpeg, scaling")
+
+
+def bench(a: BenchShardsConfig) -> None:
+    skip = set(a.skip)
     w, h = map(int, a.size.lower().split("x"))
     cache = Path(a.cache)
     paths = make_inputs(cache, a.videos, a.seconds, w, h, a.fps)
@@ -246,75 +256,16 @@ def main(argv=None) -> int:
            "repeat": a.repeat}
     res.update(bench_transcode(paths, cfg, work / "ffmpeg", a.repeat, {"tubelet", "ffmpeg"} - skip))
     if "scaling" not in skip:
-        res["scaling"] = [bench_make_shards(paths, cfg, int(n), work) for n in a.workers.split(",")]
+        res["scaling"] = [bench_make_shards(paths, cfg, n, work) for n in a.workers]
     shutil.rmtree(work, ignore_errors=True)
     _derive(res, src_seconds, len(paths))
     print(_table(res))
     Path(a.results).parent.mkdir(parents=True, exist_ok=True)
     Path(a.results).write_text(json.dumps(res, indent=2))
     print(f"\nresults: {a.results}")
-    return 0
 
 
-def _ffmpeg_version() -> str:
-    try:
-        return subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True).stdout.split("\n")[0]
-    except OSError:
-        return "not installed"
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return main_for(BenchShardsConfig, bench, argv, prog="python -m benchmarks.bench_shards", doc=__doc__)
 
 
-def _derive(res: dict, src_seconds: float, n: int) -> None:
-    for k in ("tubelet", "ffmpeg"):
-        r = res.get(k)
-        if r:
-            r["src_s_per_cpu_s"] = src_seconds / r["cpu_s"]
-            r["videos_per_s"] = n / r["wall_s"]
-    t = res.get("tubelet")
-    if t:
-        t["transcode_cpu_s"] = t["cpu_s"] - t["validate_cpu_s"]
-        t["transcode_src_s_per_cpu_s"] = src_seconds / t["transcode_cpu_s"]
-    if t and res.get("ffmpeg"):
-        f = res["ffmpeg"]
-        res["ratio_tubelet_over_ffmpeg"] = {
-            "speed_total": t["src_s_per_cpu_s"] / f["src_s_per_cpu_s"],  # > 1: tubelet faster
-            "speed_transcode_only": t["transcode_src_s_per_cpu_s"] / f["src_s_per_cpu_s"],
-            "output_bytes": t["out_bytes"] / f["out_bytes"],
-        }
-    sc = res.get("scaling")
-    if sc:
-        base = sc[0]["videos_per_s"]
-        for r in sc:
-            r["speedup"] = r["videos_per_s"] / base
-
-
-def _table(res: dict) -> str:
-    inp = res["inputs"]
-    lines = [f"inputs: {inp['videos']} x {inp['seconds_each']:g} s {inp['size']} {inp['fps']} fps H.264 "
-             f"({inp['source_seconds']:.1f} source-seconds); output {res['transcode']}; {res['machine']['cpus']} CPUs",
-             "", "| what | CPU s | wall s | source-s per CPU-s | videos/s | output bytes |", "|---|---|---|---|---|---|"]
-    t, f = res.get("tubelet"), res.get("ffmpeg")
-    if t:
-        lines.append(f"| tubelet `process` (transcode + validation), 1 process | {t['cpu_s']:.2f} | {t['wall_s']:.2f} | "
-                     f"{t['src_s_per_cpu_s']:.2f} | {t['videos_per_s']:.2f} | {t['out_bytes']:,} |")
-        lines.append(f"| &nbsp; of which `validate_video` (decode-back) | {t['validate_cpu_s']:.2f} | "
-                     f"{t['validate_wall_s']:.2f} | | | |")
-        lines.append(f"| &nbsp; tubelet transcode only | {t['transcode_cpu_s']:.2f} | | "
-                     f"{t['transcode_src_s_per_cpu_s']:.2f} | | |")
-    if f:
-        lines.append(f"| ffmpeg CLI, same settings, 1 thread | {f['cpu_s']:.2f} | {f['wall_s']:.2f} | "
-                     f"{f['src_s_per_cpu_s']:.2f} | {f['videos_per_s']:.2f} | {f['out_bytes']:,} |")
-    r = res.get("ratio_tubelet_over_ffmpeg")
-    if r:
-        lines += ["", f"tubelet/ffmpeg speed (source-s per CPU-s): {r['speed_total']:.3f} with validation, "
-                      f"{r['speed_transcode_only']:.3f} transcode only; output bytes ratio {r['output_bytes']:.3f}"]
-    if res.get("scaling"):
-        lines += ["", "| make_shards.run workers | wall s | videos/s | speedup | CPU s of workers (rusage) | "
-                      "CPU s in `process` (summary) |", "|---|---|---|---|---|---|"]
-        for s in res["scaling"]:
-            lines.append(f"| {s['workers']} | {s['wall_s']:.2f} | {s['videos_per_s']:.2f} | {s['speedup']:.2f} | "
-                         f"{s['children_cpu_s']:.2f} | {s['worker_cpu_s']:.2f} |")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

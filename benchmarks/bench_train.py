@@ -1,10 +1,9 @@
 """`make bench-train`: the training step on synthetic clips + masks (no loader), with model FLOPs utilisation.
 
-    python -m benchmarks.bench_train [--size base] [--batch 8] [--steps 20] [--warmup 3] [--img 224]
-                                     [--frames 16] [--amp auto|bf16|off] [--config YAML] [--out FILE]
-                                     [key=value TrainConfig overrides ...]
+    python -m benchmarks.bench_train [size=base] [batch=8] [steps=20] [warmup=3] [img=224] [frames=16]
+                                     [amp=auto|bf16|off] [train_config=YAML] [train=[key=value,...]] [out=FILE]
 
-Times `train.trainer.train_step` (forward, backward, clipping, AdamW, EMA, the NaN guard's sync) exactly as the
+Times `train.step.train_step` (forward, backward, clipping, AdamW, EMA, the NaN guard's sync) exactly as the
 trainer runs it, on random clips and masks drawn with the configured mask types. MFU = model FLOPs per second /
 the matrix-multiply rate measured on this device in the same run (CPU: fp32 matmul; GPU: bf16 matmul), so it
 says how much of what this device can actually do the step uses.
@@ -18,22 +17,24 @@ no gradient). Norms, activations and the optimizer are not counted (the usual MF
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
 import time
+from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from common.cli import main_for
+from common.config import check, load_config
 from model.config import VIT_SIZES, ModelConfig
-from common.config import load_config
 from pipeline.masks import sample_masks
-from train import dist, trainer
+from train import dist
 from train.config import TrainConfig
+from train.step import build, train_step
 
 
 def vit_forward_flops(tokens: int, width: int, depth: int) -> float:
@@ -82,19 +83,27 @@ def matmul_rate(device: torch.device, seconds: float = 2.0) -> Tuple[float, str]
     return 2.0 * n**3 * reps / (time.perf_counter() - t0), f"{str(dtype).split('.')[-1]} {n}x{n}x{n}"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="TrainConfig YAML (default: the schema defaults)")
-    ap.add_argument("--size", default=None, choices=sorted(VIT_SIZES))
-    ap.add_argument("--batch", type=int, default=None, help="clips per step")
-    ap.add_argument("--img", type=int, default=None, help="image size (model.img_size = data.crop_size)")
-    ap.add_argument("--frames", type=int, default=None, help="frames per clip")
-    ap.add_argument("--amp", default=None, choices=["auto", "bf16", "off"])
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--out", default="", help="write the results as JSON here")
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
+@dataclass
+class BenchTrainConfig:
+    train_config: str = ""  # a TrainConfig YAML (e.g. configs/train/vitl16.yaml); "" = the schema defaults
+    train: List[str] = field(default_factory=list)  # further TrainConfig key=value overrides, e.g. [optim.lr=1e-3]
+    size: str = ""  # shortcuts over the train config ("" / 0 = keep): model.size
+    batch: int = 0  # data.batch_size (clips per step)
+    img: int = 0  # model.img_size = data.crop_size
+    frames: int = 0  # model.num_frames = data.num_frames
+    amp: str = ""  # auto | bf16 | off
+    steps: int = 20  # timed steps
+    warmup: int = 3  # untimed steps before them
+    out: str = ""  # also write the results as JSON here
+
+    def validate(self) -> None:
+        check(self.size in ("", *VIT_SIZES), "size", f"must be one of {sorted(VIT_SIZES)}")
+        check(self.amp in ("", "auto", "bf16", "off"), "amp", "must be auto, bf16 or off")
+        check(self.steps >= 1 and self.warmup >= 0, "steps", "steps >= 1 and warmup >= 0")
+
+
+def train_config(args: BenchTrainConfig) -> TrainConfig:
+    """The benchmarked TrainConfig: the file, the shortcuts, the overrides; metrics off."""
     extra = []
     if args.size:
         extra.append(f"model.size={args.size}")
@@ -106,11 +115,14 @@ def main(argv=None) -> int:
         extra += [f"model.num_frames={args.frames}", f"data.num_frames={args.frames}"]
     if args.amp:
         extra.append(f"amp={args.amp}")
-    cfg = load_config(TrainConfig, args.config, [*args.overrides, *extra, "metrics.enabled=false"])
+    return load_config(TrainConfig, args.train_config or None, [*extra, *args.train, "metrics.enabled=false"])
 
+
+def bench(args: BenchTrainConfig) -> None:
+    cfg = train_config(args)
     env = dist.init(cfg.device)
     try:
-        parts = trainer.build(cfg, env)
+        parts = build(cfg, env)
         B, grid = cfg.data.batch_size, cfg.model.grid
         rng = np.random.default_rng(0)
         clips = torch.randn(B, 3, cfg.model.num_frames, cfg.model.img_size, cfg.model.img_size, device=env.device)
@@ -121,7 +133,7 @@ def main(argv=None) -> int:
         flops = 0.0
         for i, b in enumerate(batches):
             t0 = time.perf_counter()
-            trainer.train_step(parts, b, i + 1)  # ends in a host sync (the NaN guard's .tolist())
+            train_step(parts, b, i + 1)  # ends in a host sync (the NaN guard's .tolist())
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
                 flops += step_flops(cfg.model, B, [(c.shape[1], t.shape[1]) for c, t in b.masks])["total"]
@@ -168,7 +180,10 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
         print(f"wrote {args.out}")
-    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return main_for(BenchTrainConfig, bench, argv, prog="python -m benchmarks.bench_train", doc=__doc__)
 
 
 if __name__ == "__main__":

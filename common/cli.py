@@ -19,6 +19,7 @@ import sys
 import typing
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Type
 
+import yaml
 from omegaconf import OmegaConf
 
 from common.config import ConfigError, load_config, merged, to_yaml
@@ -62,7 +63,7 @@ def main_for(schema: Type, run: Callable[[Any], Any], argv: Optional[Sequence[st
     if show:
         print(to_yaml(cfg), end="")
         return 0
-    expected = dict(errors)
+    expected = {ConfigError: 2, **dict(errors)}
     try:
         run(cfg)
     except tuple(expected) as e:
@@ -81,7 +82,7 @@ def help_text(schema: Type, prog: str, doc: str = "", path: Optional[str] = None
     """Usage, the entry point's description, and every key with its value and the schema's comment."""
     values = OmegaConf.to_container(merged(schema, path), resolve=True)
     rows = list(_rows(schema, values, ""))
-    width = min(max((len(f"{k} = {v}") for k, v, _ in rows), default=0), 60)
+    width = min(max((len(f"{k} = {v}") for k, v, _ in rows), default=0), 40)
     lines = [f"usage: {prog} [--config FILE.yaml] [--print-config] [key=value ...]", ""]
     if doc:
         lines += [doc.strip(), ""]
@@ -89,7 +90,7 @@ def help_text(schema: Type, prog: str, doc: str = "", path: Optional[str] = None
                  "lists as key=[a,b], list items as key.0.field=value):")
     for key, value, comment in rows:
         entry = f"{key} = {value}"
-        lines.append(f"  {entry:<{width}}" + (f"  # {comment}" if comment else ""))
+        lines.append(f"  {entry:<{width}}  # {comment}" if comment else f"  {entry}")
     return "\n".join(lines)
 
 
@@ -109,8 +110,7 @@ def _flow(value: Any) -> str:
     """A value as it would be written on the command line (YAML flow style)."""
     if isinstance(value, str):
         return repr(value) if value == "" or value.strip() != value else value
-    return OmegaConf.to_yaml(OmegaConf.create({"v": value})).split(":", 1)[1].strip().replace("\n", " ") \
-        if isinstance(value, (list, dict)) else str(value).lower() if isinstance(value, bool) else str(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip().removesuffix("\n...")
 
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s?(.*))?$")

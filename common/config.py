@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional, Sequence, Type, TypeVar
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from omegaconf.nodes import StringNode
 
 T = TypeVar("T")
 
@@ -68,7 +69,12 @@ def load_config(schema: Type[T], path: Optional[str | Path] = None, overrides: S
         # update (not a merge of a dotlist) so that list entries can be addressed: masks.0.num_blocks=4
         key, value = item.split("=", 1)
         try:
-            OmegaConf.update(cfg, key.strip(), _parse_value(value), merge=True)
+            try:
+                OmegaConf.update(cfg, key.strip(), _parse_value(value), merge=True)
+            except (OmegaConfBaseException, ValueError):
+                if not _is_string_key(cfg, key.strip()):
+                    raise
+                OmegaConf.update(cfg, key.strip(), value, merge=True)  # text for a text key, e.g. inline JSON
         except (OmegaConfBaseException, ValueError) as e:
             raise ConfigError(f"override {item!r}: {_first_line(e)}") from None
     try:
@@ -94,6 +100,17 @@ def merged(schema: Type[T], path: Optional[str | Path] = None):
         # omegaconf's message names the key and the expected type; keep it, drop the stack noise
         raise ConfigError(f"invalid config in {path}: {_first_line(e)}") from None
     return cfg
+
+
+def _is_string_key(cfg, key: str) -> bool:
+    """Whether `key` (dotted) names a text field of the schema."""
+    node = cfg
+    try:
+        for part in key.split("."):
+            node = node._get_node(int(part) if part.isdigit() else part)
+    except (OmegaConfBaseException, AttributeError, KeyError, IndexError, TypeError):
+        return False
+    return isinstance(node, StringNode)
 
 
 def _parse_value(text: str) -> Any:

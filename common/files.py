@@ -70,19 +70,25 @@ def temp_path(target: PathLike, tmp_dir: Optional[PathLike] = None) -> str:
 
 
 @contextlib.contextmanager
-def atomic_open(target: PathLike, mode: str = "wb", tmp_dir: Optional[PathLike] = None) -> Iterator[BinaryIO]:
-    """`with atomic_open(target) as f: f.write(...)`: `target` appears complete when the block ends without an
-    exception, and is left as it was otherwise. `target` is a local path or any fsspec URL."""
+def atomic_path(target: PathLike, tmp_dir: Optional[PathLike] = None) -> Iterator[str]:
+    """`with atomic_path(target) as tmp: save(tmp)`, for writers that take a path (an encoder, a library's save,
+    a download): `target` appears complete when the block ends without an exception, and is left as it was
+    otherwise. `target` is a local path or any fsspec URL."""
     tmp = temp_path(target, tmp_dir)
     try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         publish(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_open(target: PathLike, mode: str = "wb", tmp_dir: Optional[PathLike] = None) -> Iterator[BinaryIO]:
+    """`with atomic_open(target) as f: f.write(...)`: as `atomic_path`, for writers that take a file."""
+    with atomic_path(target, tmp_dir) as tmp:
+        with open(tmp, mode) as f:
+            yield f
 
 
 def atomic_write(target: PathLike, data: Union[bytes, str], tmp_dir: Optional[PathLike] = None) -> None:

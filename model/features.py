@@ -6,24 +6,27 @@ A training checkpoint is a `torch.save`d dict holding at least
 An export is a safetensors file of the target encoder's weights, with the model config as JSON in the
 file's metadata, so it can be rebuilt without the training code's config tree or the optimizer state.
 
-CLI:  python -m model.features export CKPT OUT.safetensors
+CLI:  python -m model.features checkpoint=CKPT out=OUT.safetensors    (or tubelet-export)
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from common.cli import main_for
+from common.config import check
 from common.errors import CheckpointError
+from common.files import atomic_path
 from model.config import ModelConfig, as_model_config
 from model.vit import VisionTransformer
 
@@ -116,18 +119,14 @@ def extract_features(encoder: VisionTransformer, clips: torch.Tensor) -> torch.T
 def export_encoder(ckpt_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
     """Write the checkpoint's target encoder as safetensors, config JSON in the metadata. Returns out_path.
 
-    Written to a temporary name and renamed, so an existing file at out_path is always complete.
+    Written to a temporary name and renamed (`common.files`), so a file at out_path is always complete.
     """
     encoder = load_encoder(ckpt_path)
     out_path = Path(out_path)
     tensors = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
     metadata = {CONFIG_METADATA_KEY: json.dumps(dataclasses.asdict(encoder.config), sort_keys=True)}
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out_path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
     return out_path
 
 
@@ -147,20 +146,22 @@ def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu") -
     return _build_and_load(path, cfg, state, "exported weights").to(device).eval()
 
 
+@dataclass
+class ExportConfig:
+    checkpoint: str = ""  # a training checkpoint (.pt); its target encoder is exported
+    out: str = ""  # the .safetensors file to write
+
+    def validate(self) -> None:
+        check(bool(self.checkpoint), "checkpoint", "name a training checkpoint (.pt)")
+        check(bool(self.out), "out", "name the .safetensors file to write")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.features", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    export = sub.add_parser("export", help="write a checkpoint's target encoder as safetensors")
-    export.add_argument("checkpoint", help="training checkpoint (.pt)")
-    export.add_argument("out", help="output .safetensors path")
-    args = parser.parse_args(argv)
-    try:
-        out = export_encoder(args.checkpoint, args.out)
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+    def run(cfg: ExportConfig) -> None:
+        print(f"wrote {export_encoder(cfg.checkpoint, cfg.out)}")
+
+    return main_for(ExportConfig, run, argv, prog="tubelet-export", doc=__doc__,
+                    errors={CheckpointError: 1, FileNotFoundError: 1})
 
 
 if __name__ == "__main__":

@@ -17,37 +17,22 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable, Deque, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Deque, Optional, Tuple
 
 import numpy as np
 import torch
 
 from common.device import resolve_device
+from pipeline.clips import DTYPES, IMAGENET_MEAN, IMAGENET_STD, Batch
 from pipeline.config import LoaderConfig
-from pipeline.split_index import IMAGENET_MEAN, IMAGENET_STD, SplitIndex, open_split
-from pipeline.masks import sample_masks
-from pipeline.sampling import BatchPlan, ClipRecord, Plan
+from pipeline.sampling import Plan
+from pipeline.split_index import SplitIndex, open_split
 from pipeline.store import ShardStore
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class LoaderError(RuntimeError):
     """Decoding a batch failed; the message names the samples and shards involved."""
-
-
-@dataclass
-class Batch:
-    clips: torch.Tensor  # [B, 3, T, H, W], normalised, on the training device
-    masks: List[Tuple[torch.Tensor, torch.Tensor]]  # per mask type: (context [B, Nc], target [B, Nt]) int64
-    keys: List[str]
-    labels: torch.Tensor  # [B] int64, -1 when unlabelled
-    records: List[ClipRecord]
-    padded: torch.Tensor  # [B] bool: a repeat that fills a rank's last step of an epoch
-    epoch: int
-    step: int
-    rows: List[int] = field(default_factory=list)
 
 
 @dataclass
@@ -63,12 +48,6 @@ class LoaderStats:
     queue_depth: int  # batches in flight after this one was taken
     epoch: int
     position: int
-
-
-def masks_for(plan: Plan, bplan: BatchPlan, cfg: LoaderConfig, grid: Optional[Tuple[int, int, int]]):
-    if grid is None or not cfg.masks:
-        return []
-    return sample_masks(plan.mask_rng(bplan), len(bplan.rows), grid, cfg.masks)
 
 
 class VideoLoader:
@@ -155,7 +134,7 @@ class VideoLoader:
         roi0 = [np.array(rec.crop[:2], np.float32) for rec in bp.records]
         roi1 = [np.array((rec.crop[0] + rec.crop[2], rec.crop[1] + rec.crop[3]), np.float32) for rec in bp.records]
         flips = [np.array(int(rec.flip), np.int32) for rec in bp.records]
-        masks = masks_for(self._feed_plan, bp, self.cfg, self.grid)
+        masks = self._feed_plan.masks(bp, self.grid, self.cfg.masks)
         t1 = time.perf_counter()
         self._inflight.append((bp, masks, self.store.bytes_read - before, t1 - t0, t1))
         return videos, starts, roi0, roi1, flips
@@ -191,8 +170,8 @@ class VideoLoader:
             what = (f" while decoding one of the samples {[self.index.keys[r] for r in rows][:12]} from shards "
                     f"{shards} of {self.cfg.root}")
             raise LoaderError(f"the DALI pipeline failed{what}: {str(e).strip().splitlines()[-1][:300]}. "
-                              "Check the set with `python -m shards.verify --hashes "
-                              f"{self.cfg.root}` and rebuild bad shards with `make shards`.") from None
+                              "Check the set with `python -m shards.verify hashes=true "
+                              f"root={self.cfg.root}` and rebuild bad shards with `make shards`.") from None
         bp, masks, nbytes, feed_s, fed_at = self._inflight.popleft()
         clips = self._to_torch(out)
         t1 = time.perf_counter()

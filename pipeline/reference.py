@@ -1,6 +1,7 @@
 """The reference loader: the same batches as `VideoLoader`, written plainly with a PyTorch DataLoader and PyAV.
 
-It implements the same sampling records (pipeline/sampling.py) with FFmpeg decoding and torch resizing.
+It shares only the sampling (pipeline/sampling.py, masks included) and the definition of a clip
+(pipeline/clips.py) with the loader it checks, and decodes with FFmpeg instead of DALI.
 It is the oracle of the loader tests and the baseline of `make bench-loader`; it is not meant to be fast.
 """
 
@@ -12,13 +13,12 @@ from typing import List, Optional, Tuple
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.clips import DTYPES, Batch, cut_clip
 from pipeline.config import LoaderConfig
-from pipeline.split_index import IMAGENET_MEAN, IMAGENET_STD, open_split
-from pipeline.loader import DTYPES, Batch, masks_for
-from pipeline.sampling import BatchPlan, ClipRecord, Plan
+from pipeline.sampling import BatchPlan, ClipRecord, Plan, frame_indices
+from pipeline.split_index import open_split
 from pipeline.store import ShardStore
 
 
@@ -37,23 +37,15 @@ def decode_frames(video: bytes, indices: List[int]) -> np.ndarray:
 
 
 def make_clip(video: bytes, rec: ClipRecord, nframes: int, num_frames: int, stride: int, size: int) -> torch.Tensor:
-    """One clip [3, T, size, size] float32 normalised: frames, crop window, resize, flip."""
-    idx = [min(rec.start + i * stride, nframes - 1) for i in range(num_frames)]  # the last frame repeats
-    frames = torch.from_numpy(decode_frames(video, idx))  # [T, H, W, 3]
-    y0, x0, h, w = rec.crop
-    x = frames[:, y0:y0 + h, x0:x0 + w].permute(0, 3, 1, 2).float()  # [T, 3, h, w]
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    if rec.flip:
-        x = x.flip(-1)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
-    return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()  # [3, T, H, W]
+    """One clip [3, T, size, size] float32 normalised, decoded with PyAV and cut by `clips.cut_clip`."""
+    frames = decode_frames(video, frame_indices(rec.start, nframes, num_frames, stride))  # [T, H, W, 3]
+    return cut_clip(torch.from_numpy(frames), rec, size)
 
 
 class _Batches(Dataset):
     def __init__(self, cfg: LoaderConfig, plans: List[BatchPlan], grid, mask_plan: Plan):
         self.cfg, self.plans, self.grid = cfg, plans, grid
-        self.masks = [masks_for(mask_plan, bp, cfg, grid) for bp in plans]
+        self.masks = [mask_plan.masks(bp, grid, cfg.masks) for bp in plans]
         self.index = None
 
     def __len__(self) -> int:

@@ -20,6 +20,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from pipeline.masks import sample_masks
+
 # stream ids keep the random draws of different purposes independent
 _ORDER, _SAMPLE, _MASKS = 0, 1, 2
 
@@ -95,6 +97,12 @@ def random_resized_crop(rng: np.random.Generator, height: int, width: int, scale
 
 def clip_span(num_frames: int, stride: int) -> int:
     return (num_frames - 1) * stride + 1
+
+
+def frame_indices(start: int, nframes: int, num_frames: int, stride: int) -> List[int]:
+    """The frames of a clip starting at `start`: every `stride`-th; past the video's end the last frame repeats
+    (DALI's pad_mode='edge')."""
+    return [min(start + i * stride, nframes - 1) for i in range(num_frames)]
 
 
 def train_record(seed: int, epoch: int, position: int, nframes: int, height: int, width: int,
@@ -195,6 +203,10 @@ class Plan:
         return BatchPlan(epoch, step, start, self.position, rows, records, padded,
                          mask_seed=(self.seed, epoch, positions[0]))
 
-    def mask_rng(self, plan: BatchPlan) -> np.random.Generator:
+    def masks(self, plan: BatchPlan, grid: Optional[Sequence[int]], specs: Sequence) -> List[Tuple[np.ndarray, np.ndarray]]:
+        """The V-JEPA masks of a step's batch, one (context, target) index pair per mask type in `specs`, drawn
+        on the token `grid` (none without a grid or specs): a pure function of the step's first position."""
+        if grid is None or not specs:
+            return []
         seed, epoch, pos = plan.mask_seed
-        return rng_for(seed, epoch, pos, _MASKS)
+        return sample_masks(rng_for(seed, epoch, pos, _MASKS), len(plan.rows), grid, specs)

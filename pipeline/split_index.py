@@ -10,10 +10,6 @@ import numpy as np
 from shards.manifest import Manifest, read_manifest, verify
 from pipeline.store import ShardStore
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 @dataclass
 class SplitIndex:
     root: str

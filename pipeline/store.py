@@ -11,6 +11,7 @@ from typing import Optional
 
 import fsspec
 
+from common.files import atomic_path
 from shards.manifest import ManifestError
 
 
@@ -42,12 +43,10 @@ class ShardStore:
         dst = os.path.join(self.cache, shard)
         if not (os.path.exists(dst) and (expected_size is None or os.path.getsize(dst) == expected_size)):
             os.makedirs(os.path.dirname(dst), exist_ok=True)
-            tmp = f"{dst}.part-{os.getpid()}"
-            self.fs.get_file(f"{self.path}/{shard}", tmp)
-            if expected_size is not None and os.path.getsize(tmp) != expected_size:
-                os.unlink(tmp)
-                raise ManifestError(f"shard {shard} downloaded from {self.root} has the wrong size")
-            os.replace(tmp, dst)
+            with atomic_path(dst) as tmp:
+                self.fs.get_file(f"{self.path}/{shard}", tmp)
+                if expected_size is not None and os.path.getsize(tmp) != expected_size:
+                    raise ManifestError(f"shard {shard} downloaded from {self.root} has the wrong size")
         return dst
 
     def _fd(self, shard: str, expected_size: Optional[int]) -> int:

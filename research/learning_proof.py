@@ -1,6 +1,6 @@
 """`make proof`: does tubelet's V-JEPA pretraining learn? Pretrain on the built-in sample, probe, compare.
 
-    python -m research.learning_proof [--seeds 0 1 2] [--out runs/proof] [train key=value ...]
+    python -m research.learning_proof [seeds=[0,1,2]] [out=runs/proof] [train=[key=value,...]] [probe=[...]]
 
 For each seed: pretrain the CPU default (configs/train/cpu.yaml) on data/shards/sample, train a frozen attentive
 probe on its target encoder (configs/probe/cpu.yaml), and train the same probe on the same architecture
@@ -11,13 +11,15 @@ folder with loss.png and the probe JSON/PNG files.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List, Optional, Sequence
 
-from common.config import load_config
+from common.cli import main_for
+from common.config import check, load_config
 from train import checkpoint
 from train.config import TrainConfig
 from train.plots import plot_proof
@@ -45,16 +47,22 @@ def one_seed(seed: int, out: Path, train_overrides, probe_overrides) -> dict:
             "chance": results[False]["chance"], "seconds": round(time.time() - t0, 1), "run_dir": str(run_dir)}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--out", default="runs/proof")
-    ap.add_argument("--probe", nargs="*", default=[], help="probe key=value overrides")
-    ap.add_argument("overrides", nargs="*", help="training key=value overrides")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
+@dataclass
+class ProofConfig:
+    seeds: List[int] = field(default_factory=lambda: [0])
+    out: str = "runs/proof"  # proof.json, proof.png and a run folder per seed
+    train: List[str] = field(default_factory=list)  # key=value overrides of configs/train/cpu.yaml
+    probe: List[str] = field(default_factory=list)  # key=value overrides of configs/probe/cpu.yaml
+
+    def validate(self) -> None:
+        check(bool(self.seeds), "seeds", "name at least one seed")
+        check(bool(self.out), "out", "name a results folder")
+
+
+def prove(cfg: ProofConfig) -> None:
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    per_seed = [one_seed(s, out, args.overrides, args.probe) for s in args.seeds]
+    per_seed = [one_seed(s, out, cfg.train, cfg.probe) for s in cfg.seeds]
     gaps = [r["pretrained_top1"] - r["random_top1"] for r in per_seed]
 
     def stat(key):
@@ -73,7 +81,10 @@ def main(argv=None) -> int:
     p, rnd, gp = summary["pretrained_top1"], summary["random_top1"], summary["gap_points"]
     print(f"| mean ± std | {p['mean']:.1f} ± {p['std']:.1f} | {rnd['mean']:.1f} ± {rnd['std']:.1f} | "
           f"{gp['mean']:+.1f} ± {gp['std']:.1f} | |\nchance {summary['chance']:.1f}%; {out / 'proof.json'}")
-    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return main_for(ProofConfig, prove, argv, prog="python -m research.learning_proof", doc=__doc__)
 
 
 if __name__ == "__main__":

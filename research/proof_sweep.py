@@ -1,19 +1,20 @@
 """Recipe search for the learning proof (`make proof`), fast, on a GPU host.
 
-    python -m research.proof_sweep --out DIR [--variants a b ...] [--seeds 0 1 2] [--workers 12] [--budget 420]
+    python -m research.proof_sweep out=DIR [variants=[a,b]] [seeds=[0,1,2]] [workers=12] [budget=420]
 
 The learning proof must run on 2 CPU cores in minutes, so its recipe (model shape, steps, EMA, sample design,
 probe) cannot be searched there. This runs the same proof for many recipes at once: the built-in sample's
-videos are rendered by `shards.synthetic.render` (the same scenes, plan and labels, at a reduced resolution, without
-the codec), clips are cut with `pipeline.sampling`'s records (window, random resized crop, flip; evaluation
-views) and resized on the device, masks come from `pipeline.masks`, every update is `train.trainer.train_step`
-with the trainer's own config tree, and the frozen-probe epochs and scores are `train.probe`'s. What differs
-from `make proof`: no codec artefacts, and clips come from tensors instead of the DALI loader.
+videos are rendered by `shards.synthetic` (the same scenes, plan and labels, at a reduced resolution, without
+the codec); the order, clip records (window, random resized crop, flip; evaluation views) and masks are
+`pipeline.sampling.Plan`'s, clips are cut by `pipeline.clips.cut_clip` on the device, every update is
+`train.step.train_step` with the trainer's own config tree, and the frozen-probe epochs and scores are
+`train.probe`'s. What differs from `make proof`: no codec artefacts, and clips come from tensors instead of the
+DALI loader.
 
 For every (variant, seed) it pretrains, then probes the target encoder and a randomly initialised encoder of
 the same shape (seeded like `train.probe`'s `random_init`). Results stream to DIR/sweep.jsonl (one line per
 job, written as each finishes) and DIR/sweep.md (mean and spread per variant). Jobs are ordered seed-major so
-a run cut short by --budget still covers every variant.
+a run cut short by `budget` still covers every variant.
 
 A variant is {"sample": {...}, "train": [key=value ...], "probe": [key=value ...]}, optionally with
 "control": "frame_difference" (no pretraining: the probe reads raw tubelet frame differences), "label":
@@ -25,14 +26,13 @@ clips: an upper bound on what the shape can read from the data at that budget) o
 shared palette, 96x96; "discs": eight pan directions, 45 degrees apart, over a periodic field of bright discs
 on a dark background, 96x96, 40 frames at 1-1.5 px per frame; its classes are not flip-invariant, so probe it
 with data.flip=false), size_range (object size as a fraction of the short side), bg_contrast (background noise
-amplitude), train_per_class, val_per_class. Variants are listed in VARIANTS below; --variants picks some,
---extra adds JSON ones. Every job also reports how alike a clip's tokens are (the share of feature variance
+amplitude), train_per_class, val_per_class. Variants are listed in VARIANTS below; `variants` picks some,
+`extra` adds JSON ones. Every job also reports how alike a clip's tokens are (the share of feature variance
 that is the per-clip mean).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import multiprocessing as mp
@@ -41,14 +41,23 @@ import signal
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from queue import Empty
 from types import SimpleNamespace
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from common.cli import main_for
+from common.config import check, load_config
+from common.files import atomic_open
+from pipeline.clips import cut_clip
+from pipeline.sampling import BatchPlan, Plan, frame_indices
+from shards.synthetic.generate import SPLITS, plan_videos, scene_for
+from shards.synthetic.render import SceneStyle, smooth_noise
 
 RENDER_SHORT_SIDE = 128  # the clips are 64-96 px: rendering at 2x the crop is plenty
 BASE_SAMPLE = {"motion": "object", "size_range": (0.08, 0.2), "bg_contrast": (15.0, 32.0), "train_per_class": 40,
@@ -134,11 +143,9 @@ def _bounce(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 def _render_camera(task: dict) -> np.ndarray:
     """The sample's five classes as whole-frame camera motions (pan across, pan up/down, roll, zoom, still)
     over periodic smooth colour noise with one shared palette, 96x96, with the task's frame count and rate."""
-    from shards.synthetic import render as S
-
-    rng = np.random.default_rng([S.SPLITS.index(task["split"]), task["cls_index"], task["index"], 99])
+    rng = np.random.default_rng([SPLITS.index(task["split"]), task["cls_index"], task["index"], 99])
     n, c = task["num_frames"], task["cls_index"]
-    tex = 128 + np.einsum("chw,dc->hwd", S._smooth_noise(rng, 3, 192, 192, rng.uniform(4, 8)), _CAMERA_PALETTE)
+    tex = 128 + np.einsum("chw,dc->hwd", smooth_noise(rng, 3, 192, 192, rng.uniform(4, 8)), _CAMERA_PALETTE)
     img = torch.from_numpy(np.clip(tex, 0, 255)).permute(2, 0, 1)[None].float().repeat(1, 1, 2, 2)  # periodic
     t = torch.arange(n) / task["fps"]
     zero = torch.zeros(n)
@@ -167,11 +174,9 @@ DISC_CLASSES = 8  # pan directions, 45 degrees apart, counter-clockwise from "ri
 def _render_discs(task: dict) -> np.ndarray:
     """A pan over a periodic field of bright discs on a faint dark texture, 96x96, 40 frames: the picture moves
     1-1.5 px per frame in direction 45 * cls_index degrees. A frame alone carries no label."""
-    from shards.synthetic import render as S
-
-    rng = np.random.default_rng([S.SPLITS.index(task["split"]), task["cls_index"], task["index"], 7])
+    rng = np.random.default_rng([SPLITS.index(task["split"]), task["cls_index"], task["index"], 7])
     n, size, period = 40, 96, 256
-    canvas = (30 + 6 * S._smooth_noise(rng, 3, period, period, 3.0).transpose(1, 2, 0)).astype(np.float64)
+    canvas = (30 + 6 * smooth_noise(rng, 3, period, period, 3.0).transpose(1, 2, 0)).astype(np.float64)
     for _ in range(70):  # each disc paints only its bounding box (+1 px), wrapped around the periodic canvas
         cy, cx = rng.uniform(0, period, 2)
         r = rng.uniform(6, 12)
@@ -196,19 +201,15 @@ def _render_discs(task: dict) -> np.ndarray:
 
 
 def _render(task: dict, design: dict) -> np.ndarray:
-    from shards.synthetic import render as S
-
     if design["motion"] == "camera":
         return _render_camera(task)
     if design["motion"] == "discs":
         return _render_discs(task)
-    S._SIZE_RANGE, S._BG_CONTRAST = tuple(design["size_range"]), tuple(design["bg_contrast"])
+    style = SceneStyle(size_range=tuple(design["size_range"]), bg_contrast=tuple(design["bg_contrast"]))
     w, h = task["width"], task["height"]
     k = RENDER_SHORT_SIDE / min(w, h)
     task = {**task, "width": 2 * round(w * k / 2), "height": 2 * round(h * k / 2)}
-    scene = S._scene_for(task)
-    (layer,) = scene.layers("rgb")
-    return np.stack([scene.render(i, layer) for i in range(task["num_frames"])])
+    return np.stack(list(scene_for(task, style).frames()))
 
 
 def _render_star(args):
@@ -217,54 +218,38 @@ def _render_star(args):
 
 def render_design(sample: dict, cache: Path, workers: int) -> Path:
     """Render every video of a sample design once (train and val): {split: (list of uint8 [F, H, W, 3], labels)}."""
-    from shards.synthetic import render as S
-
     path = cache / f"{_design_key(sample)}.pt"
     if path.exists():
         return path
     counts = {"train": sample["train_per_class"], "val": sample["val_per_class"]}
     if sample["motion"] == "discs":
-        tasks = [{"split": split, "cls_index": c, "index": i} for split in S.SPLITS for c in range(DISC_CLASSES)
+        tasks = [{"split": split, "cls_index": c, "index": i} for split in SPLITS for c in range(DISC_CLASSES)
                  for i in range(counts[split])]
     else:
-        tasks = S._plan(0, counts)
+        tasks = plan_videos(0, counts)
     with mp.get_context("spawn").Pool(workers) as pool:  # not fork: callers hold threads (torch, DALI)
         frames = pool.map(_render_star, [(t, sample) for t in tasks], chunksize=4)
     data = {}
-    for split in S.SPLITS:
+    for split in SPLITS:
         idx = [i for i, t in enumerate(tasks) if t["split"] == split]
         data[split] = ([torch.from_numpy(frames[i]) for i in idx], [tasks[i]["cls_index"] for i in idx])
-    tmp = path.with_suffix(".tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        torch.save(data, f)
     return path
 
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+def sweep_plan(vids: List[torch.Tensor], d, train: bool, seed: int, batch_size: int, num_frames: int) -> Plan:
+    """The product's sampling (`pipeline.sampling.Plan`) over rendered videos [F, H, W, 3]: the order, records
+    (window, random resized crop per `d`'s crop_scale/crop_aspect, flip; or evaluation views) and masks."""
+    return Plan([tuple(v.shape[:3]) for v in vids], batch_size=batch_size, seed=seed, train=train,
+                num_frames=num_frames, stride=d.frame_stride, scale=d.crop_scale, ratio=d.crop_aspect, flip=d.flip,
+                num_clips=d.eval_clips, num_crops=d.eval_crops)
 
 
-def cut(video: torch.Tensor, rec, num_frames: int, stride: int, size: int) -> torch.Tensor:
-    """One clip [3, T, S, S] (normalised) from a video [F, H, W, 3] and a sampling.ClipRecord."""
-    idx = (rec.start + stride * torch.arange(num_frames, device=video.device)).clamp(max=video.size(0) - 1)
-    y0, x0, h, w = rec.crop
-    x = video[idx, y0:y0 + h, x0:x0 + w].permute(0, 3, 1, 2).float()  # [T, 3, h, w]
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    if rec.flip:
-        x = x.flip(-1)
-    x = (x - MEAN.to(x.device)) / STD.to(x.device)
-    return x.permute(1, 0, 2, 3)
-
-
-def train_clips(vids: List[torch.Tensor], order, seed: int, epoch: int, first: int, num_frames: int, stride: int,
-                size: int, d) -> List[torch.Tensor]:
-    """Training clips of videos `order` at epoch positions first, first+1, ...: `pipeline.sampling`'s records
-    (window, random resized crop per `d`'s crop_scale/crop_aspect, flip) cut by `cut`."""
-    from pipeline.sampling import train_record
-
-    return [cut(vids[i], train_record(seed, epoch, first + j, *vids[i].shape[:3], num_frames, stride, d.crop_scale,
-                                      d.crop_aspect, d.flip), num_frames, stride, size)
-            for j, i in enumerate(order)]
+def batch_clips(vids: List[torch.Tensor], bp: BatchPlan, num_frames: int, stride: int, size: int) -> torch.Tensor:
+    """[B, 3, T, S, S]: the batch's clips, cut from the rendered videos by the product's definition of a clip."""
+    return torch.stack([cut_clip(vids[r][frame_indices(rec.start, vids[r].shape[0], num_frames, stride)], rec, size)
+                        for r, rec in zip(bp.rows, bp.records)])
 
 
 # ---------------------------------------------------------------------------------------------- one job
@@ -290,36 +275,30 @@ def clip_mean_share(tokens: torch.Tensor) -> float:
     return float(f.mean(1).var(0, unbiased=False).sum() / f.var(dim=(0, 1), unbiased=False).sum())
 
 
-def _features(encoder, clips: List[torch.Tensor], batch: int) -> torch.Tensor:
-    out = []
+def _features(encoder, clips: torch.Tensor, batch: int) -> torch.Tensor:
     with torch.no_grad():
-        for i in range(0, len(clips), batch):
-            out.append(encoder(torch.stack(clips[i:i + batch])).half())
-    return torch.cat(out)
+        return torch.cat([encoder(clips[i:i + batch]).half() for i in range(0, len(clips), batch)])
 
 
 def probe_score(encoder, data, tcfg, pcfg, device, head=None) -> tuple:
-    """train.probe's recipe on clips cut here: cached training passes, then eval views summed per video.
-    With `head` (a trained AttentiveProbe), only score it on the evaluation views.
-    Returns (top-1, clip_mean_share of the evaluation features)."""
+    """train.probe's recipe on clips cut here: cached training passes (epoch p of the probe's sampling), then
+    evaluation views summed per video. With `head` (a trained AttentiveProbe), only score it on the evaluation
+    views. Returns (top-1, clip_mean_share of the evaluation features)."""
     from model.probe import AttentiveProbe
-    from pipeline.sampling import epoch_order, eval_record
     from train.probe import train_epoch, video_scores
 
     T, S, stride = tcfg.model.num_frames, tcfg.model.img_size, tcfg.data.frame_stride
     (tv, tl), (vv, vl) = data["train"], data["val"]
-    d = pcfg.data
+    d = replace(pcfg.data, frame_stride=stride)
     passes = []
+    plan = sweep_plan(tv, d, True, pcfg.seed, len(tv), T)  # one step = one pass over every training video
     for p in range(0 if head is not None else pcfg.cached_passes):
-        order = epoch_order(len(tv), pcfg.seed, p)
-        clips = train_clips(tv, order, pcfg.seed, p, 0, T, stride, S, d)
-        passes.append({"tokens": _features(encoder, clips, 64), "labels": torch.tensor([tl[i] for i in order])})
-    views, rows = [], []
-    for row, v in enumerate(vv):
-        for view in range(d.eval_clips * d.eval_crops):
-            views.append(cut(v, eval_record(view, d.eval_clips, d.eval_crops, *v.shape[:3], T, stride), T, stride, S))
-            rows.append(row)
-    val = {"tokens": _features(encoder, views, 64), "rows": torch.tensor(rows)}
+        plan.load_state_dict({**plan.state_dict(), "epoch": p, "position": 0})
+        bp = next(plan)
+        passes.append({"tokens": _features(encoder, batch_clips(tv, bp, T, stride, S), 64),
+                       "labels": torch.tensor([tl[r] for r in bp.rows])})
+    views = next(sweep_plan(vv, d, False, pcfg.seed, len(vv) * d.eval_clips * d.eval_crops, T))
+    val = {"tokens": _features(encoder, batch_clips(vv, views, T, stride, S), 64), "rows": torch.tensor(views.rows)}
     classes = max(tl) + 1
     probe = head
     if probe is None:
@@ -335,19 +314,17 @@ def probe_score(encoder, data, tcfg, pcfg, device, head=None) -> tuple:
 def run_job(job: dict) -> dict:
     from model.probe import AttentiveProbe
     from model.vit import VisionTransformer
-    from common.config import load_config
-    from pipeline.masks import sample_masks
-    from pipeline.sampling import epoch_order
-    from train import dist, trainer
+    from train import dist
     from train.config import TrainConfig
     from train.probe import ProbeConfig
+    from train.step import build, train_step
 
     t0 = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.set_num_threads(1)  # many jobs share the host's cores; the work is on the device
     seed, var = job["seed"], job["variant"]
-    data = torch.load(job["data"], weights_only=False)
+    data = torch.load(job["data"], weights_only=True)
     data = {s: ([v.to(device) for v in vids], labels) for s, (vids, labels) in data.items()}
     if var.get("label") == "brightness":  # a control label that one frame carries: first-frame brightness quintile
         for split, (vids, _) in data.items():
@@ -358,7 +335,7 @@ def run_job(job: dict) -> dict:
                       [*var.get("train", []), f"seed={seed}", f"data.seed={seed}", f"device={device.type}",
                        "amp=off", "metrics.enabled=false", f"run_dir={job['out']}/runs/{job['name']}-s{seed}"])
     env = dist.init(device.type)
-    parts = trainer.build(cfg, env)
+    parts = build(cfg, env)
     T, S, stride, B = cfg.model.num_frames, cfg.model.img_size, cfg.data.frame_stride, cfg.data.batch_size
     d = cfg.data
     vids, labels = data["train"]
@@ -370,28 +347,24 @@ def run_job(job: dict) -> dict:
             cfg.model.encoder_width, max(labels) + 1, cfg.model.encoder_shape[2])).to(device)
         sup_opt = torch.optim.AdamW(sup.parameters(), lr=cfg.optim.lr, weight_decay=0.05)
         labels_t = torch.tensor(labels, device=device)
-    epoch, pos, order = 0, 0, epoch_order(len(vids), seed, 0)
+    plan = sweep_plan(vids, d, True, seed, B, T)
     losses = []
     steps = 0 if control else cfg.schedule.total_steps
     for step in range(1, steps + 1):
-        if pos >= len(order):
-            epoch, pos = epoch + 1, 0
-            order = epoch_order(len(vids), seed, epoch)
-        idx = order[pos:pos + B]
-        clips = torch.stack(train_clips(vids, idx, seed, epoch, pos, T, stride, S, d))
-        pos += B
+        bp = next(plan)
+        clips = batch_clips(vids, bp, T, stride, S)
         if var.get("supervised"):
             for group in sup_opt.param_groups:
                 group["lr"] = cfg.optim.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.schedule.total_steps))
-            loss = F.cross_entropy(sup(clips), labels_t[torch.as_tensor(idx, device=device)])
+            loss = F.cross_entropy(sup(clips), labels_t[torch.as_tensor(bp.rows, device=device)])
             sup_opt.zero_grad(set_to_none=True)
             loss.backward()
             sup_opt.step()
             losses.append(loss.item())
             continue
-        masks = sample_masks(np.random.default_rng([seed, epoch, step]), len(idx), cfg.model.grid, d.masks)
+        masks = plan.masks(bp, cfg.model.grid, d.masks)
         batch = SimpleNamespace(clips=clips, masks=[(torch.from_numpy(c), torch.from_numpy(t)) for c, t in masks])
-        losses.append(trainer.train_step(parts, batch, step).loss)
+        losses.append(train_step(parts, batch, step).loss)
     t_train = time.time() - t0
     torch.manual_seed(seed)  # as train.probe's random_init
     random_enc = VisionTransformer.from_config(cfg.model).to(device).eval()
@@ -444,41 +417,55 @@ def summarise(rows: Sequence[dict]) -> str:
     return "\n".join(lines + ([""] + errors if errors else [])) + "\n"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
-    ap.add_argument("--extra", default="", help="JSON {name: variant} (or a .json file of it) added to the list")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
-    ap.add_argument("--budget", type=float, default=420.0, help="seconds after which no new job starts")
-    ap.add_argument("--cache", default="/tmp/proof_sweep")
-    args = ap.parse_args(argv)
+@dataclass
+class SweepConfig:
+    out: str = ""  # results folder: sweep.jsonl, sweep.md, runs/
+    variants: List[str] = field(default_factory=lambda: list(VARIANTS))  # names from VARIANTS; [] = only `extra`
+    extra: str = ""  # JSON {name: variant} (or a .json file of it) added to the list
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    workers: int = 0  # jobs at a time; 0 = min(12, cores - 2)
+    budget: float = 420.0  # seconds after which no new job starts
+    cache: str = ""  # rendered sample designs; "" = <out>/cache (a folder of this run's own, never a shared one)
+
+    def validate(self) -> None:
+        check(bool(self.out), "out", "name a results folder")
+        unknown = sorted(set(self.variants) - set(VARIANTS))
+        check(not unknown, "variants", f"unknown {unknown}; known: {sorted(VARIANTS)}")
+        check(bool(self.seeds), "seeds", "name at least one seed")
+        check(self.workers >= 0 and self.budget > 0, "workers", "workers >= 0 and budget > 0")
+
+
+def sweep(cfg: SweepConfig) -> None:
     t0 = time.time()
-    out, cache = Path(args.out), Path(args.cache)
+    out = Path(cfg.out)
+    cache = Path(cfg.cache) if cfg.cache else out / "cache"
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
-    extra = Path(args.extra).read_text() if args.extra.endswith(".json") else args.extra
-    variants = {**{k: VARIANTS[k] for k in args.variants}, **json.loads(extra or "{}")}
+    workers = cfg.workers or max(1, min(12, (os.cpu_count() or 2) - 2))
+    extra = Path(cfg.extra).read_text() if cfg.extra.endswith(".json") else cfg.extra
+    variants = {**{k: VARIANTS[k] for k in cfg.variants}, **json.loads(extra or "{}")}
     designs = {}
     for name, v in variants.items():
         sample = {**BASE_SAMPLE, **v.get("sample", {})}
         designs[name] = v.get("data") or str(render_design(sample, cache, os.cpu_count() or 2))
     print(f"rendered {len(set(designs.values()))} sample designs in {time.time() - t0:.0f} s", flush=True)
     jobs = [{"name": n, "seed": s, "variant": v, "data": designs[n], "out": str(out)}
-            for s in args.seeds for n, v in variants.items()]
+            for s in cfg.seeds for n, v in variants.items()]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     running, rows = {}, []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally` below: no orphaned jobs
     try:
         with open(out / "sweep.jsonl", "a") as log:
-            _schedule(args, t0, jobs, running, rows, ctx, queue, log, out)
+            _schedule(workers, cfg.budget, t0, jobs, running, rows, ctx, queue, log, out)
     finally:
         for p in running.values():
             p.kill()
     print(f"\n{len(rows)} jobs in {time.time() - t0:.0f} s; {len(jobs)} not started\n\n" + summarise(rows), flush=True)
-    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return main_for(SweepConfig, sweep, argv, prog="python -m research.proof_sweep", doc=__doc__)
 
 
 def _next_result(queue, running: dict, poll: float = 10.0) -> dict:
@@ -497,9 +484,9 @@ def _next_result(queue, running: dict, poll: float = 10.0) -> dict:
                             "error": f"job process died without a result (exit code {running[dead[0]].exitcode})"}
 
 
-def _schedule(args, t0, jobs, running, rows, ctx, queue, log, out) -> None:
+def _schedule(workers, budget, t0, jobs, running, rows, ctx, queue, log, out) -> None:
     while jobs or running:
-        while jobs and len(running) < args.workers and time.time() - t0 < args.budget:
+        while jobs and len(running) < workers and time.time() - t0 < budget:
             job = jobs.pop(0)
             p = ctx.Process(target=_job_main, args=(job, queue))
             p.start()

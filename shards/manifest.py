@@ -8,15 +8,16 @@ summary and the config that made the set. Rejected inputs are in `rejects.parque
 from __future__ import annotations
 
 import json
-import os
 import posixpath
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from common.files import atomic_open, join, sha256_file
+from shards.wds import parse_index
 
 MANIFEST = "manifest.parquet"
 REJECTS = "rejects.parquet"
@@ -70,40 +71,12 @@ class Manifest:
         return list(self.meta.get("classes", []))
 
 
-def join(root: str, name: str) -> str:
-    return posixpath.join(root, name) if "://" in root else os.path.join(root, name)
-
-
 def write_table_atomic(table: pa.Table, url: str, metadata: Optional[Dict[str, Any]] = None) -> None:
-    """Write parquet so a reader never sees a partial file: temp + fsync + rename locally; single put remotely."""
+    """Write parquet so a reader never sees a partial file (`common.files.atomic_open`)."""
     if metadata is not None:
         table = table.replace_schema_metadata({_META_KEY: json.dumps(metadata, sort_keys=True).encode()})
-    fs, path = fsspec.core.url_to_fs(url)
-    if "file" in fs.protocol:
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=d)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                pq.write_table(table, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-            fsync_dir(d)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    else:
-        with fs.open(path, "wb") as f:  # object stores make a single put visible atomically
-            pq.write_table(table, f)
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_open(url) as f:
+        pq.write_table(table, f)
 
 
 def write_manifest(root: str, rows: List[Dict[str, Any]], shards: List[Dict[str, Any]],
@@ -140,7 +113,6 @@ def read_rejects(root: str) -> pa.Table:
 
 def verify(manifest: Manifest, check_hashes: bool = False) -> None:
     """Refuse a shard set whose files do not match the manifest, naming the shard and what is wrong."""
-    from shards.wds import parse_index, sha256_file
 
     fs, root = fsspec.core.url_to_fs(manifest.root)
     by_shard: Dict[str, int] = {}

@@ -1,27 +1,34 @@
-"""Check a shard set against its manifest: `python -m shards.verify [--hashes] ROOT`."""
+"""Check a shard set against its manifest: `python -m shards.verify root=DIR [hashes=true]` (or tubelet-verify)."""
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
+from common.cli import main_for
+from common.config import check
 from shards.manifest import ManifestError, read_manifest, verify
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("root", help="shard set folder or URL (holds manifest.parquet)")
-    ap.add_argument("--hashes", action="store_true", help="also compare every shard's sha256 (reads everything)")
-    args = ap.parse_args(argv)
-    try:
-        m = read_manifest(args.root)
-        verify(m, check_hashes=args.hashes)
-    except ManifestError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"{args.root}: {m.samples.num_rows} samples in {len(m.shards)} shards match the manifest"
-          + (" (sizes, indexes and sha256)" if args.hashes else " (sizes and indexes)"))
-    return 0
+@dataclass
+class VerifyConfig:
+    root: str = "data/shards/sample"  # shard set folder or URL (holds manifest.parquet)
+    hashes: bool = False  # also compare every shard's sha256 (reads everything)
+
+    def validate(self) -> None:
+        check(bool(self.root), "root", "must name a shard set folder or URL")
+
+
+def run(cfg: VerifyConfig) -> None:
+    m = read_manifest(cfg.root)
+    verify(m, check_hashes=cfg.hashes)
+    print(f"{cfg.root}: {m.samples.num_rows} samples in {len(m.shards)} shards match the manifest"
+          + (" (sizes, indexes and sha256)" if cfg.hashes else " (sizes and indexes)"))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return main_for(VerifyConfig, run, argv, prog="tubelet-verify", doc=__doc__, errors={ManifestError: 1})
 
 
 if __name__ == "__main__":

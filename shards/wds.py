@@ -7,11 +7,10 @@ written with fixed owner, mode and mtime so the same samples give the same bytes
 
 from __future__ import annotations
 
-import hashlib
 import io
 import tarfile
 from dataclasses import dataclass
-from typing import BinaryIO, Dict, List, Sequence, Tuple
+from typing import BinaryIO, List, Sequence
 
 INDEX_VERSION = "v1.2"
 
@@ -24,14 +23,9 @@ class Member:
     name: str
 
 
-def split_name(name: str) -> Tuple[str, str]:
-    """WebDataset's rule: the extension is everything after the first dot of the base name."""
-    dot = name.find(".", name.rfind("/") + 1)
-    return name[:dot], name[dot + 1:]
-
-
-class ShardWriter:
-    """Writes samples into one tar stream and records each member's data offset for the index."""
+class IndexedTarWriter:
+    """Writes samples into one tar stream and records each member's data offset for the index. (Not webdataset's
+    `ShardWriter`, which rolls over files and records no offsets.)"""
 
     def __init__(self, fileobj: BinaryIO):
         self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
@@ -87,34 +81,3 @@ def parse_index(text: str) -> List[List[Member]]:
     if len(samples) != int(count):
         raise ValueError(f"index header says {count} samples, found {len(samples)}")
     return samples
-
-
-def index_tar(fileobj: BinaryIO) -> List[List[Member]]:
-    """Index an existing tar (the slow path: for tars written by other tools)."""
-    samples: List[List[Member]] = []
-    last = None
-    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
-        for info in tar:
-            if not info.isreg():
-                continue
-            base, ext = split_name(info.name)
-            if not base or base.endswith("/"):
-                continue
-            m = Member(ext, info.offset_data, info.size, info.name)
-            if base != last:
-                samples.append([m])
-                last = base
-            else:
-                samples[-1].append(m)
-    return samples
-
-
-def sha256_file(fileobj: BinaryIO, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    for block in iter(lambda: fileobj.read(chunk), b""):
-        h.update(block)
-    return h.hexdigest()
-
-
-def components(members: Sequence[Member]) -> Dict[str, Member]:
-    return {m.ext: m for m in members}

@@ -24,7 +24,7 @@ def small_shards(tmp_path_factory) -> str:
     """
     from common.config import load_config
     from shards.config import ShardsConfig
-    from shards.make_shards import run
+    from shards.build import run
 
     root = tmp_path_factory.mktemp("small_shards")
     i = 0

@@ -243,3 +243,22 @@ def test_remote_shards_through_fsspec_with_local_cache(small_shards, tmp_path):
     same_batches(take(VideoLoader(cfg_for(small_shards), grid=GRID), 3), remote)
     cached = sorted(p.name for p in cache.rglob("*.tar"))
     assert cached and set(cached) <= {s["name"] for s in read_manifest(small_shards).shards}
+
+
+def test_cut_clip_follows_the_sampling_record():
+    """The definition of a clip (pipeline/clips.py), shared by the reference loader and the research harness:
+    the record's frames (the last one repeats past the end), crop window, flip and normalisation."""
+    from pipeline.clips import IMAGENET_MEAN, IMAGENET_STD, cut_clip
+    from pipeline.sampling import ClipRecord, frame_indices
+
+    video = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 8, 12, 3).clone()
+    video[:, :, 6:] += 100  # right half brighter
+    rec = ClipRecord(start=2, crop=(0, 0, 8, 12), flip=True)
+    assert frame_indices(rec.start, 10, 4, 3) == [2, 5, 8, 9]  # the last frame repeats past the end
+    clip = cut_clip(video[frame_indices(rec.start, 10, 4, 3)], rec, size=4)
+    assert clip.shape == (3, 4, 4, 4)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1) * 255
+    grey = (clip * std + mean)[0]  # [T, S, S] grey levels
+    assert torch.allclose(grey[:, 0, 0], torch.tensor([102.0, 105, 108, 109]), atol=1e-3)  # flipped: right half
+    assert torch.allclose(grey[:, 0, -1], torch.tensor([2.0, 5, 8, 9]), atol=1e-3)

@@ -1,4 +1,5 @@
-"""Tests for the built-in sample dataset generator (pipeline/sample.py)."""
+"""Tests for the built-in sample: the scene renderer (shards/synthetic/render.py) and the dataset generator
+(shards/synthetic/generate.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shards.synthetic import render as sample
-from shards.synthetic.render import CLASSES, SPLITS, generate, render_clip
+from shards.synthetic import generate as sample
+from shards.synthetic.generate import SPLITS, generate
+from shards.synthetic.render import CLASSES, render_clip
 
 av = pytest.importorskip("av")
 
@@ -115,14 +117,14 @@ def test_every_video_decodes_as_intended(dataset, meta):
 
 def test_videos_show_the_rendered_clips(dataset, meta):
     """Decoded pixels match the renderer (checks the direct 4:2:0 / colour-range path)."""
-    tasks = sample._plan(0, {"train": PER_CLASS, "val": PER_CLASS})
+    tasks = sample.plan_videos(0, {"train": PER_CLASS, "val": PER_CLASS})
     seen = set()
     for task in tasks:
         key = (meta["files"][task["rel"]]["container"], meta["files"][task["rel"]]["codec"])
         if key in seen:
             continue
         seen.add(key)
-        ref = np.stack(list(sample._scene_for(task).frames())).astype(np.float32)
+        ref = np.stack(list(sample.scene_for(task).frames())).astype(np.float32)
         with av.open(str(dataset / task["rel"])) as c:
             dec = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]).astype(np.float32)
         assert dec.shape == ref.shape
@@ -151,8 +153,8 @@ def test_format_variety(meta):
 
 def test_format_plan_is_balanced_across_classes():
     """In the long run every class sees exactly the same formats/resolutions: no label leak."""
-    n = sample._CONFIG_PERIOD
-    tasks = sample._plan(0, {"train": n, "val": 0})
+    n = sample.CONFIG_PERIOD
+    tasks = sample.plan_videos(0, {"train": n, "val": 0})
     per_class = {}
     for t in tasks:
         per_class.setdefault(t["cls"], []).append((t["fmt_index"], t["width"], t["height"]))
@@ -174,8 +176,7 @@ def test_regenerates_on_new_parameters_and_cli(tmp_path):
     out = tmp_path / "s"
     generate(out, train_per_class=1, val_per_class=1, workers=1, progress=False)
     # different parameters via the CLI: regenerated, stale videos removed
-    assert sample.main(["--out", str(out), "--train-per-class", "1", "--val-per-class", "0",
-                        "--workers", "1", "--quiet"]) == 0
+    assert sample.main([f"out={out}", "train_per_class=1", "val_per_class=0", "workers=1", "progress=false"]) == 0
     meta = json.loads((out / "SAMPLE.json").read_text())
     assert meta["params"]["train_per_class"] == 1 and meta["counts"] == {"train": 5, "val": 0}
     videos = sorted(p for p in _all_files(out) if p.startswith("videos/"))

@@ -31,7 +31,10 @@ import pytest
 import videos
 from common.config import load_config
 from shards.config import FilterConfig, ShardsConfig, TranscodeConfig
-from shards.make_shards import Output, ShardsError, main, run, run_jobs
+from shards.build import run
+from shards.make_shards import main
+from shards.output import Output, ShardsError
+from shards.workers import run_jobs
 from shards.manifest import ManifestError, read_manifest, read_rejects, verify
 from shards.transcode import Job, Reject, Rejected, Sample, process
 from shards.wds import parse_index
@@ -429,7 +432,8 @@ def test_h264_fps_keyframes_short_side_and_byte_spill(tmp_path):
 
 def test_byte_limit_counts_the_tar_end_and_padding(tmp_path):
     """Two samples whose members fill max_bytes exactly do not fit: closing the tar adds 1 KiB + padding."""
-    from shards.make_shards import Group, GroupWriter
+    from shards.group_writer import GroupWriter
+    from shards.plan import Group
     from shards.sources import Source
 
     cfg = load_config(ShardsConfig, None, [f"output={tmp_path / 'out'}", "shard.max_bytes=65536"])

@@ -26,7 +26,8 @@ from model.vjepa import l1_loss
 from common.config import load_config, to_dict
 from train import checkpoint, dist, schedules
 from train.config import TrainConfig
-from train.trainer import NonFiniteError, Student, main, run
+from train.step import Student
+from train.trainer import NonFiniteError, main, run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.size=tiny", "model.img_size=32", "model.patch_size=8", "model.num_frames=4",
@@ -426,7 +427,7 @@ def test_bench_flop_count_matches_torch_flop_counter():
 
     from benchmarks.bench_train import step_flops
     from pipeline.masks import sample_masks
-    from train.trainer import build, train_step
+    from train.step import build, train_step
 
     cfg = load_config(TrainConfig, None, TINY + ["model.img_size=48", "data.crop_size=48", "model.patch_size=16"])
     parts = build(cfg, dist.init("cpu"))
@@ -444,7 +445,7 @@ def test_bench_train_runs(tmp_path):
     from benchmarks.bench_train import main as bench
 
     out = tmp_path / "bench.json"
-    assert bench(["--size", "tiny", "--batch", "2", "--img", "32", "--frames", "4", "--steps", "2", "--warmup", "1",
-                  "--out", str(out), "device=cpu", "model.predictor_depth=2"]) == 0
+    assert bench(["size=tiny", "batch=2", "img=32", "frames=4", "steps=2", "warmup=1", f"out={out}",
+                  "train=[device=cpu,model.predictor_depth=2]"]) == 0
     result = json.loads(out.read_text())
     assert result["steps"] == 2 and result["clips_per_second"] > 0 and 0 < result["mfu"] < 1

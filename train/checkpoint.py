@@ -1,4 +1,4 @@
-"""Atomic training checkpoints: `ckpt-{step:08d}.pt` in one folder, the newest complete one is the resume point.
+"""Atomic training checkpoints, `ckpt-{step:08d}.pt` in one folder, and resuming a run from the newest complete one.
 
 A checkpoint is a plain dict of named parts, loadable with `torch.load(weights_only=True)` (tensors and plain
 containers only, never code):
@@ -24,12 +24,17 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 
 from common.errors import CheckpointError
-from shards.manifest import fsync_dir
+from common.files import atomic_open
+from train import dist
+
+if TYPE_CHECKING:
+    from pipeline.loader import VideoLoader
+    from train.step import Parts
 
 NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 TMP_SUFFIX = ".tmp"
@@ -49,33 +54,24 @@ def list_checkpoints(folder: str | Path) -> List[Tuple[int, Path]]:
 
 
 def save_atomic(path: str | Path, obj: Any, kill_midway: bool = False) -> Path:
-    """torch.save `obj` so that `path` is either absent or complete: temp file in the same folder, flush,
-    fsync, os.replace, fsync the folder.
+    """torch.save `obj` so that `path` is either absent or complete (`common.files.atomic_open`: temp file in the
+    same folder, fsync, rename, fsync the folder).
 
     kill_midway: fault injection (TUBELET_FAULT_KILL_IN_CKPT), SIGKILL this process after half of the
     temp file is written and synced, as a node failure or OOM kill would.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            if kill_midway:
-                buf = io.BytesIO()
-                torch.save(obj, buf)
-                data = buf.getbuffer()
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-                os.kill(os.getpid(), signal.SIGKILL)
-            torch.save(obj, f)
+    with atomic_open(final) as f:
+        if kill_midway:
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            data = buf.getbuffer()
+            f.write(data[: len(data) // 2])
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(str(final.parent))
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save(obj, f)
     return final
 
 
@@ -130,3 +126,75 @@ def load_latest(folder: str | Path, log=None) -> Optional[Tuple[Path, Dict[str, 
                               + ". Refusing to start again from step 0: move them away to do that.")
     return None
 
+
+# ----------------------------------------------------------------------------------------------------
+# resuming a run: the trainer's parts <-> a checkpoint's named parts
+
+
+def checkpoint_state(p: Parts, loader: VideoLoader, step: int, skipped: int, config: dict) -> dict:
+    rng = {"torch": torch.get_rng_state()}
+    if p.env.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(p.env.device)
+    return {"step": step, "skipped_steps": skipped, "encoder": p.model.encoder.state_dict(),
+            "predictor": p.model.predictor.state_dict(), "target_encoder": p.model.target_encoder.state_dict(),
+            "optimizer": p.optimizer.state_dict(), "loader": loader.state_dict(), "rng": rng, "config": config}
+
+
+def restore(p: Parts, loader: VideoLoader, state: dict) -> Tuple[int, int]:
+    """Load a checkpoint's parts; returns (step, skipped_steps)."""
+    p.model.encoder.load_state_dict(state["encoder"])
+    p.model.predictor.load_state_dict(state["predictor"])
+    p.model.target_encoder.load_state_dict(state["target_encoder"])
+    p.optimizer.load_state_dict(state["optimizer"])
+    loader.load_state_dict(state["loader"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and p.env.device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"], p.env.device)
+    return int(state["step"]), int(state.get("skipped_steps", 0))
+
+
+def find_resume_point(ckpt_dir: Path, env: dist.DistEnv) -> Optional[dict]:
+    """Rank 0 picks the newest loadable checkpoint (falling back past unreadable ones, loudly); every rank
+    then loads that same file. None: a fresh run."""
+    step, found, error = 0, None, None
+    if env.is_main:
+        try:
+            found = load_latest(ckpt_dir, log=dist.print0)
+            step = found[1]["step"] if found else 0
+        except Exception as e:  # tell the other ranks before raising, so they do not wait for a broadcast
+            step, error = -1, e
+    step = dist.broadcast_int(step, env.device)
+    if error is not None:
+        raise error
+    if step < 0:
+        raise CheckpointError(f"rank 0 could not load any checkpoint in {ckpt_dir} (see its log)")
+    if step == 0:
+        return None
+    if found is not None:
+        dist.print0(f"resuming from {found[0]} (step {step})")
+        return found[1]
+    return load(path_for(ckpt_dir, step))
+
+
+def resume(p: Parts, loader: VideoLoader, ckpt_dir: Path, config: dict) -> Tuple[int, int]:
+    """Restore the newest loadable checkpoint of `ckpt_dir` into the parts and the loader, if there is one.
+    Returns (step, skipped_steps): (0, 0) for a fresh run."""
+    state = find_resume_point(ckpt_dir, p.env)
+    if state is None:
+        return 0, 0
+    changed = config_changes(state["config"], config)
+    if changed:
+        dist.print0("note: config differs from the checkpoint's: " + "; ".join(changed))
+    return restore(p, loader, state)
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> List[str]:
+    """Keys whose values differ between two config dicts (the checkpoint's and this run's)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out

@@ -18,7 +18,6 @@ probe's last epoch.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -33,10 +32,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model.config import as_model_config
-from model.features import CheckpointError, load_encoder
+from model.features import load_encoder
 from model.probe import AttentiveProbe
 from model.vit import VisionTransformer
-from common.config import ConfigError, check, load_config, to_dict
+from common.cli import main_for
+from common.config import ConfigError, check, to_dict
+from common.errors import CheckpointError
+from common.files import atomic_write
 from pipeline.config import LoaderConfig
 from pipeline.loader import VideoLoader
 from train import dist
@@ -234,7 +236,7 @@ def _run(cfg: ProbeConfig, env) -> Optional[dict]:
         "config": to_dict(cfg),
     }
     if env.is_main:
-        out.write_text(json.dumps(result, indent=2))
+        atomic_write(out, json.dumps(result, indent=2))
         plot_probe(result, out.with_suffix(".png"))
         dist.print0(f"probe {'(random weights) ' if cfg.random_init else ''}top-1 {100 * top1:.1f}% on "
                     f"{nvid} {cfg.val_split} videos (chance {100 / len(classes):.1f}%) -> {out}")
@@ -242,17 +244,8 @@ def _run(cfg: ProbeConfig, env) -> Optional[dict]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None)
-    ap.add_argument("overrides", nargs="*", help="key=value, e.g. checkpoint=runs/train/checkpoints/ckpt-00000300.pt")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(ProbeConfig, args.config, args.overrides)
-        run(cfg)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return main_for(ProbeConfig, run, argv, prog="tubelet-probe", doc=__doc__,
+                    errors={CheckpointError: 2, FileNotFoundError: 2})
 
 
 if __name__ == "__main__":

@@ -1,65 +1,31 @@
-"""Built-in sample dataset: short, labelled, synthetic motion videos.
+"""The built-in sample's scenes: short synthetic clips of a textured object moving over a drifting background.
 
-``generate(out_dir)`` writes a small deterministic dataset that has exactly the
-shape of what a user brings: ordinary video files in assorted containers,
-codecs, frame rates, resolutions and durations, plus one ``path,label`` CSV per
-split::
+    render_clip(rng, "rotate", width=320, height=240, num_frames=48, fps=24)  ->  uint8 [48, 240, 320, 3]
 
-    OUT/videos/<split>/<class>/<class>_<index>.<ext>
-    OUT/train.csv, OUT/val.csv      header ``path,label``; path relative to OUT
-    OUT/classes.txt                 one class per line, in label order
-    OUT/SAMPLE.json                 written last (atomically): completion marker
+Every clip shows a textured object over a textured background that drifts in a random direction at a random
+speed. The class is *how the object moves* (see ``CLASSES``); every class is invariant to horizontal flips.
+All appearance parameters (background, object shape/texture/colour/size/start position and orientation) are
+drawn from the same distributions, in the same order, for every class, and the motion starts at ``t = 0``:
+for one random generator state the first frame is *identical* whatever the class. Size, position and angle
+are drawn from the stationary distributions of the motions (log-uniform size, uniform position, uniform angle;
+translations and zooms bounce inside the same bounds), so a frame at *any* time has the same distribution in
+every class: a single frame carries no label information and the label has to be read off motion.
 
-Every clip shows a textured object over a textured background that drifts in a
-random direction at a random speed.  The class is *how the object moves*
-(see ``CLASSES``); every class is invariant to horizontal flips.  All
-appearance parameters (background, object shape/texture/colour/size/start
-position and orientation) are drawn from the same distributions, in the same
-order, for every class, and the motion starts at ``t = 0``: for one random
-generator state the first frame is *identical* whatever the class.  Size,
-position and angle are drawn from the stationary distributions of the motions
-(log-uniform size, uniform position, uniform angle; translations and zooms
-bounce inside the same bounds), so a frame at *any* time has the same
-distribution in every class: a single frame carries no label information and
-the label has to be read off motion.  Container, codec and resolution follow
-one fixed cycle that every class walks through, so they carry none either.
-
-Everything is deterministic: each video's random generator is seeded from
-``(seed, split, class, index)`` only (train and val never share a seed),
-frames are rendered with numpy straight into the encoder's 4:2:0 planes (no
-swscale), encoders run single-threaded with the bitexact flags set, and
-muxers run with ``+bitexact`` (so Matroska/WebM do not write random UIDs and
-no muxer writes creation times or library versions).  Byte identity holds for
-the same FFmpeg/encoder builds (PyAV wheel); ``SAMPLE.json`` records them.
-
-CLI::
-
-    python -m shards.synthetic.render --out data/sample [--seed 0] \
-        [--train-per-class 40] [--val-per-class 12] [--workers N]
+`SceneStyle` holds the design knobs (object size range, background contrast); `Scene` draws one clip's
+parameters and renders its frames as RGB or straight into 4:2:0 planes for an encoder (`frames_yuv420`);
+`smooth_noise` is the periodic texture generator, public for other synthetic designs. The dataset (formats,
+splits, files) is `shards.synthetic.generate`.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import hashlib
-import io
-import json
 import math
-import multiprocessing as mp
-import os
-import sys
-import time
-from fractions import Fraction
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 
-__all__ = ["CLASSES", "SPLITS", "FORMATS", "RESOLUTIONS", "FPS_CHOICES", "generate", "render_clip", "main"]
-
-#: Bump whenever the bytes written for the same parameters change.
-GENERATOR_VERSION = 1
+__all__ = ["CLASSES", "SceneStyle", "DEFAULT_STYLE", "Scene", "render_clip", "smooth_noise"]
 
 #: Class names in label order (label index = position in this tuple).
 CLASSES: tuple[str, ...] = (
@@ -70,34 +36,17 @@ CLASSES: tuple[str, ...] = (
     "still",  # object fixed in the frame; only the background moves
 )
 
-SPLITS: tuple[str, ...] = ("train", "val")
 
-#: (extension, muxer, encoder, pixel format, encoder options).  Cycled so every
-#: class gets every format.
-_H264 = {"preset": "superfast", "crf": "23"}
-_VP9 = {"deadline": "realtime", "cpu-used": "8", "crf": "32", "b": "0", "row-mt": "0", "lag-in-frames": "0"}
-FORMATS: tuple[tuple[str, str, str, str, dict[str, str]], ...] = (
-    ("mp4", "mp4", "libx264", "yuv420p", _H264),
-    ("webm", "webm", "libvpx-vp9", "yuv420p", _VP9),
-    ("mkv", "matroska", "libx264", "yuv420p", _H264),
-    ("avi", "avi", "mpeg4", "yuv420p", {"qmin": "5", "qmax": "5"}),  # fixed quantiser
-    ("mkv", "matroska", "libvpx-vp9", "yuv420p", _VP9),
-    ("mov", "mov", "mjpeg", "yuvj420p", {"qmin": "8", "qmax": "8"}),
-)
+@dataclass(frozen=True)
+class SceneStyle:
+    """The design knobs of the scenes. The defaults make the built-in sample (changing them changes its bytes)."""
 
-_CODEC_NAMES = {"libx264": "h264", "libvpx-vp9": "vp9", "mpeg4": "mpeg4", "mjpeg": "mjpeg"}
+    size_range: tuple[float, float] = (0.08, 0.2)  # object size s (area pi s^2) as a fraction of the short side
+    bg_contrast: tuple[float, float] = (15.0, 32.0)  # background colour-noise amplitude (grey levels per unit)
 
-#: (width, height): small, even, one portrait.
-RESOLUTIONS: tuple[tuple[int, int], ...] = ((320, 240), (240, 320), (352, 288), (256, 256), (400, 224))
 
-FPS_CHOICES: tuple[int, ...] = (12, 15, 24, 25, 30)
-DURATION_RANGE_S: tuple[float, float] = (1.5, 4.0)
+DEFAULT_STYLE = SceneStyle()
 
-# Length of the (format, resolution) cycle: every combination once per period.
-_CONFIG_PERIOD = math.lcm(len(FORMATS), len(RESOLUTIONS))
-
-_BG_CONTRAST = (15.0, 32.0)  # background colour-noise amplitude (grey levels per unit of noise)
-_SIZE_RANGE = (0.08, 0.2)  # object size s (area pi s^2) as a fraction of the short side
 _SHAPES = ("disc", "square", "triangle", "ellipse")
 # Shapes are described in object-local coordinates by a gauge function f (f <= 1 inside);
 # all have area pi * s^2.  Per shape: "inradius" (turns f - 1 into an edge distance), in
@@ -118,7 +67,7 @@ _OBJ_TEX_PER_UNIT = _OBJ_TEX / 2.5  # texels per unit of object-local coordinate
 # --------------------------------------------------------------------------- rendering
 
 
-def _smooth_noise(rng: np.random.Generator, channels: int, h: int, w: int, sigma: float, down: int = 1) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, channels: int, h: int, w: int, sigma: float, down: int = 1) -> np.ndarray:
     """Periodic low-pass (Gaussian, std ``sigma`` px) noise ``[channels, h, w]``, zero mean and
     unit std per channel.  With ``down=2`` it is synthesised at half resolution and upsampled
     (linear, periodic): much cheaper and indistinguishable for ``sigma`` of a few px."""
@@ -179,10 +128,11 @@ def _convert(rgb: np.ndarray, matrix: tuple[np.ndarray, np.ndarray]) -> np.ndarr
                      for j in range(3)], axis=-1)
 
 
-class _Scene:
+class Scene:
     """All random parameters of one clip, drawn in a class-independent order, and its renderer."""
 
-    def __init__(self, rng: np.random.Generator, cls: str, width: int, height: int, num_frames: int, fps: float):
+    def __init__(self, rng: np.random.Generator, cls: str, width: int, height: int, num_frames: int, fps: float,
+                 style: SceneStyle = DEFAULT_STYLE):
         if cls not in CLASSES:
             raise ValueError(f"unknown class {cls!r}; expected one of {CLASSES}")
         if num_frames < 1 or width < 8 or height < 8 or fps <= 0:
@@ -195,9 +145,9 @@ class _Scene:
         # Background: periodic smooth coloured noise, larger than the frame.
         ph, pw = int(math.ceil(H * 1.5 / 16) * 16), int(math.ceil(W * 1.5 / 16) * 16)
         bg_sigma = rng.uniform(3.0, 9.0) * unit
-        n = _smooth_noise(rng, 3, ph, pw, bg_sigma, down=2)
+        n = smooth_noise(rng, 3, ph, pw, bg_sigma, down=2)
         base = rng.uniform(50.0, 205.0, size=3).astype(np.float32)
-        mix = (rng.standard_normal((3, 3)) * rng.uniform(*_BG_CONTRAST)).astype(np.float32)
+        mix = (rng.standard_normal((3, 3)) * rng.uniform(*style.bg_contrast)).astype(np.float32)
         bg = base[None, None, :] + np.einsum("chw,dc->hwd", n, mix)
         self.bg_rgb = np.clip(bg, 0.0, 255.0).astype(np.float32)  # [ph, pw, 3]
         self.bg_origin = (rng.uniform(0, ph), rng.uniform(0, pw))
@@ -207,7 +157,7 @@ class _Scene:
 
         # Object: shape, two-colour blobby texture with an outline, size, pose.
         self.shape = _SHAPES[int(rng.integers(len(_SHAPES)))]
-        t = _smooth_noise(rng, 2, _OBJ_TEX, _OBJ_TEX, rng.uniform(2.5, 5.0))
+        t = smooth_noise(rng, 2, _OBJ_TEX, _OBJ_TEX, rng.uniform(2.5, 5.0))
         c1 = rng.uniform(0.0, 255.0, size=3)
         c2 = rng.uniform(0.0, 255.0, size=3)
         for _ in range(64):  # make the two colours clearly different (rotation must show)
@@ -223,9 +173,9 @@ class _Scene:
         # (log-uniform size, uniform position, uniform angle) and every motion keeps them
         # there (bounces within the same bounds), so the frame at *any* time, not just the
         # first, has the same distribution whatever the class.
-        log_lo, log_hi = math.log(_SIZE_RANGE[0] * short), math.log(_SIZE_RANGE[1] * short)
+        log_lo, log_hi = math.log(style.size_range[0] * short), math.log(style.size_range[1] * short)
         self.size0 = math.exp(rng.uniform(log_lo, log_hi))  # s: object "radius" in px (area pi s^2)
-        margin = _SIZE_RANGE[1] * short
+        margin = style.size_range[1] * short
         self.x_range = (margin, W - margin)
         self.y_range = (margin, H - margin)
         x0 = rng.uniform(*self.x_range)
@@ -409,6 +359,7 @@ def render_clip(
     num_frames: int,
     fps: float,
     *,
+    style: SceneStyle = DEFAULT_STYLE,
     return_info: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, dict[str, Any]]:
     """Render one clip of class ``cls`` as ``uint8 [num_frames, height, width, 3]`` RGB.
@@ -418,7 +369,7 @@ def render_clip(
     x, y in px), ``scale`` (``[F]`` object size s in px; area = pi s^2),
     ``angle`` (``[F]`` radians), ``shape`` and ``background_velocity`` (y, x px/s).
     """
-    scene = _Scene(rng, cls, width, height, num_frames, fps)
+    scene = Scene(rng, cls, width, height, num_frames, fps, style)
     (layer,) = scene.layers("rgb")
     out = np.empty((num_frames, scene.height, scene.width, 3), np.uint8)
     alphas = np.zeros((num_frames, scene.height, scene.width), np.float32) if return_info else None
@@ -438,305 +389,3 @@ def render_clip(
 
 
 # --------------------------------------------------------------------------- encoding
-
-
-def _encode(path: Path, scene: _Scene, fmt_index: int, fps: int) -> None:
-    ext, muxer, codec, pix_fmt, options = FORMATS[fmt_index]
-    width, height = scene.width, scene.height
-    import av  # local import: keeps `render_clip` usable without PyAV
-
-    container = av.open(
-        str(path),
-        "w",
-        format=muxer,
-        container_options={"fflags": "+bitexact", "flags": "+bitexact"},
-    )
-    try:
-        stream = container.add_stream(codec, rate=Fraction(fps))
-        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        stream.time_base = Fraction(1, fps)
-        cc = stream.codec_context
-        cc.time_base = Fraction(1, fps)
-        cc.thread_count = 1
-        cc.gop_size = max(1, fps)  # a keyframe every second: cheap random access
-        # Tag what the frames are: BT.601 (SMPTE 170M), limited range or full range (JPEG).
-        full_range = pix_fmt == "yuvj420p"
-        cc.color_range = 2 if full_range else 1
-        cc.colorspace = cc.color_primaries = cc.color_trc = 6
-        cc.options = {"flags": "+bitexact", "threads": "1", **options}
-        # Frames are rendered straight into the encoder's 4:2:0 layout (BT.601; full range for
-        # yuvj420p): no swscale conversion, so the bytes do not depend on its SIMD paths.
-        for i, planes in enumerate(scene.frames_yuv420(full_range=full_range)):
-            frame = av.VideoFrame.from_ndarray(planes, format=pix_fmt)
-            frame.color_range = cc.color_range
-            frame.colorspace = frame.color_primaries = frame.color_trc = 6
-            frame.pts = i
-            frame.time_base = Fraction(1, fps)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    finally:
-        container.close()
-
-
-# --------------------------------------------------------------------------- dataset plan
-
-
-def _video_rng(seed: int, split: str, cls_index: int, index: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(seed), SPLITS.index(split), cls_index, index]))
-
-
-def _clip_timing(rng: np.random.Generator) -> tuple[int, int]:
-    """(fps, num_frames): the first draws of every video's generator."""
-    fps = FPS_CHOICES[int(rng.integers(len(FPS_CHOICES)))]
-    duration = rng.uniform(*DURATION_RANGE_S)
-    return fps, max(2, int(round(duration * fps)))
-
-
-def _plan(seed: int, counts: dict[str, int]) -> list[dict[str, Any]]:
-    """One task per video; the (format, resolution) cycle is the same list for
-    every class, shifted per class and split so small datasets still cover it."""
-    tasks = []
-    for split_id, split in enumerate(SPLITS):
-        for c, cls in enumerate(CLASSES):
-            for i in range(counts[split]):
-                j = (i + 7 * c + 8 * split_id) % _CONFIG_PERIOD
-                fmt_index = j % len(FORMATS)
-                width, height = RESOLUTIONS[j % len(RESOLUTIONS)]
-                fps, num_frames = _clip_timing(_video_rng(seed, split, c, i))
-                ext = FORMATS[fmt_index][0]
-                tasks.append(
-                    dict(
-                        seed=int(seed), split=split, cls=cls, cls_index=c, index=i,
-                        rel=f"videos/{split}/{cls}/{cls}_{i:04d}.{ext}",
-                        fmt_index=fmt_index, width=width, height=height, fps=fps, num_frames=num_frames,
-                    )
-                )
-    return tasks
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _scene_for(task: dict[str, Any]) -> _Scene:
-    rng = _video_rng(task["seed"], task["split"], task["cls_index"], task["index"])
-    _clip_timing(rng)  # replay the plan's draws so the scene gets the same stream
-    return _Scene(rng, task["cls"], task["width"], task["height"], task["num_frames"], task["fps"])
-
-
-def _make_video(task: dict[str, Any], out_dir: str) -> tuple[str, str, int]:
-    scene = _scene_for(task)
-    final = Path(out_dir) / task["rel"]
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.partial")
-    try:
-        _encode(tmp, scene, task["fmt_index"], task["fps"])
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return task["rel"], _sha256(final), final.stat().st_size
-
-
-def _make_video_star(args: tuple[dict[str, Any], str]) -> tuple[str, str, int]:
-    return _make_video(*args)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _params(seed: int, train_per_class: int, val_per_class: int) -> dict[str, Any]:
-    return {
-        "version": GENERATOR_VERSION,
-        "seed": int(seed),
-        "train_per_class": int(train_per_class),
-        "val_per_class": int(val_per_class),
-        "classes": list(CLASSES),
-    }
-
-
-def _is_complete(out: Path, params: dict[str, Any]) -> bool:
-    marker = out / "SAMPLE.json"
-    try:
-        meta = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return False
-    if meta.get("generator") != "tubelet.sample" or meta.get("params") != params:
-        return False
-    try:
-        return all((out / rel).stat().st_size == entry["bytes"] for rel, entry in meta["files"].items())
-    except (OSError, KeyError, TypeError, AttributeError):
-        return False
-
-
-def generate(
-    out_dir: str | os.PathLike[str],
-    *,
-    seed: int = 0,
-    train_per_class: int = 40,
-    val_per_class: int = 12,
-    workers: int | None = None,
-    progress: bool = True,
-) -> Path:
-    """Write the sample dataset to ``out_dir`` (see module docstring) and return it.
-
-    A no-op when ``out_dir/SAMPLE.json`` exists with the same parameters and
-    all listed files are present with the recorded sizes.
-    """
-    out = Path(out_dir)
-    if train_per_class < 0 or val_per_class < 0 or seed < 0:
-        raise ValueError("seed and per-class counts must be >= 0")
-    params = _params(seed, train_per_class, val_per_class)
-    if _is_complete(out, params):
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    marker = out / "SAMPLE.json"
-    if marker.exists():
-        marker.unlink()  # the folder is incomplete until the new marker lands
-
-    t0 = time.perf_counter()
-    tasks = _plan(seed, {"train": train_per_class, "val": val_per_class})
-    # Longest first: better load balance for the pool.
-    order = sorted(tasks, key=lambda t: -t["num_frames"] * t["width"] * t["height"])
-    n_workers = (os.cpu_count() or 1) if workers is None else int(workers)
-    n_workers = max(1, min(n_workers, len(tasks)))
-    args = [(t, str(out)) for t in order]
-    results: dict[str, tuple[str, int]] = {}
-
-    bar = None
-    if progress and tasks:
-        try:
-            from tqdm import tqdm
-
-            # disable=None: no bar when stderr is not a terminal (the summary line still prints)
-            bar = tqdm(total=len(tasks), desc=f"sample -> {out}", unit="video", file=sys.stderr, disable=None)
-        except ImportError:
-            bar = None
-    try:
-        if n_workers == 1:
-            it = map(_make_video_star, args)
-            pool = None
-        else:
-            methods = mp.get_all_start_methods()
-            ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-            pool = ctx.Pool(n_workers)
-            it = pool.imap_unordered(_make_video_star, args, chunksize=1)
-        try:
-            for rel, digest, size in it:
-                results[rel] = (digest, size)
-                if bar is not None:
-                    bar.update(1)
-        except BaseException:
-            if pool is not None:
-                pool.terminate()
-            raise
-        finally:
-            if pool is not None:
-                pool.close()
-                pool.join()
-    finally:
-        if bar is not None:
-            bar.close()
-
-    # Remove stale videos (from an earlier, different generation) under videos/.
-    expected = {t["rel"] for t in tasks}
-    vids = out / "videos"
-    if vids.is_dir():
-        for p in sorted(vids.rglob("*")):
-            if p.is_file() and p.relative_to(out).as_posix() not in expected:
-                p.unlink()
-        for p in sorted(vids.rglob("*"), reverse=True):
-            if p.is_dir() and not any(p.iterdir()):
-                p.rmdir()
-
-    files: dict[str, dict[str, Any]] = {}
-    for split in SPLITS:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path", "label"])
-        for t in tasks:
-            if t["split"] == split:
-                w.writerow([t["rel"], t["cls"]])
-        data = buf.getvalue().encode()
-        _write_atomic(out / f"{split}.csv", data)
-        files[f"{split}.csv"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    data = ("\n".join(CLASSES) + "\n").encode()
-    _write_atomic(out / "classes.txt", data)
-    files["classes.txt"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    for t in sorted(tasks, key=lambda t: t["rel"]):
-        ext, _, encoder, pix_fmt, _ = FORMATS[t["fmt_index"]]
-        digest, size = results[t["rel"]]
-        files[t["rel"]] = {
-            "sha256": digest,
-            "bytes": size,
-            "split": t["split"],
-            "label": t["cls"],
-            "container": ext,
-            "codec": _CODEC_NAMES[encoder],
-            "encoder": encoder,
-            "pix_fmt": pix_fmt,
-            "width": t["width"],
-            "height": t["height"],
-            "fps": t["fps"],
-            "frames": t["num_frames"],
-        }
-
-    import av
-
-    meta = {
-        "generator": "tubelet.sample",
-        "params": params,
-        # informational: byte-identity holds for the same encoder libraries
-        "libraries": {k: ".".join(map(str, v)) for k, v in sorted(av.library_versions.items())},
-        "counts": {s: sum(1 for t in tasks if t["split"] == s) for s in SPLITS},
-        "total_bytes": sum(f["bytes"] for f in files.values()),
-        "files": files,
-    }
-    _write_atomic(marker, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
-    if progress:
-        print(
-            f"sample: {len(tasks)} videos, {meta['total_bytes'] / 1e6:.1f} MB in "
-            f"{time.perf_counter() - t0:.1f}s with {n_workers} worker(s) -> {out}",
-            file=sys.stderr,
-        )
-    return out
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m shards.synthetic.render", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="output folder (e.g. data/sample)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train-per-class", type=int, default=40)
-    ap.add_argument("--val-per-class", type=int, default=12)
-    ap.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
-    ap.add_argument("--quiet", action="store_true", help="no progress output")
-    a = ap.parse_args(argv)
-    out = generate(
-        a.out,
-        seed=a.seed,
-        train_per_class=a.train_per_class,
-        val_per_class=a.val_per_class,
-        workers=a.workers,
-        progress=not a.quiet,
-    )
-    print(out)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

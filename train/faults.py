@@ -1,0 +1,51 @@
+"""Fault injection for the reliability tests: each variable is read once at start (`Faults.from_env`).
+
+    TUBELET_FAULT_KILL=RANK:STEP     rank RANK SIGKILLs itself when it reaches step STEP (first attempt only:
+                                     TORCHELASTIC_RESTART_COUNT unset or 0), as a node failure would.
+    TUBELET_FAULT_NAN=STEP           the loss of step STEP is NaN (on every rank; RANK:STEP: on that rank only).
+    TUBELET_FAULT_KILL_IN_CKPT=STEP  rank 0 SIGKILLs itself half-way through writing checkpoint STEP (first
+                                     attempt only); the previous checkpoint must still load.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+
+@dataclass(frozen=True)
+class Faults:
+    kill: Optional[Tuple[int, int]] = None  # (rank, step)
+    nan: Optional[Tuple[Optional[int], int]] = None  # (rank or None = all, step)
+    kill_in_ckpt: Optional[int] = None  # step
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "Faults":
+        def pair(name: str, rank_optional: bool):
+            raw = env.get(name, "").strip()
+            if not raw:
+                return None
+            try:
+                parts = [int(x) for x in raw.split(":")]
+            except ValueError:
+                parts = []
+            if len(parts) == 2 or (rank_optional and len(parts) == 1):
+                return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
+            raise ValueError(f"{name}={raw!r}: expected {'[RANK:]STEP' if rank_optional else 'RANK:STEP'}")
+
+        first_attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        kill = pair("TUBELET_FAULT_KILL", False)
+        in_ckpt = pair("TUBELET_FAULT_KILL_IN_CKPT", True)
+        return cls(kill=kill if first_attempt else None, nan=pair("TUBELET_FAULT_NAN", True),
+                   kill_in_ckpt=in_ckpt[1] if in_ckpt and first_attempt else None)
+
+    def maybe_kill(self, rank: int, step: int) -> None:
+        if self.kill == (rank, step):
+            print(f"[fault injection] rank {rank}: SIGKILL at step {step}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def nan_at(self, rank: int, step: int) -> bool:
+        return self.nan is not None and self.nan[1] == step and self.nan[0] in (None, rank)
