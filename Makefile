@@ -10,11 +10,11 @@ DALI ?= nvidia-dali-cuda130
 STAMP := $(VENV)/.tubelet-setup
 ARGS ?=
 
-.PHONY: setup ffmpeg-tool prometheus-tool sample shards train probe proof test bench-shards bench-loader \
+.PHONY: setup ffmpeg-tool prometheus-tool sample shards train probe proof test test-fast bench-shards bench-loader \
 	bench-train monitor demo clean help
 
 help:
-	@echo "make setup | demo | test | sample | shards | train | probe | proof | monitor | bench-shards | bench-loader | bench-train   (ARGS='key=value ...')"
+	@echo "make setup | demo | test | test-fast | sample | shards | train | probe | proof | monitor | bench-shards | bench-loader | bench-train   (ARGS='key=value ...'; ARGS=--help lists the keys)"
 
 setup: $(STAMP)
 
@@ -52,8 +52,13 @@ probe: setup
 proof: shards
 	$(PY) -m research.learning_proof $(ARGS)
 
+# Everything (CPU; real DALI, video, multi-process DDP and Prometheus): about 4 minutes on 2 cores.
 test: setup prometheus-tool
 	$(PY) -m pytest -q $(ARGS)
+
+# The suite without the long integration tests (marked `slow`): under a minute on 2 cores, for the edit loop.
+test-fast: setup prometheus-tool
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 bench-shards: setup ffmpeg-tool
 	$(PY) -m benchmarks.bench_shards $(ARGS)

@@ -269,3 +269,65 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return main_for(BenchShardsConfig, bench, argv, prog="python -m benchmarks.bench_shards", doc=__doc__)
 
 
+def _ffmpeg_version() -> str:
+    try:
+        return subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True).stdout.split("\n")[0]
+    except OSError:
+        return "not installed"
+
+
+def _derive(res: dict, src_seconds: float, n: int) -> None:
+    for k in ("tubelet", "ffmpeg"):
+        r = res.get(k)
+        if r:
+            r["src_s_per_cpu_s"] = src_seconds / r["cpu_s"]
+            r["videos_per_s"] = n / r["wall_s"]
+    t = res.get("tubelet")
+    if t:
+        t["transcode_cpu_s"] = t["cpu_s"] - t["validate_cpu_s"]
+        t["transcode_src_s_per_cpu_s"] = src_seconds / t["transcode_cpu_s"]
+    if t and res.get("ffmpeg"):
+        f = res["ffmpeg"]
+        res["ratio_tubelet_over_ffmpeg"] = {
+            "speed_total": t["src_s_per_cpu_s"] / f["src_s_per_cpu_s"],  # > 1: tubelet faster
+            "speed_transcode_only": t["transcode_src_s_per_cpu_s"] / f["src_s_per_cpu_s"],
+            "output_bytes": t["out_bytes"] / f["out_bytes"],
+        }
+    sc = res.get("scaling")
+    if sc:
+        base = sc[0]["videos_per_s"]
+        for r in sc:
+            r["speedup"] = r["videos_per_s"] / base
+
+
+def _table(res: dict) -> str:
+    inp = res["inputs"]
+    lines = [f"inputs: {inp['videos']} x {inp['seconds_each']:g} s {inp['size']} {inp['fps']} fps H.264 "
+             f"({inp['source_seconds']:.1f} source-seconds); output {res['transcode']}; {res['machine']['cpus']} CPUs",
+             "", "| what | CPU s | wall s | source-s per CPU-s | videos/s | output bytes |", "|---|---|---|---|---|---|"]
+    t, f = res.get("tubelet"), res.get("ffmpeg")
+    if t:
+        lines.append(f"| tubelet `process` (transcode + validation), 1 process | {t['cpu_s']:.2f} | {t['wall_s']:.2f} | "
+                     f"{t['src_s_per_cpu_s']:.2f} | {t['videos_per_s']:.2f} | {t['out_bytes']:,} |")
+        lines.append(f"| &nbsp; of which `validate_video` (decode-back) | {t['validate_cpu_s']:.2f} | "
+                     f"{t['validate_wall_s']:.2f} | | | |")
+        lines.append(f"| &nbsp; tubelet transcode only | {t['transcode_cpu_s']:.2f} | | "
+                     f"{t['transcode_src_s_per_cpu_s']:.2f} | | |")
+    if f:
+        lines.append(f"| ffmpeg CLI, same settings, 1 thread | {f['cpu_s']:.2f} | {f['wall_s']:.2f} | "
+                     f"{f['src_s_per_cpu_s']:.2f} | {f['videos_per_s']:.2f} | {f['out_bytes']:,} |")
+    r = res.get("ratio_tubelet_over_ffmpeg")
+    if r:
+        lines += ["", f"tubelet/ffmpeg speed (source-s per CPU-s): {r['speed_total']:.3f} with validation, "
+                      f"{r['speed_transcode_only']:.3f} transcode only; output bytes ratio {r['output_bytes']:.3f}"]
+    if res.get("scaling"):
+        lines += ["", "| make_shards.run workers | wall s | videos/s | speedup | CPU s of workers (rusage) | "
+                      "CPU s in `process` (summary) |", "|---|---|---|---|---|---|"]
+        for s in res["scaling"]:
+            lines.append(f"| {s['workers']} | {s['wall_s']:.2f} | {s['videos_per_s']:.2f} | {s['speedup']:.2f} | "
+                         f"{s['children_cpu_s']:.2f} | {s['worker_cpu_s']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

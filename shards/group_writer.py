@@ -6,7 +6,7 @@ import json
 import os
 import tarfile
 import tempfile
-from typing import Dict, List
+from typing import Dict
 
 from common.files import sha256_file
 from shards.config import ShardsConfig
@@ -35,7 +35,7 @@ class GroupWriter:
         part = 0
 
         def close_shard() -> None:
-            nonlocal writer, tmp, f, part
+            nonlocal writer, part
             writer.close()
             f.close()
             name = g.name + (f"-{part}" if part else "")

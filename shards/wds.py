@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import tarfile
 from dataclasses import dataclass
-from typing import BinaryIO, List, Sequence
+from typing import BinaryIO, List, Sequence, Tuple
 
 INDEX_VERSION = "v1.2"
 

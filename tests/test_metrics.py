@@ -284,6 +284,7 @@ def test_build_metrics_picks_the_backend():
         m.close()
 
 
+@pytest.mark.slow
 def test_a_nonfinite_stop_is_scraped_before_close_returns(monkeypatch):
     monkeypatch.setattr(prom, "STOP_LINGER_SECONDS", 20.0)
     with exporter(nvml=False) as m:  # nobody ever scraped: close() does not wait
@@ -510,6 +511,7 @@ m.close()
 """
 
 
+@pytest.mark.slow
 def test_dashboards_and_rules_on_two_exporters(tmp_path):
     """Two processes feed PrometheusMetrics like two ranks; a real Prometheus scrapes them; every panel, the
     dashboard variables and every recording rule return data for both ranks."""
@@ -550,6 +552,7 @@ def stop(job: subprocess.Popen) -> None:
             job.wait()
 
 
+@pytest.mark.slow
 def test_dashboards_and_rules_on_a_torchrun_training_run(tmp_path, small_shards):
     """A 2-rank CPU training run scraped every second by a real Prometheus: every panel, the dashboard
     variables and every recording rule return data for both ranks while it trains; the job is stopped once
@@ -571,6 +574,7 @@ def test_dashboards_and_rules_on_a_torchrun_training_run(tmp_path, small_shards)
         p.close()
 
 
+@pytest.mark.slow
 def test_a_nan_stop_reaches_prometheus_and_fires_the_alert(tmp_path, small_shards):
     """The trainer stops on a NaN loss at step 3 (fault injection) and exits; its ranks wait for one more scrape,
     so the stop indicator is stored and TubeletNonFiniteStop fires after the processes are gone."""

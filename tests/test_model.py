@@ -424,6 +424,7 @@ def test_export_roundtrip(checkpoint, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # the temp file was renamed
 
 
+@pytest.mark.slow
 def test_cli_export(checkpoint, tmp_path):
     path, _ = checkpoint
     out = tmp_path / "cli.safetensors"

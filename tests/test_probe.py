@@ -61,11 +61,13 @@ def test_probe_writes_results_and_resumes(ckpt, small_shards, capsys):
     assert more["history"][:3] == result["history"] and len(more["history"]) == 5
 
 
+@pytest.mark.slow
 def test_random_weights_baseline_is_a_separate_result(ckpt, small_shards):
     result = run_probe(load_config(ProbeConfig, None, probe_args(ckpt, small_shards, "random_init=true", "epochs=1")))
     assert result["random_init"] and (ckpt.parent / f"probe-random-{ckpt.stem}-s0.json").exists()
 
 
+@pytest.mark.slow
 def test_probe_on_two_ranks(ckpt, small_shards, tmp_path):
     out = tmp_path / "two.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "train.probe",
@@ -84,6 +86,7 @@ def test_probe_config_errors(capsys):
     assert "/nonexistent/ckpt.pt" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_proof_sweep_runs_pretraining_supervised_and_probes(tmp_path):
     """The recipe-search tool (research/proof_sweep.py): rendered sample, trainer steps, probes, summary."""
     from research import proof_sweep

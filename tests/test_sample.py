@@ -48,6 +48,7 @@ def meta(dataset) -> dict:
 # ----------------------------------------------------------------------------- files
 
 
+@pytest.mark.slow
 def test_deterministic_across_runs_and_workers(dataset, tmp_path):
     time.sleep(1.1)  # a creation time in seconds would now differ
     other = generate(tmp_path / "again", seed=0, train_per_class=PER_CLASS, val_per_class=PER_CLASS,
@@ -172,6 +173,7 @@ def test_rerun_is_noop(dataset):
     assert before == after
 
 
+@pytest.mark.slow
 def test_regenerates_on_new_parameters_and_cli(tmp_path):
     out = tmp_path / "s"
     generate(out, train_per_class=1, val_per_class=1, workers=1, progress=False)
@@ -268,6 +270,7 @@ def _nearest_centroid_accuracy(x: np.ndarray, y: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("which", ["first", "last"])
+@pytest.mark.slow
 def test_single_frame_carries_no_label(clip_stats, which):
     """Object area, centre, frame and object mean colour of one frame: same distribution in
     every class, for the first frame and (stationary motions) for a later one."""
@@ -282,6 +285,7 @@ def test_single_frame_carries_no_label(clip_stats, which):
     assert _nearest_centroid_accuracy(stats, labels) < 0.4
 
 
+@pytest.mark.slow
 def test_motion_carries_the_label(clip_stats):
     _, _, motion, labels, bg_change, still_inner = clip_stats
     acc = _nearest_centroid_accuracy(np.log(1e-3 + motion), labels)

@@ -181,6 +181,7 @@ def test_dist_single_process_without_torchrun_env(monkeypatch):
     assert dist.any_rank(True, env.device) and not dist.any_rank(False, env.device)
 
 
+@pytest.mark.slow
 def test_dist_fails_loudly_never_alone(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -213,6 +214,7 @@ def _check_ranks(rank: int, port: int, same: bool, out) -> None:
     assert env.world_size == 2
 
 
+@pytest.mark.slow
 def test_assert_same_across_ranks_finds_a_one_ulp_difference():
     ctx = mp.get_context("spawn")
     for same in (True, False):
@@ -289,6 +291,7 @@ def test_reference_run_outputs(reference, small_shards):
     assert {"encoder", "predictor", "target_encoder", "optimizer", "rng"} <= state.keys()
 
 
+@pytest.mark.slow
 def test_resume_is_exact(reference, small_shards, tmp_path):
     run_dir = tmp_path / "split"
     first = run(cfg_for(small_shards, run_dir, "schedule.stop_at=3"))
@@ -316,6 +319,7 @@ def test_features_load_the_trainers_checkpoint(reference):
 # non-finite guard
 
 
+@pytest.mark.slow
 def test_nan_stop_names_the_step(small_shards, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TUBELET_FAULT_NAN", "3")
     with pytest.raises(NonFiniteError, match="at step 3"):
@@ -325,6 +329,7 @@ def test_nan_stop_names_the_step(small_shards, tmp_path, monkeypatch, capsys):
     assert [s for s, _ in checkpoint.list_checkpoints(tmp_path / "b" / "checkpoints")] == [2]
 
 
+@pytest.mark.slow
 def test_nan_skip_completes_and_counts(small_shards, tmp_path, monkeypatch):
     monkeypatch.setenv("TUBELET_FAULT_NAN", "3")
     summary = run(cfg_for(small_shards, tmp_path, "nonfinite=skip"))
@@ -340,6 +345,7 @@ def test_nan_skip_completes_and_counts(small_shards, tmp_path, monkeypatch):
 # fault injection in real processes
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_keeps_the_previous_one(reference, small_shards, tmp_path):
     run_dir = tmp_path / "run"
     args = overrides(small_shards, run_dir)
@@ -356,6 +362,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(reference, small_sh
     assert_same_weights(weights(run_dir), weights(reference))
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_survive_a_killed_rank(small_shards, tmp_path):
     """2 gloo ranks: weights identical across ranks; a NaN on rank 1 only is skipped by both; rank 1 SIGKILLed
     at step 4 under --max-restarts=1 resumes from ckpt-2 and ends exactly where the uninterrupted run ends."""
@@ -381,6 +388,7 @@ def test_ddp_two_ranks_survive_a_killed_rank(small_shards, tmp_path):
 # learning
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_small_labelled_set(small_shards, tmp_path):
     """40 steps of batch 4 on the 12 training videos: the loss falls to about a third (0.32-0.37 measured over 4
     seeds), and not by collapse: the target encoder's features on held-out clips stay as diverse as at init."""
@@ -441,6 +449,7 @@ def test_bench_flop_count_matches_torch_flop_counter():
     assert counter.get_total_flops() == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_bench_train_runs(tmp_path):
     from benchmarks.bench_train import main as bench
 
