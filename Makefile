@@ -10,7 +10,7 @@ DALI ?= nvidia-dali-cuda130
 STAMP := $(VENV)/.tubelet-setup
 ARGS ?=
 
-.PHONY: setup ffmpeg-tool prometheus-tool sample shards train probe proof test test-fast bench-shards bench-loader \
+.PHONY: setup ffmpeg-tool prometheus-tool sample shards sample-shards train probe proof test test-fast bench-shards bench-loader \
 	bench-train monitor demo clean help
 
 help:
@@ -40,8 +40,13 @@ sample: setup
 shards: setup
 	$(PY) -m shards.make_shards --config configs/shards.yaml $(ARGS)
 
+# The built-in sample's shard set, for the targets that train on it: resumes or checks it (seconds once it is
+# complete). Their ARGS are their own, never passed to make shards.
+sample-shards: setup
+	$(PY) -m shards.make_shards --config configs/shards.yaml
+
 # ViT-tiny on the built-in sample (data/shards/sample); a few minutes on 2 CPU cores. Rerunning resumes runs/cpu.
-train: shards
+train: sample-shards
 	$(PY) -m train.trainer --config configs/train/cpu.yaml $(ARGS)
 
 # Frozen attentive probe of a checkpoint: make probe ARGS="checkpoint=runs/cpu/checkpoints/ckpt-00000300.pt"
@@ -49,7 +54,7 @@ probe: setup
 	$(PY) -m train.probe --config configs/probe/cpu.yaml $(ARGS)
 
 # The learning proof: pretrain on the sample, probe it and the same network with random weights (one seed).
-proof: shards
+proof: sample-shards
 	$(PY) -m research.learning_proof $(ARGS)
 
 # Everything (CPU; real DALI, video, multi-process DDP and Prometheus): about 4 minutes on 2 cores.
@@ -74,7 +79,7 @@ monitor: prometheus-tool
 	bash scripts/monitor.sh $(ARGS)
 
 # The main job end to end on the built-in sample: generate, shard, pretrain briefly (loss.png in runs/demo).
-demo: shards
+demo: sample-shards
 	$(PY) -m train.trainer --config configs/train/cpu.yaml run_dir=runs/demo schedule.total_steps=60 \
 		optim.warmup_steps=10 checkpoint.every_steps=30 $(ARGS)
 

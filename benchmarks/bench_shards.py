@@ -321,7 +321,7 @@ def _table(res: dict) -> str:
         lines += ["", f"tubelet/ffmpeg speed (source-s per CPU-s): {r['speed_total']:.3f} with validation, "
                       f"{r['speed_transcode_only']:.3f} transcode only; output bytes ratio {r['output_bytes']:.3f}"]
     if res.get("scaling"):
-        lines += ["", "| make_shards.run workers | wall s | videos/s | speedup | CPU s of workers (rusage) | "
+        lines += ["", "| shards.build.run workers | wall s | videos/s | speedup | CPU s of workers (rusage) | "
                       "CPU s in `process` (summary) |", "|---|---|---|---|---|---|"]
         for s in res["scaling"]:
             lines.append(f"| {s['workers']} | {s['wall_s']:.2f} | {s['videos_per_s']:.2f} | {s['speedup']:.2f} | "

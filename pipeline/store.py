@@ -9,9 +9,7 @@ import threading
 from collections import OrderedDict
 from typing import Optional
 
-import fsspec
-
-from common.files import atomic_path
+from common.files import atomic_path, is_local, url_to_fs
 from shards.manifest import ManifestError
 
 
@@ -28,8 +26,8 @@ class ShardStore:
 
     def __init__(self, root: str, cache_dir: str = "", max_open: int = 64):
         self.root = root.rstrip("/")
-        self.fs, self.path = fsspec.core.url_to_fs(self.root)
-        self.local = "file" in self.fs.protocol
+        self.fs, self.path = url_to_fs(self.root)
+        self.local = is_local(self.fs)
         tag = hashlib.sha1(self.root.encode()).hexdigest()[:16]
         self.cache = os.path.join(cache_dir or default_cache_dir(), tag)
         self._files: "OrderedDict[str, int]" = OrderedDict()

@@ -12,11 +12,10 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.files import atomic_open, join, sha256_file
+from common.files import atomic_open, join, sha256_file, url_to_fs
 from shards.wds import parse_index
 
 MANIFEST = "manifest.parquet"
@@ -88,7 +87,7 @@ def write_manifest(root: str, rows: List[Dict[str, Any]], shards: List[Dict[str,
 
 def read_manifest(root: str) -> Manifest:
     url = join(root, MANIFEST)
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = url_to_fs(url)
     if not fs.exists(path):
         raise ManifestError(f"{root} has no {MANIFEST}: it is not a finished shard set "
                             "(run `make shards` to finish it, or point at the right folder)")
@@ -106,7 +105,7 @@ def read_manifest(root: str) -> Manifest:
 
 
 def read_rejects(root: str) -> pa.Table:
-    fs, path = fsspec.core.url_to_fs(join(root, REJECTS))
+    fs, path = url_to_fs(join(root, REJECTS))
     with fs.open(path, "rb") as f:
         return pq.read_table(f)
 
@@ -114,7 +113,7 @@ def read_rejects(root: str) -> pa.Table:
 def verify(manifest: Manifest, check_hashes: bool = False) -> None:
     """Refuse a shard set whose files do not match the manifest, naming the shard and what is wrong."""
 
-    fs, root = fsspec.core.url_to_fs(manifest.root)
+    fs, root = url_to_fs(manifest.root)
     by_shard: Dict[str, int] = {}
     for name, n in zip(*_shard_counts(manifest.samples)):
         by_shard[name] = n

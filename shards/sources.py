@@ -13,10 +13,11 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-import fsspec
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+
+from common.files import is_local, url_to_fs
 
 VIDEO_EXTENSIONS = (
     ".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts", ".flv",
@@ -50,18 +51,14 @@ def make_key(rel: str) -> str:
     return f"{slug}-{hashlib.sha1(rel.encode()).hexdigest()[:12]}"
 
 
-def _fs(spec: str):
-    fs, path = fsspec.core.url_to_fs(spec)
-    return fs, path
-
-
 def _url(fs, path: str) -> str:
-    return fs.unstrip_protocol(path) if fs.protocol not in ("file", ("file", "local")) else path
+    """The URL fsspec opens `path` of `fs` with (a plain path for local files)."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
 def list_split(spec: str, labels_from_dirs: bool = False) -> List[Source]:
     """All videos named by `spec` (folder, glob or list file), in a deterministic order."""
-    fs, path = _fs(spec)
+    fs, path = url_to_fs(spec)
     lower = path.lower()
     if lower.endswith(LIST_EXTENSIONS):
         if not fs.isfile(path):

@@ -18,9 +18,9 @@ from fractions import Fraction
 from typing import Dict, List, Optional, Tuple
 
 import av
-import fsspec
 import numpy as np
 
+from common.files import url_to_fs
 from shards.config import FilterConfig, TranscodeConfig
 from shards.validate import Rejected, validate_video
 
@@ -69,7 +69,7 @@ def process(job: Job) -> Sample | Reject:
 
 def _read(url: str, flt: FilterConfig) -> bytes:
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = url_to_fs(url)
         size = fs.size(path)
         if size is not None and size > flt.max_file_bytes:
             raise Rejected("file_too_large", f"{size} bytes > filter.max_file_bytes={flt.max_file_bytes}")
