@@ -9,10 +9,13 @@ visible all at once.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import posixpath
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Tuple, Union
 
@@ -95,6 +98,41 @@ def atomic_write(target: PathLike, data: Union[bytes, str], tmp_dir: Optional[Pa
     """Write `data` (bytes, or text as UTF-8) to `target` atomically (see `atomic_open`)."""
     with atomic_open(target, "wb", tmp_dir) as f:
         f.write(data.encode() if isinstance(data, str) else data)
+
+
+class Locked(RuntimeError):
+    """Another process holds the lock; `holder` says who (host, pid, start time)."""
+
+    def __init__(self, path: str, holder: str):
+        super().__init__(f"{path} is locked by {holder}")
+        self.path, self.holder = path, holder
+
+
+def lock_file(path: PathLike) -> int:
+    """Take an exclusive lock on the local file `path` (created if absent) and write this process's host, pid and
+    start time into it; returns the file descriptor: `unlock_file` it to release (the kernel releases it when the
+    process dies, even by kill -9). Raises Locked when another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise Locked(str(path), holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"host={socket.gethostname()} pid={os.getpid()} started={time.strftime('%Y-%m-%dT%H:%M:%S')}"
+              .encode(), 0)
+    return fd
+
+
+def unlock_file(fd: int, path: Optional[PathLike] = None) -> None:
+    """Release a `lock_file` lock; with `path`, also remove the lock file (while still holding it)."""
+    if path is not None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    os.close(fd)
 
 
 def sha256_file(src: Union[PathLike, BinaryIO], chunk: int = 1 << 22) -> str:

@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 
 from common.cli import main_for
 from common.config import check
-from common.errors import CheckpointError
 from common.files import atomic_path
+from common.torch_file import CheckpointError, read_torch_file
 from model.config import ModelConfig, as_model_config
 from model.vit import VisionTransformer
 
@@ -48,7 +48,7 @@ def _strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torc
     return state
 
 
-def _build_and_load(
+def encoder_from_state(
     path: str | os.PathLike, cfg: ModelConfig, state: Mapping[str, torch.Tensor], what: str
 ) -> VisionTransformer:
     """Build the encoder for `cfg` and load `state` strictly, with a readable error on any mismatch."""
@@ -76,23 +76,10 @@ def _build_and_load(
     return encoder
 
 
-def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> VisionTransformer:
-    """Target encoder of a training checkpoint, in eval mode on `device`.
-
-    Raises CheckpointError naming the path and the missing key, or the missing/unexpected keys and
-    shape mismatches; never loads partially.
-    """
-    try:
-        # mmap: the checkpoint also holds the optimizer state (several times the encoder's size),
-        # which is never read here. weights_only: a checkpoint is data, never code to execute.
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise CheckpointError(
-            f"{path}: cannot read as a torch checkpoint (loaded with weights_only=True, so it may hold "
-            f"only tensors and plain Python containers): {e}"
-        ) from e
+def read_training_checkpoint(path: str | os.PathLike) -> Mapping:
+    """A training checkpoint, CRC-checked and memory-mapped (the optimizer state, several times the encoder's
+    size, is never read here), with the keys an encoder needs: `target_encoder` and `config.model`."""
+    ckpt = read_torch_file(path, mmap=True)
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     for key in ("target_encoder", "config"):
@@ -100,11 +87,24 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
             raise CheckpointError(f"{path}: missing key {key!r} (found keys: {sorted(map(str, ckpt))})")
     if not isinstance(ckpt["config"], Mapping) or "model" not in ckpt["config"]:
         raise CheckpointError(f"{path}: missing key 'config.model' (the ModelConfig fields)")
+    return ckpt
+
+
+def model_config_of(ckpt: Mapping, path: str | os.PathLike) -> ModelConfig:
     try:
-        cfg = as_model_config(ckpt["config"]["model"])
+        return as_model_config(ckpt["config"]["model"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid config.model: {e}") from e
-    encoder = _build_and_load(path, cfg, ckpt["target_encoder"], "target_encoder")
+
+
+def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> VisionTransformer:
+    """Target encoder of a training checkpoint, in eval mode on `device`.
+
+    Raises CheckpointError naming the path: a damaged file, a missing key, or the missing/unexpected keys and
+    shape mismatches; never loads partially.
+    """
+    ckpt = read_training_checkpoint(path)
+    encoder = encoder_from_state(path, model_config_of(ckpt, path), ckpt["target_encoder"], "target_encoder")
     return encoder.to(device).eval()
 
 
@@ -143,7 +143,7 @@ def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu") -
         cfg = as_model_config(json.loads(metadata[CONFIG_METADATA_KEY]))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid model config in metadata: {e}") from e
-    return _build_and_load(path, cfg, state, "exported weights").to(device).eval()
+    return encoder_from_state(path, cfg, state, "exported weights").to(device).eval()
 
 
 @dataclass

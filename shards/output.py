@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -11,7 +10,7 @@ import tempfile
 import time
 from typing import Optional
 
-from common.files import atomic_write, is_local, join, publish, url_to_fs
+from common.files import Locked, atomic_write, is_local, join, lock_file, publish, unlock_file, url_to_fs
 from shards.plan import PARTS
 
 
@@ -61,33 +60,28 @@ class Output:
     def lock(self, what: str) -> None:
         """Refuse a second run into the same output (per partition) while one is running."""
         name = f".lock-{what}"
-        info = f"host={socket.gethostname()} pid={os.getpid()} started={time.strftime('%Y-%m-%dT%H:%M:%S')}"
         if self.local:
-            fd = os.open(join(self.path, name), os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel even on kill -9
-            except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-                os.close(fd)
-                raise ShardsError(f"another `make shards` is writing {self.url} ({holder}); wait for it to "
+                self._lock_fd = lock_file(join(self.path, name))
+            except Locked as e:
+                raise ShardsError(f"another `make shards` is writing {self.url} ({e.holder}); wait for it to "
                                   "finish, or use another output folder") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, info.encode(), 0)
-            self._lock_fd = fd
-        else:
-            if self.exists(name):
-                with self.fs.open(join(self.path, name), "r") as f:
-                    holder = f.read().strip()
-                raise ShardsError(f"{self.url} is locked by another `make shards` ({holder}); if no job is "
-                                  f"running (it was killed), delete {self.url}/{name} and start again")
-            with self.fs.open(join(self.path, name), "w") as f:
-                f.write(info)
             self._lock_name = name
+            return
+        if self.exists(name):
+            with self.fs.open(join(self.path, name), "r") as f:
+                holder = f.read().strip()
+            raise ShardsError(f"{self.url} is locked by another `make shards` ({holder}); if no job is "
+                              f"running (it was killed), delete {self.url}/{name} and start again")
+        with self.fs.open(join(self.path, name), "w") as f:
+            f.write(f"host={socket.gethostname()} pid={os.getpid()} started={time.strftime('%Y-%m-%dT%H:%M:%S')}")
+        self._lock_name = name
 
     def unlock(self) -> None:
+        """Release the lock and remove its file: a finished set holds no lock files."""
         if self._lock_fd is not None:
-            os.close(self._lock_fd)
+            unlock_file(self._lock_fd, join(self.path, self._lock_name))
             self._lock_fd = None
         elif self._lock_name:
             self.fs.rm(join(self.path, self._lock_name))
-            self._lock_name = None
+        self._lock_name = None

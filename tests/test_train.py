@@ -259,6 +259,82 @@ def test_checkpoint_atomic_fallback_and_keep_last(tmp_path):
     assert not list(folder.glob(".*.tmp"))  # stale temp files go at the next save
 
 
+def flip_bytes(path: Path, at: float = 0.5, count: int = 64) -> None:
+    """Overwrite `count` bytes in the middle of a file: same size, different content (a bad disk, a bad copy)."""
+    data = bytearray(path.read_bytes())
+    i = int(len(data) * at)
+    data[i:i + count] = bytes(b ^ 0xFF for b in data[i:i + count])
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_with_flipped_bytes_is_skipped_for_the_newest_good_one(tmp_path):
+    folder = tmp_path / "ckpt"
+    for step in (2, 4):
+        checkpoint.save(folder, step, {"step": step, "w": torch.randn(64, 1024)})
+    flip_bytes(checkpoint.path_for(folder, 4))
+    assert torch.load(checkpoint.path_for(folder, 4), weights_only=True)["step"] == 4  # torch alone loads it
+    logged = []
+    path, state = checkpoint.load_latest(folder, log=logged.append)
+    assert state["step"] == 2 and path.name == "ckpt-00000002.pt"
+    assert len(logged) == 1 and "ckpt-00000004.pt" in logged[0] and "CRC mismatch" in logged[0]
+    from model.features import load_encoder  # the user-facing loader refuses it too, naming the file
+    with pytest.raises(checkpoint.CheckpointError, match=r"ckpt-00000004\.pt: damaged"):
+        load_encoder(checkpoint.path_for(folder, 4))
+
+
+def test_retention_counts_only_checkpoints_that_load(tmp_path):
+    """keep_last=1 with a damaged newest checkpoint: the new one is kept, and the damaged one never counts."""
+    folder = tmp_path / "ckpt"
+    for step in (2, 4):
+        checkpoint.save(folder, step, {"step": step, "w": torch.randn(64, 256)})
+    flip_bytes(checkpoint.path_for(folder, 4))
+    checkpoint.save(folder, 3, {"step": 3, "w": torch.randn(64, 256)}, keep_last=1)  # resumed from 2, saved 3
+    assert [s for s, _ in checkpoint.list_checkpoints(folder)] == [4, 3]
+    assert checkpoint.load_latest(folder, log=lambda m: None)[1]["step"] == 3
+    checkpoint.save(folder, 4, {"step": 4, "w": torch.randn(64, 256)}, keep_last=1)  # the run reaches step 4
+    assert [s for s, _ in checkpoint.list_checkpoints(folder)] == [4]
+    assert checkpoint.load_latest(folder)[1]["step"] == 4
+
+
+def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    folder = tmp_path / "ckpt"
+    checkpoint.save(folder, 2, {"step": 2, "w": torch.ones(3)})
+
+    def full_disk(obj, f):
+        f.write(b"x" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match=r"no space left on device writing .*ckpt-00000004\.pt"):
+        checkpoint.save(folder, 4, {"step": 4, "w": torch.ones(3)}, keep_last=1)
+    monkeypatch.undo()
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt-00000002.pt"]  # no temp file, the old one kept
+    assert checkpoint.load_latest(folder)[1]["step"] == 2
+
+
+def test_a_bad_run_folder_is_refused_before_any_work(small_shards, tmp_path, capsys):
+    from common.files import lock_file, unlock_file
+    from train.trainer import RunDirError
+
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(checkpoint.CheckpointError, match="is \\(or lies under\\) a file"):
+        run(cfg_for(small_shards, tmp_path / "a", f"checkpoint.dir={tmp_path / 'file'}"))
+    assert not (tmp_path / "a" / "losses.jsonl").exists()  # refused at start, not at the first save
+    assert main(overrides(small_shards, tmp_path / "file")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: run_dir ")
+    # a second trainer in the same run_dir is refused while the first holds it, and runs once it is gone
+    (tmp_path / "b").mkdir()
+    held = lock_file(tmp_path / "b" / ".lock")
+    short = ("schedule.total_steps=2", "optim.warmup_steps=1")
+    with pytest.raises(RunDirError, match="another trainer is using run_dir .*pid="):
+        run(cfg_for(small_shards, tmp_path / "b", *short))
+    unlock_file(held)
+    assert run(cfg_for(small_shards, tmp_path / "b", *short))["step"] == 2
+    assert not (tmp_path / "b" / ".lock").exists()  # a finished run leaves no lock behind
+
+
 # ----------------------------------------------------------------------------------------------------
 # the step and exact resume
 

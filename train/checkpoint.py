@@ -12,24 +12,27 @@ containers only, never code):
     config                    the resolved TrainConfig as a plain dict
 
 Writing: rank 0 only; torch.save to a temp file in the same folder, flush, fsync, os.replace, fsync the folder,
-so a file under the final name is always complete. Reading: newest first; a file that fails to load is
-reported and the next older one is tried. Unreadable files are never a reason to start again from step 0.
+so a file under the final name is always complete. Reading: newest first, every file CRC-checked before it is
+unpickled (`common.torch_file`); a file that fails is reported and the next older one is tried. Damaged files
+are never a reason to start again from step 0, and never count towards `keep_last`.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 
-from common.errors import CheckpointError
 from common.files import atomic_open
+from common.torch_file import CheckpointError, is_intact, read_torch_file
 from train import dist
 
 if TYPE_CHECKING:
@@ -55,46 +58,75 @@ def list_checkpoints(folder: str | Path) -> List[Tuple[int, Path]]:
 
 def save_atomic(path: str | Path, obj: Any, kill_midway: bool = False) -> Path:
     """torch.save `obj` so that `path` is either absent or complete (`common.files.atomic_open`: temp file in the
-    same folder, fsync, rename, fsync the folder).
+    same folder, fsync, rename, fsync the folder). A full disk is a CheckpointError that says so and names the
+    path; whatever `path` held before is left as it was.
 
     kill_midway: fault injection (TUBELET_FAULT_KILL_IN_CKPT), SIGKILL this process after half of the
     temp file is written and synced, as a node failure or OOM kill would.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(final) as f:
-        if kill_midway:
-            buf = io.BytesIO()
-            torch.save(obj, buf)
-            data = buf.getbuffer()
-            f.write(data[: len(data) // 2])
-            f.flush()
-            os.fsync(f.fileno())
-            os.kill(os.getpid(), signal.SIGKILL)
-        torch.save(obj, f)
+    try:
+        with atomic_open(final) as f:
+            if kill_midway:
+                buf = io.BytesIO()
+                torch.save(obj, buf)
+                data = buf.getbuffer()
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            torch.save(obj, f)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as a RuntimeError
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
+            raise CheckpointError(f"no space left on device writing {final}; the checkpoints already in "
+                                  f"{final.parent} are kept. Free space there (or set checkpoint.dir) and "
+                                  "restart: the run resumes from the newest one") from None
+        raise
     return final
 
 
 def save(folder: str | Path, step: int, state: Dict[str, Any], keep_last: int = 0,
          kill_midway: bool = False) -> Path:
-    """Write `state` as the checkpoint of `step` atomically; then delete all but the newest `keep_last`."""
+    """Write `state` as the checkpoint of `step` atomically; then delete what retention no longer needs."""
     final = save_atomic(path_for(folder, step), state, kill_midway)
     _remove_stale(Path(folder), keep_last)
     return final
 
 
 def _remove_stale(folder: Path, keep_last: int) -> None:
-    """Old checkpoints beyond keep_last, and temp files of writers that died (this process writes no other)."""
+    """Checkpoints older than the newest `keep_last` that are intact (a damaged one never counts: deleting good
+    ones for it would leave nothing to resume from), and temp files of writers that died."""
     if keep_last > 0:
-        for _, p in list_checkpoints(folder)[keep_last:]:
-            p.unlink(missing_ok=True)
+        good = 0
+        for _, p in list_checkpoints(folder):
+            if good >= keep_last:
+                p.unlink(missing_ok=True)
+            elif is_intact(p):
+                good += 1
     for p in folder.iterdir():
         if p.name.startswith(".ckpt-") and p.name.endswith(TMP_SUFFIX):
             p.unlink(missing_ok=True)
 
 
+def check_folder(folder: str | Path) -> None:
+    """Make sure checkpoints can be written to `folder` before any work is done (rank 0, at start)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        raise CheckpointError(f"checkpoint folder {folder} is (or lies under) a file, not a folder; move it away "
+                              "or set checkpoint.dir") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoints to {folder}: {e.strerror or e}; fix its permissions or set "
+                              "checkpoint.dir") from None
+
+
 def load(path: str | Path) -> Dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """A training checkpoint's parts, CRC-checked before anything is unpickled."""
+    state = read_torch_file(path)
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path}: not a tubelet training checkpoint (no 'step')")
     return state
@@ -154,20 +186,10 @@ def restore(p: Parts, loader: VideoLoader, state: dict) -> Tuple[int, int]:
 
 
 def find_resume_point(ckpt_dir: Path, env: dist.DistEnv) -> Optional[dict]:
-    """Rank 0 picks the newest loadable checkpoint (falling back past unreadable ones, loudly); every rank
+    """Rank 0 picks the newest loadable checkpoint (falling back past damaged ones, loudly); every rank
     then loads that same file. None: a fresh run."""
-    step, found, error = 0, None, None
-    if env.is_main:
-        try:
-            found = load_latest(ckpt_dir, log=dist.print0)
-            step = found[1]["step"] if found else 0
-        except Exception as e:  # tell the other ranks before raising, so they do not wait for a broadcast
-            step, error = -1, e
-    step = dist.broadcast_int(step, env.device)
-    if error is not None:
-        raise error
-    if step < 0:
-        raise CheckpointError(f"rank 0 could not load any checkpoint in {ckpt_dir} (see its log)")
+    found = dist.on_rank0(lambda: load_latest(ckpt_dir, log=dist.print0))
+    step = dist.broadcast_int(found[1]["step"] if found else 0, env.device)
     if step == 0:
         return None
     if found is not None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterable, Tuple
+from typing import Callable, Iterable, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from common.device import resolve_device
+
+T = TypeVar("T")
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -118,6 +120,26 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def mean_scalar(value: float, device: torch.device) -> float:
     t = all_reduce(torch.tensor([float(value)], dtype=torch.float64, device=device))
     return float(t.item()) / (dist.get_world_size() if _group_ready() else 1)
+
+
+def on_rank0(fn: Callable[[], T]) -> Optional[T]:
+    """Run `fn` on rank 0 only. If it raises there, it raises on every rank (rank 0: the error itself; the others:
+    a DistError quoting it), so no rank waits in a collective for a rank that gave up. Returns `fn`'s result on
+    rank 0, None on the others."""
+    result, error = None, None
+    if rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below, after the other ranks have been told
+            error = e
+    message = [f"{type(error).__name__}: {error}" if error is not None else ""]
+    if _group_ready():
+        dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0]:
+        raise DistError(f"rank 0 failed, so this rank stops too: {message[0]}")
+    return result
 
 
 def broadcast_int(value: int, device: torch.device) -> int:

@@ -31,13 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model.config import as_model_config
-from model.features import load_encoder
+from model.features import encoder_from_state, model_config_of, read_training_checkpoint
 from model.probe import AttentiveProbe
 from model.vit import VisionTransformer
 from common.cli import main_for
 from common.config import ConfigError, check, to_dict
-from common.errors import CheckpointError
+from common.torch_file import CheckpointError, read_torch_file
 from common.files import atomic_write
 from pipeline.config import LoaderConfig
 from pipeline.loader import VideoLoader
@@ -74,17 +73,17 @@ class ProbeConfig:
 
 
 def build_encoder(cfg: ProbeConfig, device: torch.device) -> Tuple[VisionTransformer, dict]:
-    ckpt = torch.load(cfg.checkpoint, map_location="cpu", mmap=True, weights_only=True)
-    train_cfg = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if not train_cfg or "model" not in train_cfg:
-        raise CheckpointError(f"{cfg.checkpoint}: no config.model; not a tubelet training checkpoint")
+    """The checkpoint's target encoder (or, with random_init, the same architecture with random weights), frozen,
+    and the checkpoint's training config."""
+    ckpt = read_training_checkpoint(cfg.checkpoint)
+    model_cfg = model_config_of(ckpt, cfg.checkpoint)
     if cfg.random_init:
         torch.manual_seed(cfg.seed)
-        encoder = VisionTransformer.from_config(as_model_config(train_cfg["model"]))
+        encoder = VisionTransformer.from_config(model_cfg)
     else:
-        encoder = load_encoder(cfg.checkpoint)
+        encoder = encoder_from_state(cfg.checkpoint, model_cfg, ckpt["target_encoder"], "target_encoder")
     encoder.requires_grad_(False)
-    return encoder.to(device).eval(), train_cfg
+    return encoder.to(device).eval(), dict(ckpt["config"])
 
 
 def data_config(cfg: ProbeConfig, train_cfg: dict, split: str) -> LoaderConfig:
@@ -110,8 +109,12 @@ def extract(encoder, loader: VideoLoader, steps: Optional[int], device) -> Dict[
 
 
 def cached(path: Path, make):
+    """`make()`'s value, stored at `path` the first time; a stored value that is damaged is made again."""
     if path.exists():
-        return torch.load(path, weights_only=True)
+        try:
+            return read_torch_file(path)
+        except CheckpointError as e:
+            dist.print0(f"warning: {e}; computing it again")
     value = make()
     save_atomic(path, value)
     return value
@@ -203,7 +206,7 @@ def _run(cfg: ProbeConfig, env) -> Optional[dict]:
     start_epoch = 0
     state_file = state_dir / "state.pt"
     if state_file.exists():  # resume after the last finished epoch
-        st = torch.load(state_file, weights_only=True)
+        st = read_torch_file(state_file)  # damaged: a CheckpointError naming it (delete it to start over)
         probe.load_state_dict(st["probe"])
         opt.load_state_dict(st["optimizer"])
         start_epoch, history = st["epoch"], json.loads(st["history"])

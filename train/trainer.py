@@ -29,8 +29,10 @@ import torch
 
 from common.cli import main_for
 from common.config import to_dict, to_yaml
-from common.files import atomic_write
-from pipeline.loader import VideoLoader
+from common.files import Locked, atomic_write, lock_file, unlock_file
+from common.torch_file import CheckpointError
+from pipeline.loader import LoaderError, VideoLoader
+from shards.manifest import ManifestError
 from train import checkpoint, dist
 from train.config import TrainConfig
 from train.faults import Faults
@@ -44,26 +46,49 @@ class NonFiniteError(RuntimeError):
     """A NaN/inf loss or gradient with nonfinite=stop; the message names the step."""
 
 
+class RunDirError(RuntimeError):
+    """`run_dir` cannot be used (a file, or another trainer is using it); the message says what to do."""
+
+
+def claim_run_dir(run_dir: Path, ckpt_dir: Path) -> int:
+    """Rank 0, before any work: `run_dir` is a folder that no other trainer uses (locked until this run ends) and
+    checkpoints can be written to `ckpt_dir`. Returns the lock's file descriptor."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise RunDirError(f"run_dir {run_dir} is (or lies under) a file, not a folder; set run_dir") from None
+    try:
+        fd = lock_file(run_dir / ".lock")
+    except Locked as e:
+        raise RunDirError(f"another trainer is using run_dir {run_dir} ({e.holder}); wait for it to finish, or "
+                          "give this run another run_dir") from None
+    try:
+        checkpoint.check_folder(ckpt_dir)
+    except BaseException:
+        unlock_file(fd)
+        raise
+    return fd
+
+
 def run(cfg: TrainConfig) -> Dict:
     """Train (or continue training) to the last step. Returns a summary (step, losses of this invocation)."""
     faults = Faults.from_env()
     env = dist.init(cfg.device, cfg.dist_timeout_s)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
-    metrics, loader, log = None, None, None
+    metrics, loader, log, lock = None, None, None, None
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / cfg.checkpoint.dir
     try:
+        lock = dist.on_rank0(lambda: claim_run_dir(run_dir, ckpt_dir))
         if cfg.deterministic:
             if env.device.type == "cuda":
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be repeatable
             torch.use_deterministic_algorithms(True)
         metrics = build_metrics(cfg.metrics, env.rank, env.local_rank)
-        run_dir = Path(cfg.run_dir)
-        ckpt_dir = run_dir / cfg.checkpoint.dir
         p = build(cfg, env)
         loader = VideoLoader(cfg.data, grid=cfg.model.grid, rank=env.rank, world_size=env.world_size,
                              on_batch=metrics.loader)
         config = to_dict(cfg)
-        if env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
         step, skipped = checkpoint.resume(p, loader, ckpt_dir, config)
         n = dist.assert_same_across_ranks(p.named_weights())
         if env.is_main:
@@ -128,12 +153,16 @@ def run(cfg: TrainConfig) -> Dict:
             loader.close()
         if metrics is not None:
             metrics.close()
+        if lock is not None:
+            unlock_file(lock, run_dir / ".lock")
         torch.use_deterministic_algorithms(was_deterministic)
         dist.cleanup()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return main_for(TrainConfig, run, argv, prog="tubelet-train", doc=__doc__, errors={NonFiniteError: 1})
+    return main_for(TrainConfig, run, argv, prog="tubelet-train", doc=__doc__,
+                    errors={NonFiniteError: 1, RunDirError: 2, CheckpointError: 2, ManifestError: 2, LoaderError: 2,
+                            dist.DistError: 2})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""Reading the torch files tubelet writes (checkpoints, probe caches) without ever using a damaged one.
+
+`torch.save` writes a zip archive whose members carry CRC-32s, but `torch.load` never checks them: a checkpoint
+with bytes flipped in the middle loads silently. `read_torch_file` checks every member's CRC first (about 1 GB/s),
+then loads with `weights_only=True` (tensors and plain containers, never code). `is_intact` is the same check,
+remembered per (path, size, mtime) so retention can ask about the same files at every save.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+PathLike = Union[str, Path]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or an encoder export, a probe state) cannot be used: missing, damaged, not tubelet's, or not
+    matching its config. Raised by the trainer's resume, the probe and `model.features`; the message names the file."""
+
+
+def check_crc(path: PathLike) -> None:
+    """Raise CheckpointError naming the file and the first damaged member, when the zip's CRCs do not match."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a complete torch file ({e})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: damaged (CRC mismatch in {bad}); it was changed after it was written")
+
+
+def read_torch_file(path: PathLike, mmap: bool = False) -> Any:
+    """The contents of a torch file, CRC-checked first; CPU tensors (memory-mapped with `mmap`)."""
+    check_crc(path)
+    try:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # an unpickling error: the file is not one tubelet wrote
+        raise CheckpointError(f"{path}: cannot be read as a torch file of tensors and plain containers "
+                              f"(loaded with weights_only=True): {e}") from None
+
+
+def is_intact(path: PathLike) -> bool:
+    """Whether the file's CRCs match (remembered until the file changes)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return _intact(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _intact(path: str, size: int, mtime_ns: int) -> bool:
+    try:
+        check_crc(path)
+        return True
+    except (CheckpointError, OSError):
+        return False
