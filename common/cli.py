@@ -1,19 +1,21 @@
 """The one command-line style of every entry point:
 
-    PROG [--config FILE.yaml] [--print-config] [key=value ...]
+    PROG [--config FILE.yaml] [--print-config] [--debug] [key=value ...]
 
 The config is the entry point's dataclass schema, loaded by `common.config.load_config` (defaults, then the
 YAML file, then the overrides). `--help` lists every key with its value (the defaults, or the file's with
 `--config`) and the comment beside the field in the schema's source; `--print-config` prints the resolved
-config as YAML and exits. Expected failures print one line and exit with a code: `config error: ...` (2)
-for the config, `error: ...` for the errors the entry point names (its own code each); anything else is a bug
-and keeps its traceback.
+config as YAML and exits. Expected failures (bad input, a bad run folder, a damaged file) print one line and
+exit with a code: `config error: ...` (2) for the config, `error: ...` for the errors the entry point names (2,
+or its own code); `--debug` (or TUBELET_DEBUG=1) shows their tracebacks too. Anything else is a bug and keeps
+its traceback. Log lines go to the console through `common.logs`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import re
 import sys
 import typing
@@ -22,6 +24,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Type
 import yaml
 from omegaconf import OmegaConf
 
+from common import logs
 from common.config import ConfigError, load_config, merged, to_yaml
 
 
@@ -32,6 +35,7 @@ def main_for(schema: Type, run: Callable[[Any], Any], argv: Optional[Sequence[st
     errors: the entry point's expected failures and their exit codes (printed as one `error:` line)."""
     args = list(sys.argv[1:] if argv is None else argv)
     path, overrides, show, want_help = None, [], False, False
+    debug = os.environ.get("TUBELET_DEBUG", "") not in ("", "0")
     i = 0
     while i < len(args):
         a = args[i]
@@ -39,6 +43,8 @@ def main_for(schema: Type, run: Callable[[Any], Any], argv: Optional[Sequence[st
             want_help = True
         elif a == "--print-config":
             show = True
+        elif a == "--debug":
+            debug = True
         elif a == "--config" or a.startswith("--config="):
             if a == "--config":
                 i += 1
@@ -64,17 +70,23 @@ def main_for(schema: Type, run: Callable[[Any], Any], argv: Optional[Sequence[st
         print(to_yaml(cfg), end="")
         return 0
     expected = {ConfigError: 2, **dict(errors)}
+    logs.console()
     try:
         run(cfg)
     except tuple(expected) as e:
+        if debug:
+            raise
         print(f"error: {e}", file=sys.stderr, flush=True)
         return next(code for kind, code in expected.items() if isinstance(e, kind))
     return 0
 
 
+def _usage(prog: str) -> str:
+    return f"usage: {prog} [--config FILE.yaml] [--print-config] [--debug] [key=value ...]"
+
+
 def _usage_error(prog: str, what: str) -> int:
-    print(f"{prog}: {what}\nusage: {prog} [--config FILE.yaml] [--print-config] [key=value ...]  (--help lists "
-          "the keys)", file=sys.stderr)
+    print(f"{prog}: {what}\n{_usage(prog)}  (--help lists the keys)", file=sys.stderr)
     return 2
 
 
@@ -83,7 +95,7 @@ def help_text(schema: Type, prog: str, doc: str = "", path: Optional[str] = None
     values = OmegaConf.to_container(merged(schema, path), resolve=True)
     rows = list(_rows(schema, values, ""))
     width = min(max((len(f"{k} = {v}") for k, v, _ in rows), default=0), 40)
-    lines = [f"usage: {prog} [--config FILE.yaml] [--print-config] [key=value ...]", ""]
+    lines = [_usage(prog), ""]
     if doc:
         lines += [doc.strip(), ""]
     lines.append(f"keys ({'values from ' + str(path) if path else 'defaults'}; override any as key=value, "

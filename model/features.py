@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {export_encoder(cfg.checkpoint, cfg.out)}")
 
     return main_for(ExportConfig, run, argv, prog="tubelet-export", doc=__doc__,
-                    errors={CheckpointError: 1, FileNotFoundError: 1})
+                    errors={CheckpointError: 2, FileNotFoundError: 2})
 
 
 if __name__ == "__main__":

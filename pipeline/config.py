@@ -27,6 +27,9 @@ class LoaderConfig:
     device: str = "auto"  # auto (GPU when present) | cpu | cuda
     cache_dir: str = ""  # local cache for remote shards; "" = ~/.cache/tubelet/shards
     verify_hashes: bool = False  # sha256 every shard at start (slow on big sets; sizes are always checked)
+    # a sample whose bytes fail their CRC-32: skip (replaced by a repeat of another sample of its batch, flagged
+    # padded, counted and logged with its key and shard) or fail (the run stops naming it). Never trained on.
+    on_corrupt: str = "skip"
     masks: List[MaskBlockConfig] = field(default_factory=default_masks)  # V-JEPA mask types (pipeline/masks.py)
     eval_clips: int = 1  # evaluation views per video: clips evenly spaced in time x crops
     eval_crops: int = 1
@@ -42,5 +45,6 @@ class LoaderConfig:
               "crop_aspect", "must be [min, max] > 0")
         check(self.dtype in ("bf16", "fp16", "fp32"), "dtype", f"must be bf16, fp16 or fp32, got {self.dtype!r}")
         check(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+        check(self.on_corrupt in ("skip", "fail"), "on_corrupt", f"must be skip or fail, got {self.on_corrupt!r}")
         check(self.prefetch >= 1 and self.threads >= 0, "prefetch", "prefetch >= 1, threads >= 0")
         check(self.eval_clips >= 1 and self.eval_crops >= 1, "eval_clips", "eval_clips/eval_crops >= 1")

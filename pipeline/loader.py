@@ -14,11 +14,12 @@ batches ahead; the loader's state is what the consumer has received, so resuming
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable, Deque, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Callable, Deque, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,9 +27,12 @@ import torch
 from common.device import resolve_device
 from pipeline.clips import DTYPES, IMAGENET_MEAN, IMAGENET_STD, Batch
 from pipeline.config import LoaderConfig
-from pipeline.sampling import Plan
+from pipeline.sampling import BatchPlan, Plan
 from pipeline.split_index import SplitIndex, open_split
 from pipeline.store import ShardStore
+from shards.manifest import CorruptSample
+
+log = logging.getLogger(__name__)
 
 
 class LoaderError(RuntimeError):
@@ -48,6 +52,7 @@ class LoaderStats:
     queue_depth: int  # batches in flight after this one was taken
     epoch: int
     position: int
+    corrupt: int = 0  # samples that failed their checksum and were replaced (data.on_corrupt=skip)
 
 
 class VideoLoader:
@@ -126,7 +131,7 @@ class VideoLoader:
         bp = next(self._feed_plan)  # StopIteration ends an evaluation pass
         before = self.store.bytes_read
         try:
-            videos = [np.frombuffer(self.index.read_video(self.store, r), np.uint8) for r in bp.rows]
+            bp, videos, corrupt = self._read_batch(bp)
         except Exception as e:  # DALI would wrap it; keep the original (it names the shard) for __next__
             self._feed_error = e
             raise
@@ -136,8 +141,34 @@ class VideoLoader:
         flips = [np.array(int(rec.flip), np.int32) for rec in bp.records]
         masks = self._feed_plan.masks(bp, self.grid, self.cfg.masks)
         t1 = time.perf_counter()
-        self._inflight.append((bp, masks, self.store.bytes_read - before, t1 - t0, t1))
+        self._inflight.append((bp, masks, self.store.bytes_read - before, t1 - t0, t1, corrupt))
         return videos, starts, roi0, roi1, flips
+
+    def _read_batch(self, bp: BatchPlan) -> Tuple[BatchPlan, List[np.ndarray], int]:
+        """The batch's encoded videos, each checked against its CRC-32. A corrupt one (data.on_corrupt=skip) is
+        logged with its key and shard and replaced by a repeat of the batch's first intact sample, flagged padded:
+        the batch keeps its size, the stream stays a function of (seed, epoch, position), and nothing corrupt is
+        decoded. Returns the (possibly amended) plan, the videos and the number replaced."""
+        videos: List[Optional[np.ndarray]] = []
+        for r in bp.rows:
+            try:
+                videos.append(np.frombuffer(self.index.read_video(self.store, r), np.uint8))
+            except CorruptSample as e:
+                if self.cfg.on_corrupt == "fail":
+                    raise
+                log.warning("skipping a corrupt sample: %s", e)
+                videos.append(None)
+        bad = [i for i, v in enumerate(videos) if v is None]
+        if not bad:
+            return bp, videos, 0
+        good = next((i for i, v in enumerate(videos) if v is not None), None)
+        if good is None:
+            raise LoaderError(f"every sample of a batch is corrupt ({[self.index.keys[r] for r in bp.rows]} in "
+                              f"{self.cfg.root}); rebuild the set with `make shards`")
+        rows, records, padded = list(bp.rows), list(bp.records), list(bp.padded)
+        for i in bad:
+            rows[i], records[i], padded[i], videos[i] = rows[good], records[good], True, videos[good]
+        return replace(bp, rows=rows, records=records, padded=padded), videos, len(bad)
 
     def _close_pipe(self) -> None:
         if self._pipe is not None:
@@ -172,7 +203,7 @@ class VideoLoader:
             raise LoaderError(f"the DALI pipeline failed{what}: {str(e).strip().splitlines()[-1][:300]}. "
                               "Check the set with `python -m shards.verify hashes=true "
                               f"root={self.cfg.root}` and rebuild bad shards with `make shards`.") from None
-        bp, masks, nbytes, feed_s, fed_at = self._inflight.popleft()
+        bp, masks, nbytes, feed_s, fed_at, corrupt = self._inflight.popleft()
         clips = self._to_torch(out)
         t1 = time.perf_counter()
         self._state = {**self._state, "epoch": bp.epoch, "position": bp.next_position}
@@ -187,7 +218,7 @@ class VideoLoader:
         )
         if self.on_batch is not None:
             self.on_batch(LoaderStats(t1 - t0, feed_s, t1 - fed_at, nbytes, len(bp.rows), sum(bp.padded),
-                                      len(self._inflight), bp.epoch, bp.next_position))
+                                      len(self._inflight), bp.epoch, bp.next_position, corrupt))
         return batch
 
     def _to_torch(self, out) -> torch.Tensor:

@@ -10,7 +10,7 @@ from collections import OrderedDict
 from typing import Optional
 
 from common.files import atomic_path, is_local, url_to_fs
-from shards.manifest import ManifestError
+from shards.manifest import ManifestError, safe_name
 
 
 def default_cache_dir() -> str:
@@ -36,6 +36,7 @@ class ShardStore:
         self.bytes_read = 0
 
     def _local_path(self, shard: str, expected_size: Optional[int]) -> str:
+        safe_name(shard, self.root)  # a shard name never leads outside the set or the cache
         if self.local:
             return os.path.join(self.path, shard)
         dst = os.path.join(self.cache, shard)

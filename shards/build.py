@@ -10,64 +10,105 @@ Work is cut into groups (`shards.plan`), each written by a `GroupWriter` and com
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from tqdm import tqdm
-
+from common import logs
 from common.config import to_dict
+from common.files import join
 from shards.config import ShardsConfig
 from shards.group_writer import GroupWriter
-from shards.manifest import MANIFEST, write_manifest
+from shards.manifest import MANIFEST, REJECTS, check_shards, write_manifest
 from shards.metrics import ShardsMetrics
 from shards.output import Output, ShardsError
-from shards.plan import Group, fingerprint, plan
+from shards.plan import PARTS, Group, fingerprint, plan
 from shards.transcode import Job, Reject
 from shards.workers import run_jobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Work:
+    """What this invocation did (earlier runs' groups are not counted): for the throughput line."""
+
+    videos: int = 0
+    source_seconds: float = 0.0
+    cpu_seconds: float = 0.0  # in the workers' `process`
+    rejected: int = 0
 
 
 def run(cfg: ShardsConfig) -> Optional[dict]:
     """Shard this partition's groups; on a single-partition run, also write the manifest. Returns the summary."""
     t_start = time.time()
-    cpu_start = time.process_time()
+    logs.console()
     groups, labels = plan(cfg)
     out = Output(cfg.output)
     part = cfg.partition
     owner = "merge" if cfg.merge else f"{part.index}-of-{part.count}"
     out.lock(owner)
+    log_name = "shards.log" if owner == "0-of-1" else f"shards-{owner}.log"
+    log_file = out.log_path(log_name)
     try:
-        if not cfg.merge:
-            mine = [g for g in groups if g.index % part.count == part.index] if part.count > 1 else groups
-            todo = [g for g in mine if not _finished(out, cfg, g)]
-            _shard_groups(cfg, out, todo, done=len(mine) - len(todo), owner=owner)
-            if part.count > 1:
-                print(f"partition {part.index}/{part.count}: {len(mine)} groups done; "
-                      f"run with merge=true once every partition has finished")
-                return None
-        return _merge(cfg, out, groups, labels, time.time() - t_start, time.process_time() - cpu_start)
+        with logs.to_file(log_file):
+            return _run(cfg, out, groups, labels, owner, t_start)
     finally:
         out.unlock()
+        out.keep_log(log_file, log_name)
 
 
-def _finished(out: Output, cfg: ShardsConfig, g: Group) -> bool:
-    name = g.record
-    if not out.exists(name):
-        return False
-    rec = out.read_json(name)
+def _run(cfg: ShardsConfig, out: Output, groups: List[Group], labels: Dict[str, int], owner: str,
+         t_start: float) -> Optional[dict]:
+    work = Work()
+    if not cfg.merge:
+        part = cfg.partition
+        mine = [g for g in groups if g.index % part.count == part.index] if part.count > 1 else groups
+        done = {g.name: rec for g in mine if (rec := _record(out, cfg, g)) is not None}
+        damaged = _damaged(out, cfg, done)
+        for name, problems in damaged.items():
+            log.warning("group %s is damaged, rebuilding it: %s", name, "; ".join(problems))
+            out.remove(f"{PARTS}/{name}.json")  # unfinished until rewritten
+        todo = [g for g in mine if g.name not in done or g.name in damaged]
+        work = _shard_groups(cfg, out, todo, done=len(mine) - len(todo), owner=owner)
+        if part.count > 1:
+            log.info(f"partition {part.index}/{part.count}: {len(mine)} groups done; "
+                     f"run with merge=true once every partition has finished")
+            return None
+    return _merge(cfg, out, groups, labels, work, time.time() - t_start)
+
+
+def _record(out: Output, cfg: ShardsConfig, g: Group) -> Optional[dict]:
+    """Group `g`'s record (its commit point) when it is finished, made from this run's inputs and settings."""
+    if not out.exists(g.record):
+        return None
+    rec = out.read_json(g.record)
     if rec.get("fingerprint") != fingerprint(cfg, g):
         raise ShardsError(f"{out.url} holds group {g.name} made from other inputs or settings "
-                          f"({name} does not match this run's config); write into a new output folder, "
+                          f"({g.record} does not match this run's config); write into a new output folder, "
                           "or delete the old one")
-    return True
+    return rec
 
 
-def _shard_groups(cfg: ShardsConfig, out: Output, todo: List[Group], done: int, owner: str) -> None:
+def _damaged(out: Output, cfg: ShardsConfig, records: Dict[str, dict]) -> Dict[str, List[str]]:
+    """Group name -> what is wrong, for the finished groups (their records by name) whose shards or index files
+    are missing or do not match the record (sizes, and sha256 with check_outputs=hash): a rerun rebuilds these."""
+    owner = {sh["name"]: name for name, rec in records.items() for sh in rec["shards"]}
+    shards = [sh for rec in records.values() for sh in rec["shards"]]
+    bad: Dict[str, List[str]] = {}
+    for shard, what in check_shards(out.fs, out.path, shards, cfg.check_outputs == "hash"):
+        bad.setdefault(owner[shard], []).append(f"shard {shard}: {what}")
+    return bad
+
+
+def _shard_groups(cfg: ShardsConfig, out: Output, todo: List[Group], done: int, owner: str) -> Work:
+    work = Work()
     if not todo:
-        return
+        return work
     tmpdir = out.tmpdir(owner)
     writers = {g.name: GroupWriter(g, out, cfg, tmpdir) for g in todo}
     jobs = []
@@ -75,21 +116,21 @@ def _shard_groups(cfg: ShardsConfig, out: Output, todo: List[Group], done: int, 
         for pos, (s, key, label_index) in enumerate(zip(g.sources, g.keys, g.label_index)):
             jobs.append(((g.name, pos), Job(key, s.url, s.label, label_index, cfg.transcode, cfg.filter)))
     workers = cfg.workers or os.cpu_count() or 1
-    bar = tqdm(total=len(jobs), unit="video", disable=not cfg.progress, file=sys.stderr,
-               desc=f"shards ({done} groups already done)" if done else "shards", smoothing=0.05)
-    reasons: Counter = Counter()
+    bar = logs.Progress(len(jobs), f"shards ({done} groups already done)" if done else "shards", "video",
+                        enabled=cfg.progress, logger=log)
     stats = ShardsMetrics(cfg.metrics_port)
 
     def on_result(tag, result) -> None:
         gname, pos = tag
+        work.videos += 1
+        work.cpu_seconds += result.seconds
         if isinstance(result, Reject):
-            reasons[result.reason] += 1
+            work.rejected += 1
             stats.reject(result.reason)
         else:
+            work.source_seconds += result.meta["source_duration"]
             stats.sample(result.meta["source_duration"], len(result.video))
-        bar.update(1)
-        if reasons:
-            bar.set_postfix(rejected=sum(reasons.values()), refresh=False)
+        bar.update(1, note=f"{work.rejected} rejected" if work.rejected else "")
         if writers[gname].add(pos, result):
             writers.pop(gname).finish()
             stats.group()
@@ -100,24 +141,30 @@ def _shard_groups(cfg: ShardsConfig, out: Output, todo: List[Group], done: int, 
         bar.close()
         stats.close()
         shutil.rmtree(tmpdir, ignore_errors=True)  # holds nothing with a final name; local or not
+    return work
 
 
-def _merge(cfg: ShardsConfig, out: Output, groups: List[Group], labels: Dict[str, int], wall: float,
-           cpu: float) -> dict:
-    missing = [g.name for g in groups if not _finished(out, cfg, g)]
-    if missing:
-        raise ShardsError(f"cannot write the manifest of {out.url}: {len(missing)} groups are not finished "
-                          f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); run the "
-                          "partitions that own them (group % partition.count == partition.index)")
+def _merge(cfg: ShardsConfig, out: Output, groups: List[Group], labels: Dict[str, int], work: Work,
+           wall: float) -> dict:
+    records = {g.name: rec for g in groups if (rec := _record(out, cfg, g)) is not None}
+    missing = [g.name for g in groups if g.name not in records]
+    damaged = list(_damaged(out, cfg, records)) if cfg.merge else []
+    if missing or damaged:
+        def some(names: List[str]) -> str:
+            return f"({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"
+
+        what = [f"{len(missing)} groups are not finished {some(missing)}"] if missing else []
+        what += [f"{len(damaged)} groups are damaged {some(damaged)}"] if damaged else []
+        raise ShardsError(f"cannot write the manifest of {out.url}: {' and '.join(what)}; run the partitions that "
+                          "own them (group % partition.count == partition.index)")
     rows, shards, rejects = [], [], []
-    source_seconds = cpu_seconds = 0.0
+    source_seconds = 0.0
     for g in groups:
-        rec = out.read_json(g.record)
+        rec = records[g.name]
         rows += rec["samples"]
         shards += rec["shards"]
         rejects += rec["rejects"]
         source_seconds += rec["source_seconds"]
-        cpu_seconds += rec["cpu_seconds"]
     classes = [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1])]
     summary = {
         "videos_in": sum(len(g.sources) for g in groups),
@@ -131,25 +178,32 @@ def _merge(cfg: ShardsConfig, out: Output, groups: List[Group], labels: Dict[str
     }
     meta = {"created_by": "tubelet make_shards", "classes": classes, "summary": summary,
             "config": {k: v for k, v in to_dict(cfg).items() if k not in ("workers", "progress", "merge",
-                                                                           "partition", "metrics_port")}}
+                                                                           "partition", "metrics_port",
+                                                                           "check_outputs")}}
     write_manifest(out.url, rows, shards, rejects, meta)
-    speed = {"wall_seconds": round(wall, 2), "worker_cpu_seconds": round(cpu_seconds, 2),
-             "videos_per_second": round(summary["videos_in"] / wall, 2) if wall > 0 else None,
-             "source_seconds_per_cpu_second": round(source_seconds / cpu_seconds, 2) if cpu_seconds else None}
-    _print_summary(out.url, summary, speed)
+    speed = {"wall_seconds": round(wall, 2), "videos_processed": work.videos,
+             "worker_cpu_seconds": round(work.cpu_seconds, 2),
+             "videos_per_second": round(work.videos / wall, 2) if wall > 0 else None,
+             "source_seconds_per_cpu_second": round(work.source_seconds / work.cpu_seconds, 2)
+             if work.cpu_seconds else None}
+    log.info(_summary_text(out.url, summary, speed))
+    if not rows:
+        raise ShardsError(f"no input was sharded: all {summary['videos_in']} were rejected "
+                          f"({', '.join(f'{k}: {v}' for k, v in summary['rejected'].items())}); the reasons are in "
+                          f"{join(out.url, REJECTS)}")
     return dict(summary, **speed)
 
 
-def _print_summary(url: str, s: dict, speed: dict) -> None:
+def _summary_text(url: str, s: dict, speed: dict) -> str:
     rej = ", ".join(f"{k}: {v}" for k, v in s["rejected"].items()) or "none"
-    print(f"\n{url}/{MANIFEST}\n"
-          f"  videos in      {s['videos_in']}\n"
-          f"  sharded        {s['sharded']}  ({', '.join(f'{k}: {v}' for k, v in s['splits'].items())})\n"
-          f"  rejected       {sum(s['rejected'].values())}  ({rej}; see rejects.parquet)\n"
-          f"  video hours    {s['hours']:.3f}\n"
-          f"  bytes written  {s['bytes']:,} in {s['shards']} shards\n"
-          f"  throughput     {speed['videos_per_second']} videos/s, "
-          f"{speed['source_seconds_per_cpu_second']} source-seconds per worker CPU-second "
-          f"(this invocation: {speed['wall_seconds']} s wall)")
-
-
+    done = (f"{speed['videos_processed']} videos in {speed['wall_seconds']} s, {speed['videos_per_second']} videos/s, "
+            f"{speed['source_seconds_per_cpu_second']} source-seconds per worker CPU-second"
+            if speed["videos_processed"] else f"nothing to do: every group was already finished "
+                                              f"({speed['wall_seconds']} s to check)")
+    return (f"\n{url}/{MANIFEST}\n"
+            f"  videos in      {s['videos_in']}\n"
+            f"  sharded        {s['sharded']}  ({', '.join(f'{k}: {v}' for k, v in s['splits'].items())})\n"
+            f"  rejected       {sum(s['rejected'].values())}  ({rej}; see {REJECTS})\n"
+            f"  video hours    {s['hours']:.3f}\n"
+            f"  bytes written  {s['bytes']:,} in {s['shards']} shards\n"
+            f"  this run       {done}")

@@ -83,6 +83,9 @@ class ShardsConfig:
     labels_from_dirs: bool = False  # folder/glob inputs: use each file's parent folder name as its label
     workers: int = 0  # processes; 0 = all cores
     merge: bool = False  # only write the manifest from finished partitions
+    # how a rerun checks the groups earlier runs finished: hash (sizes and sha256: finds any damaged shard, reads
+    # every shard once) or size (sizes and index files only: faster on huge sets). Damaged groups are rebuilt.
+    check_outputs: str = "hash"
     progress: bool = True  # a progress bar on stderr
     transcode: TranscodeConfig = field(default_factory=TranscodeConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
@@ -91,8 +94,10 @@ class ShardsConfig:
     metrics_port: int = 0  # serve Prometheus progress counters on 127.0.0.1:<port> while running; 0 = off
 
     def validate(self) -> None:
-        for name in self.inputs:
+        for name, spec in self.inputs.items():
             check(name.replace("_", "").isalnum(), f"inputs.{name}",
                   "split names may hold only letters, digits and underscores")
+            check(bool(spec.strip()), f"inputs.{name}", "is empty: name a folder, a glob or a list file (.csv/.parquet)")
         check(bool(self.output), "output", "must name a folder or URL")
         check(self.workers >= 0, "workers", "must be >= 0 (0 = all cores)")
+        check(self.check_outputs in ("hash", "size"), "check_outputs", f"must be hash or size, got {self.check_outputs!r}")

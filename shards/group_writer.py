@@ -6,6 +6,7 @@ import json
 import os
 import tarfile
 import tempfile
+import zlib
 from typing import Dict
 
 from common.files import sha256_file
@@ -90,7 +91,7 @@ def _row(split: str, index: int, r: Sample, m: Dict[str, Member]) -> dict:
     cls = m.get("cls")
     return {
         "key": r.key, "split": split, "shard": None, "index": index, "ext": r.ext,
-        "video_offset": m[r.ext].offset, "video_size": m[r.ext].size,
+        "video_offset": m[r.ext].offset, "video_size": m[r.ext].size, "video_crc32": zlib.crc32(r.video),
         "json_offset": m["json"].offset, "json_size": m["json"].size,
         "nframes_offset": m["nframes"].offset, "nframes_size": m["nframes"].size,
         "cls_offset": cls.offset if cls else -1, "cls_size": cls.size if cls else -1,

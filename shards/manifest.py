@@ -8,9 +8,12 @@ summary and the config that made the set. Rejected inputs are in `rejects.parque
 from __future__ import annotations
 
 import json
+import os
 import posixpath
+import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,7 +23,7 @@ from shards.wds import parse_index
 
 MANIFEST = "manifest.parquet"
 REJECTS = "rejects.parquet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-sample video_crc32
 _META_KEY = b"tubelet"
 
 SAMPLE_SCHEMA = pa.schema([
@@ -30,6 +33,7 @@ SAMPLE_SCHEMA = pa.schema([
     ("index", pa.int32()),  # position of the sample in its shard
     ("ext", pa.string()),  # the video member's extension (webm, mp4)
     ("video_offset", pa.int64()), ("video_size", pa.int64()),
+    ("video_crc32", pa.int64()),  # zlib.crc32 of the video member's bytes: checked on every read
     ("json_offset", pa.int64()), ("json_size", pa.int64()),
     ("nframes_offset", pa.int64()), ("nframes_size", pa.int64()),
     ("cls_offset", pa.int64()), ("cls_size", pa.int64()),  # -1 when unlabelled
@@ -47,6 +51,28 @@ REJECT_SCHEMA = pa.schema([
 
 class ManifestError(ValueError):
     """A shard set is incomplete or does not match its manifest; the message names what and where."""
+
+
+class CorruptSample(ManifestError):
+    """A sample's bytes do not match the checksum the manifest recorded for them."""
+
+    def __init__(self, root: str, shard: str, key: str):
+        super().__init__(f"sample {key} in shard {shard} of {root} is corrupt (its bytes do not match the "
+                         "manifest's CRC-32); rebuild the set with `make shards` (it finds and rewrites damaged "
+                         "shards)")
+        self.root, self.shard, self.key = root, shard, key
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def safe_name(name: Any, where: str) -> str:
+    """`name` if it is a plain file name inside a shard set (no folders, no `..`), else a ManifestError: names in
+    a manifest are data, and must never make a reader or a cache touch a file outside the set."""
+    if not (isinstance(name, str) and _SAFE_NAME.fullmatch(name) and ".." not in name):
+        raise ManifestError(f"{where} names {name!r}: shard and index names must be plain file names inside the "
+                            "set; this manifest was not written by tubelet, or was tampered with")
+    return name
 
 
 @dataclass
@@ -101,6 +127,11 @@ def read_manifest(root: str) -> Manifest:
         raise ManifestError(f"{url} has format version {meta.get('format_version')}, this tubelet reads "
                             f"{FORMAT_VERSION}: re-run `make shards` into a new folder")
     shards = meta.pop("shards")
+    for sh in shards:
+        safe_name(sh.get("name"), url)
+        safe_name(sh.get("index"), url)
+    for name in table.column("shard").unique().to_pylist():
+        safe_name(name, url)
     return Manifest(root, table.replace_schema_metadata(None), shards, meta)
 
 
@@ -111,41 +142,49 @@ def read_rejects(root: str) -> pa.Table:
 
 
 def verify(manifest: Manifest, check_hashes: bool = False) -> None:
-    """Refuse a shard set whose files do not match the manifest, naming the shard and what is wrong."""
-
+    """Refuse a shard set whose files do not match the manifest: one ManifestError listing every bad shard."""
     fs, root = url_to_fs(manifest.root)
-    by_shard: Dict[str, int] = {}
-    for name, n in zip(*_shard_counts(manifest.samples)):
-        by_shard[name] = n
-    for sh in manifest.shards:
-        tar = posixpath.join(root, sh["name"])
+    counts = dict(zip(*_shard_counts(manifest.samples)))
+    problems = check_shards(fs, root, manifest.shards, check_hashes, counts)
+    if problems:
+        raise ManifestError(f"{len(problems)} of {len(manifest.shards)} shards of {manifest.root} do not match "
+                            f"its {MANIFEST}; rebuild them with `make shards` (it finds and rewrites damaged "
+                            "shards):\n" + "\n".join(f"  shard {name}: {what}" for name, what in problems))
+
+
+def check_shards(fs, root: str, shards: Sequence[Dict[str, Any]], check_hashes: bool,
+                 rows: Optional[Dict[str, int]] = None) -> List[Tuple[str, str]]:
+    """(shard name, what is wrong) for every shard (tar + index) that does not match its record (name, bytes,
+    samples, sha256, index); [] when all do. `rows`: the manifest's sample count per shard, when there is a
+    manifest. Hashes are computed on a few threads (hashlib releases the GIL)."""
+    def one(sh: Dict[str, Any]) -> Optional[str]:
+        tar, idx = posixpath.join(root, sh["name"]), posixpath.join(root, sh["index"])
         if not fs.exists(tar):
-            raise ManifestError(f"shard {sh['name']} listed in {manifest.root}/{MANIFEST} is missing")
+            return "missing"
         size = fs.size(tar)
         if size != sh["bytes"]:
-            raise ManifestError(f"shard {sh['name']} has {size} bytes, the manifest says {sh['bytes']}: "
-                                "it was changed or truncated; rebuild it with `make shards`")
-        idx = posixpath.join(root, sh["index"])
+            return f"{size} bytes, the manifest says {sh['bytes']} (changed or truncated)"
         if not fs.exists(idx):
-            raise ManifestError(f"index {sh['index']} of shard {sh['name']} is missing")
+            return f"its index {sh['index']} is missing"
         with fs.open(idx, "r") as f:
             try:
                 members = parse_index(f.read())
             except ValueError as e:
-                raise ManifestError(f"index {sh['index']} of shard {sh['name']} is malformed: {e}") from None
-        if len(members) != sh["samples"] or by_shard.get(sh["name"], 0) != sh["samples"]:
-            raise ManifestError(f"shard {sh['name']}: index lists {len(members)} samples, manifest "
-                                f"{sh['samples']}")
-        for m in (m for ms in members for m in ms):
-            if m.offset + m.size > size:
-                raise ManifestError(f"index {sh['index']}: member {m.name} ends at {m.offset + m.size}, "
-                                    f"past the end of shard {sh['name']} ({size} bytes)")
+                return f"its index {sh['index']} is malformed: {e}"
+        if len(members) != sh["samples"] or (rows is not None and rows.get(sh["name"], 0) != sh["samples"]):
+            return f"its index lists {len(members)} samples, the manifest {sh['samples']}"
+        end = max((m.offset + m.size for ms in members for m in ms), default=0)
+        if end > size:
+            return f"its index {sh['index']} points past the end of the shard ({size} bytes)"
         if check_hashes:
             with fs.open(tar, "rb") as f:
                 digest = sha256_file(f)
             if digest != sh["sha256"]:
-                raise ManifestError(f"shard {sh['name']}: sha256 {digest[:12]}... does not match the "
-                                    f"manifest's {sh['sha256'][:12]}...")
+                return f"sha256 {digest[:12]}... is not the manifest's {sh['sha256'][:12]}..."
+        return None
+
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        return [(sh["name"], p) for sh, p in zip(shards, pool.map(one, shards)) if p is not None]
 
 
 def _shard_counts(samples: pa.Table):

@@ -23,7 +23,12 @@ class Output:
         self.url = url.rstrip("/")
         self.fs, self.path = url_to_fs(self.url)
         self.local = is_local(self.fs)
-        self.fs.makedirs(join(self.path, PARTS), exist_ok=True)
+        try:
+            self.fs.makedirs(join(self.path, PARTS), exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ShardsError(f"output {self.url} is (or lies under) a file, not a folder; choose another output") from None
+        except PermissionError as e:
+            raise ShardsError(f"cannot create the output folder {self.url}: {e.strerror or e}") from None
         self._lock_fd: Optional[int] = None
         self._lock_name: Optional[str] = None
 
@@ -37,6 +42,22 @@ class Output:
     def read_json(self, name: str) -> dict:
         with self.fs.open(join(self.path, name), "r") as f:
             return json.load(f)
+
+    def remove(self, name: str) -> None:
+        self.fs.rm(join(self.path, name))
+
+    def log_path(self, name: str) -> str:
+        """Where this run's log file is written: in the set, or a local temp file for a remote set."""
+        if self.local:
+            return join(self.path, name)
+        fd, tmp = tempfile.mkstemp(prefix="tubelet-shards-", suffix=".log")
+        os.close(fd)
+        return tmp
+
+    def keep_log(self, path: str, name: str) -> None:
+        """Put a remote set's log file next to its manifest (a local set's is already there)."""
+        if not self.local and os.path.exists(path):
+            self.put(name, path)
 
     def put(self, name: str, src_local: str) -> None:
         """Give a finished local file its final name in the output; readers never see it partial."""

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 from common.config import to_dict
 from shards.config import ShardsConfig
+from shards.manifest import FORMAT_VERSION
 from shards.sources import InputError, Source, check_unique_keys, label_map, list_split
 
 PARTS = "_parts"  # the folder of group records in a shard set
@@ -55,9 +56,11 @@ def plan(cfg: ShardsConfig) -> Tuple[List[Group], Dict[str, int]]:
 
 
 def fingerprint(cfg: ShardsConfig, group: Group) -> str:
-    """What a group's output depends on: its inputs, their class indices, the transcode/filter settings."""
+    """What a group's output depends on: its inputs, their class indices, the transcode/filter settings, and the
+    manifest format its record's rows are written in."""
     h = hashlib.sha256()
-    h.update(json.dumps([to_dict(cfg.transcode), to_dict(cfg.filter), cfg.shard.max_bytes], sort_keys=True).encode())
+    h.update(json.dumps([to_dict(cfg.transcode), to_dict(cfg.filter), cfg.shard.max_bytes, FORMAT_VERSION],
+                        sort_keys=True).encode())
     for s, k, i in zip(group.sources, group.keys, group.label_index):
         h.update(f"\0{s.url}\0{s.label}\0{i}\0{k}".encode())
     return h.hexdigest()

@@ -92,11 +92,26 @@ def _output_size(w: int, h: int, short_side: int) -> Tuple[int, int]:
     return max(2, int(round(w * scale / 2)) * 2), max(2, int(round(h * scale / 2)) * 2)
 
 
-def _open_video(data: bytes, flt: FilterConfig):
+# How common containers begin: (offset, bytes). mp4/mov (ISO boxes), Matroska/WebM (EBML), AVI/WAV (RIFF), FLV,
+# Ogg, GIF, MPEG program stream, ASF/WMV. (MPEG-TS: a sync byte every 188 bytes.)
+_CONTAINER_MAGIC = ((4, b"ftyp"), (4, b"moov"), (4, b"mdat"), (4, b"free"), (4, b"wide"), (0, b"\x1aE\xdf\xa3"),
+                    (0, b"RIFF"), (0, b"FLV"), (0, b"OggS"), (0, b"GIF8"), (0, b"\x00\x00\x01\xba"),
+                    (0, b"\x30\x26\xb2\x75"))
+
+
+def _looks_like_a_container(data: bytes) -> bool:
+    return any(data[o:o + len(m)] == m for o, m in _CONTAINER_MAGIC) or (len(data) > 188 and data[0] == data[188] == 0x47)
+
+
+def _open_video(data: bytes, url: str, flt: FilterConfig):
     try:
         container = av.open(io.BytesIO(data), mode="r", metadata_errors="ignore")
     except av.error.FFmpegError as e:
-        raise Rejected("not_a_video", f"no known container: {e}") from None
+        why = str(e).replace(": '<none>'", "").strip()  # PyAV names an in-memory file '<none>'
+        if _looks_like_a_container(data):
+            raise Rejected("truncated", f"{url} starts like a video container but cannot be opened ({why}); "
+                                        "it is probably cut short (an interrupted download or copy)") from None
+        raise Rejected("not_a_video", f"{url}: no known container ({why})") from None
     streams = [
         s for s in container.streams.video
         if not (s.disposition & av.stream.Disposition.attached_pic)  # cover art of an audio file
@@ -153,7 +168,7 @@ def _encoder(codec: str, cfg: TranscodeConfig, width: int, height: int, rate: Fr
 
 def _process(job: Job) -> Sample:
     data = _read(job.url, job.filter)
-    container, stream = _open_video(data, job.filter)
+    container, stream = _open_video(data, job.url, job.filter)
     try:
         return _transcode(job, data, container, stream)
     finally:

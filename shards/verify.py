@@ -28,7 +28,7 @@ def run(cfg: VerifyConfig) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return main_for(VerifyConfig, run, argv, prog="tubelet-verify", doc=__doc__, errors={ManifestError: 1})
+    return main_for(VerifyConfig, run, argv, prog="tubelet-verify", doc=__doc__, errors={ManifestError: 2})
 
 
 if __name__ == "__main__":

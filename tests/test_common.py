@@ -89,6 +89,8 @@ def test_cli_style_help_print_config_and_exit_codes(tmp_path, capsys):
 
     assert main_for(Root, fails, [], prog="p", errors={Boom: 3}) == 3
     assert capsys.readouterr().err.strip() == "error: the input is bad; fix it"
+    with pytest.raises(Boom):  # --debug: the traceback of an expected failure too
+        main_for(Root, fails, ["--debug"], prog="p", errors={Boom: 3})
     with pytest.raises(Boom):  # an error the entry point does not expect keeps its traceback
         main_for(Root, fails, [], prog="p")
 
@@ -116,3 +118,50 @@ def test_atomic_write_to_an_fsspec_url():
     fs = fsspec.filesystem("memory")
     atomic_write("memory://bucket/set/manifest.json", b"{}")
     assert fs.cat("/bucket/set/manifest.json") == b"{}"
+
+
+def test_progress_off_a_terminal_is_a_plain_line_every_interval(caplog):
+    """Not a terminal (pytest captures stderr): no carriage-return bar, one log line per interval with done/total,
+    rate and ETA, and a last line at close."""
+    import logging
+
+    from common.logs import Progress
+
+    caplog.set_level(logging.INFO)
+    bar = Progress(10, "shards", "video", interval=0.0)
+    for i in range(4):
+        bar.update(1, note="1 rejected" if i == 3 else "")
+    bar.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 5 and not any("\r" in ln for ln in lines)
+    assert lines[0].startswith("shards: 1/10 videos (10%),") and "ETA" in lines[0]
+    assert lines[-1].startswith("shards: 4/10 videos (40%)") and lines[-1].endswith(", 1 rejected")
+    caplog.clear()
+    quiet = Progress(10, "shards", "video", enabled=False, interval=0.0)
+    quiet.update(5)
+    quiet.close()
+    assert not caplog.records
+
+
+def test_log_file_and_console(tmp_path, capsys):
+    import logging
+
+    from common import logs
+
+    logs.console(rank=0)
+    log = logging.getLogger("tubelet.test")
+    with logs.to_file(tmp_path / "run" / "train.log"):
+        log.info("step 1 done")
+        log.warning("a sample was skipped")
+    log.info("after the run")
+    out, err = capsys.readouterr()
+    assert "step 1 done" in out and err.strip() == "warning: a sample was skipped"
+    text = (tmp_path / "run" / "train.log").read_text()
+    assert "INFO rank0 tubelet.test: step 1 done" in text and "WARNING rank0" in text and "after" not in text
+    logs.console(rank=3)  # other ranks: warnings only
+    log.info("not on rank 3")
+    log.warning("rank 3 saw this")
+    out, err = capsys.readouterr()
+    assert out == "" and "rank 3 saw this" in err
+    logs.console(rank=0)
+

@@ -7,6 +7,7 @@ import shutil
 from dataclasses import replace
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -219,16 +220,73 @@ def test_shard_not_matching_offsets_gives_clear_error(shard_copy):
         take(loader, 4)
 
 
-def test_corrupt_video_bytes_name_the_samples(shard_copy):
+def test_garbage_inside_a_video_is_never_trained_on(shard_copy, caplog):
+    """40 KB of random bytes inside one sample (sizes and tar headers intact): its CRC-32 fails on read; by default
+    it is skipped (a repeat of another sample of the batch stands in, flagged padded), counted and logged with its
+    key and shard; with on_corrupt=fail the run stops naming them."""
     m = read_manifest(str(shard_copy))
-    rows = m.samples.to_pylist()
-    for row in rows:  # garble every training video's payload, keeping sizes and headers
+    row = max(m.split("train").to_pylist(), key=lambda r: r["video_size"])
+    with open(shard_copy / row["shard"], "r+b") as f:
+        f.seek(row["video_offset"] + row["video_size"] // 4)
+        f.write(os.urandom(min(40_000, row["video_size"] // 2)))
+    stats = []
+    loader = VideoLoader(cfg_for(str(shard_copy)), grid=GRID, on_batch=stats.append)
+    batches = take(loader, loader.steps_per_epoch)  # one epoch: every sample once
+    delivered = [k for b in batches for k, p in zip(b.keys, b.padded.tolist()) if not p]
+    assert row["key"] not in [k for b in batches for k in b.keys]
+    assert len(delivered) == len(m.split("train")) - 1 and sum(s.corrupt for s in stats) == 1
+    assert any(row["key"] in r.message and row["shard"] in r.message for r in caplog.records
+               if r.levelname == "WARNING")
+    failing = VideoLoader(cfg_for(str(shard_copy), "on_corrupt=fail"), grid=GRID)
+    with pytest.raises(ManifestError, match=f"sample {row['key']} in shard {row['shard']} .* is corrupt"):
+        take(failing, failing.steps_per_epoch)
+
+
+def test_undecodable_video_bytes_name_the_samples(shard_copy):
+    """Bytes that pass their checksum but do not decode (a set written with a broken encoder): the decode error
+    names the samples and shards and says how to check the set."""
+    import pyarrow.parquet as pq
+    import zlib
+
+    table = pq.read_table(shard_copy / "manifest.parquet")
+    crcs = []
+    for row in table.to_pylist():  # garble every video's payload, and record the garbage's checksums
         with open(shard_copy / row["shard"], "r+b") as f:
             f.seek(row["video_offset"])
-            f.write(os.urandom(row["video_size"]))
+            garbage = os.urandom(row["video_size"])
+            f.write(garbage)
+        crcs.append(zlib.crc32(garbage))
+    i = table.schema.get_field_index("video_crc32")
+    pq.write_table(table.set_column(i, "video_crc32", pa.array(crcs, pa.int64())), shard_copy / "manifest.parquet")
     loader = VideoLoader(cfg_for(str(shard_copy)), grid=GRID)
     with pytest.raises(LoaderError, match="while decoding one of the samples"):
         take(loader, 2)
+
+
+def test_shard_names_that_leave_the_set_are_refused(shard_copy, tmp_path):
+    """Names in a manifest are data: `../` or absolute shard names must never make a reader or a cache touch a file
+    outside the set."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(shard_copy / "manifest.parquet")
+    meta = json.loads(table.schema.metadata[b"tubelet"])
+    for bad in ("../outside.tar", "/etc/passwd", "sub/x.tar"):
+        evil = dict(meta, shards=[dict(meta["shards"][0], name=bad)] + meta["shards"][1:])
+        pq.write_table(table.replace_schema_metadata({b"tubelet": json.dumps(evil).encode()}),
+                       shard_copy / "manifest.parquet")
+        with pytest.raises(ManifestError, match="plain file names inside the set"):
+            VideoLoader(cfg_for(str(shard_copy)), grid=GRID)
+    i = table.schema.get_field_index("shard")
+    rows = table.set_column(i, "shard", pa.array(["../" + n for n in table.column("shard").to_pylist()]))
+    pq.write_table(rows, shard_copy / "manifest.parquet")
+    with pytest.raises(ManifestError, match="plain file names inside the set"):
+        read_manifest(str(shard_copy))
+    from pipeline.store import ShardStore
+
+    with pytest.raises(ManifestError, match="plain file names"):  # the store checks names too, for the cache
+        ShardStore("memory://set", cache_dir=str(tmp_path)).read("../../x.tar", 512, 10, "k.webm", 1024)
 
 
 def test_remote_shards_through_fsspec_with_local_cache(small_shards, tmp_path):

@@ -448,7 +448,7 @@ def test_missing_key_is_a_clear_error(tmp_path):
     torch.save({"target_encoder": {}, "config": {"train": {}}}, path)
     with pytest.raises(CheckpointError, match=r"config\.model"):
         load_encoder(path)
-    assert main([f"checkpoint={path}", f"out={tmp_path / 'x.safetensors'}"]) == 1
+    assert main([f"checkpoint={path}", f"out={tmp_path / 'x.safetensors'}"]) == 2
 
 
 def test_shape_mismatch_is_a_clear_error(checkpoint, tmp_path):

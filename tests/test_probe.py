@@ -128,6 +128,26 @@ def test_disc_pans_move_the_way_their_label_says():
         assert round(math.degrees(math.atan2(-dy, dx)) / 45) % DISC_CLASSES == c, (c, dx, dy)
 
 
+class _Payload:
+    """What a crafted .pt file could hold: an object whose unpickling runs code."""
+
+    def __reduce__(self):
+        return (print, ("this ran at load time",))
+
+
+def test_proof_sweep_never_unpickles_code(tmp_path):
+    """A crafted data file (a pickled callable) is refused, not run: the sweep loads with weights_only=True."""
+    import pickle
+
+    from research.proof_sweep import SweepConfig, run_job
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"train": ([_Payload()], [0])}, evil)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        run_job({"name": "x", "seed": 0, "variant": {}, "data": str(evil), "out": str(tmp_path)})
+    assert SweepConfig(out="o").cache == ""  # the default cache is <out>/cache, this run's own
+
+
 def test_proof_sweep_reports_a_job_that_died_instead_of_waiting_forever():
     import multiprocessing as mp
     from types import SimpleNamespace

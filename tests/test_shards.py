@@ -147,7 +147,8 @@ def test_layout_members_and_metadata(small_shards):
     assert [(s["split"], s["samples"]) for s in m.shards] == [("train", 5), ("train", 5), ("train", 2),
                                                               ("val", 4)]
     assert m.classes == ["circle", "square", "triangle"]
-    assert not [p for p in os.listdir(root) if p.startswith(".tmp")]
+    assert not [p for p in os.listdir(root) if p.startswith((".tmp", ".lock"))]  # no temp or lock files left
+    assert "shards.log" in os.listdir(root)  # the run's log lies next to its manifest
     rows = {r["key"]: r for r in m.samples.to_pylist()}
     assert len(rows) == 16
     for sh in m.shards:
@@ -293,7 +294,7 @@ def mixed(tmp_path_factory):
 EXPECTED_REJECTS = {
     "bad/empty.mp4": "empty_file",
     "bad/half.webm": "truncated",  # the cluster index is gone: decodes until the cut, then ends early
-    "bad/half.mp4": "not_a_video",  # the moov atom is at the end: without it there is no container
+    "bad/half.mp4": "truncated",  # the moov atom is at the end: it starts like an mp4 but cannot be opened
     "bad/text.mp4": "not_a_video",
     "bad/audio.mp4": "no_video_stream",
     "bad/audio.webm": "no_video_stream",
@@ -318,11 +319,13 @@ def test_bad_inputs_are_rejected_with_reasons(mixed):
     s = res["summary"]
     assert s["videos_in"] == 20 and s["sharded"] == 11
     assert s["rejected"] == {"bad_dimensions": 1, "empty_file": 1, "file_too_large": 1, "no_video_stream": 2,
-                             "not_a_video": 2, "too_short": 1, "truncated": 1}
+                             "not_a_video": 1, "too_short": 1, "truncated": 2}
     # the printed summary
     p = res["printed"]
     assert "manifest.parquet" in p and "videos in      20" in p and "sharded        11" in p
-    assert "rejected       9" in p and "truncated: 1" in p and "rejects.parquet" in p
+    assert "rejected       9" in p and "truncated: 2" in p and "rejects.parquet" in p
+    details = {os.path.relpath(r["source"], src): r["detail"] for r in rejects}
+    assert "half.mp4 starts like a video container" in details["bad/half.mp4"] and "<none>" not in details["bad/half.mp4"]
     verify(m, check_hashes=True)
 
 
@@ -546,6 +549,58 @@ def test_deterministic_across_runs(ref, tmp_path):
     assert [s["name"] for s in m.shards] == ["train-000000.tar", "train-000001.tar", "train-000003.tar",
                                              "train-000004.tar"]
     assert m.meta["summary"]["rejected"] == {"empty_file": 1, "not_a_video": 1}
+
+
+@pytest.mark.slow
+def test_a_damaged_set_repairs_itself_on_rerun(ref, tmp_path, capsys):
+    """Flipped bytes, a truncated shard, a lost index: verify lists every bad shard, and rerunning make shards
+    rebuilds exactly the damaged groups (deterministic bytes), after which the set verifies again."""
+    out = tmp_path / "set"
+    shutil.copytree(ref["out"], out)
+    m = read_manifest(str(out))
+    a, b, c = m.shards[:3]
+    with open(out / a["name"], "r+b") as f:  # same size, other bytes
+        f.seek(a["bytes"] // 2)
+        f.write(b"\xff" * 64)
+    with open(out / b["name"], "r+b") as f:
+        f.truncate(b["bytes"] - 512)
+    os.unlink(out / c["index"])
+    with pytest.raises(ManifestError) as e:
+        verify(m, check_hashes=True)
+    assert str(e.value).startswith(f"3 of {len(m.shards)} shards of {out} do not match")
+    for sh in (a, b, c):
+        assert f"shard {sh['name']}:" in str(e.value)
+    res = shard(ref["inputs"], out, *ref["overrides"])
+    assert res["summary"]["videos_processed"] == 6  # three groups of two videos, nothing else
+    err = capsys.readouterr().err
+    assert all(f"shard {sh['name']}:" in err for sh in (a, b, c)) and "rebuilding it" in err
+    verify(read_manifest(str(out)), check_hashes=True)
+    assert_same_manifest(ref["out"], out)
+    again = shard(ref["inputs"], out, *ref["overrides"])  # a rerun of a whole, healthy set does no work
+    assert again["summary"]["videos_processed"] == 0 and "nothing to do" in again["printed"]
+
+
+def test_bad_output_inputs_and_overrides_are_one_clear_line(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    videos.write_not_video(src / "a.mp4")
+    videos.write_empty(src / "b.mp4")
+    (tmp_path / "file").write_text("x")
+    base = ["progress=false", "workers=1"]
+    cases = [
+        ([f"inputs.train={src}", f"output={tmp_path / 'file'}"], "error: output .*file is \\(or lies under\\) a file"),
+        (["inputs.train=", f"output={tmp_path / 'o1'}"], "config error: inputs.train: is empty"),
+        ([f"inputs.train={src}", f"output={tmp_path / 'o2'}", "transcode.crf=abc"],
+         "config error: override 'transcode.crf=abc'"),
+        ([f"inputs.train={src}", f"output={tmp_path / 'o3'}"],
+         "error: no input was sharded: all 2 were rejected \\(empty_file: 1, not_a_video: 1\\)"),
+    ]
+    for args, message in cases:
+        assert main(base + args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert re.match(message, err[-1]), (message, err)
+        assert not [ln for ln in err if "Traceback" in ln]
+    assert (tmp_path / "o3" / "rejects.parquet").exists()  # the reasons stay readable
 
 
 def _children(pid: int) -> list:

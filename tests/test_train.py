@@ -324,6 +324,9 @@ def test_a_bad_run_folder_is_refused_before_any_work(small_shards, tmp_path, cap
     assert not (tmp_path / "a" / "losses.jsonl").exists()  # refused at start, not at the first save
     assert main(overrides(small_shards, tmp_path / "file")) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: run_dir ")
+    assert main(overrides(str(tmp_path / "no-set"), tmp_path / "c")) == 2  # a missing shard set: one line, no traceback
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: ") and "no manifest.parquet" in err and "Traceback" not in err
     # a second trainer in the same run_dir is refused while the first holds it, and runs once it is gone
     (tmp_path / "b").mkdir()
     held = lock_file(tmp_path / "b" / ".lock")
@@ -361,6 +364,11 @@ def test_reference_run_outputs(reference, small_shards):
     rows = losses(reference)
     assert [r[0] for r in rows] == list(range(1, STEPS + 1)) and all(np.isfinite([r[1] for r in rows]))
     assert [s for s, _ in checkpoint.list_checkpoints(reference / "checkpoints")] == [6, 4, 2]
+    log = (reference / "train.log").read_text()  # the run's log, with times, ranks and the time left
+    assert "INFO rank0 train.trainer: training tiny" in log and f"done: step {STEPS}" in log
+    steps = [ln for ln in log.splitlines() if f"/{STEPS} | loss" in ln]
+    assert len(steps) == STEPS and all("| eta " in ln for ln in steps) and steps[-1].endswith("| eta 0s")
+    assert not (reference / ".lock").exists()
     state = torch.load(checkpoint.path_for(reference / "checkpoints", STEPS), weights_only=True)
     assert state["step"] == STEPS and state["config"] == to_dict(cfg) and state["skipped_steps"] == 0
     assert (state["loader"]["epoch"], state["loader"]["position"]) == (0, 12)  # 12 videos, 6 steps of 2

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import errno
 import io
+import logging
 import os
 import re
 import signal
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from pipeline.loader import VideoLoader
     from train.step import Parts
 
+_log = logging.getLogger(__name__)
 NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 TMP_SUFFIX = ".tmp"
 
@@ -135,10 +136,11 @@ def load(path: str | Path) -> Dict[str, Any]:
 def load_latest(folder: str | Path, log=None) -> Optional[Tuple[Path, Dict[str, Any]]]:
     """The newest checkpoint that loads, with its contents; None when the folder holds none.
 
-    A file that fails to load is reported through `log` (default: stderr) and the next older one is used.
+    A file that fails to load is reported through `log` (default: a warning in the log) and the next older one
+    is used.
     Raises CheckpointError when checkpoints exist but none loads: starting over would silently discard them.
     """
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = log or _log.warning
     found = list_checkpoints(folder)
     errors = []
     for step, path in found:
@@ -146,11 +148,11 @@ def load_latest(folder: str | Path, log=None) -> Optional[Tuple[Path, Dict[str, 
             state = load(path)
         except Exception as e:  # any read or unpickling error: this file is not usable, try the previous one
             errors.append(f"{path.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            log(f"warning: checkpoint {path} does not load ({errors[-1]}); trying an older one")
+            log(f"checkpoint {path} does not load ({errors[-1]}); trying an older one")
             continue
         if state["step"] != step:
             errors.append(f"{path.name}: holds step {state['step']}")
-            log(f"warning: checkpoint {path} holds step {state['step']}, not {step}; trying an older one")
+            log(f"checkpoint {path} holds step {state['step']}, not {step}; trying an older one")
             continue
         return path, state
     if found:
@@ -188,12 +190,12 @@ def restore(p: Parts, loader: VideoLoader, state: dict) -> Tuple[int, int]:
 def find_resume_point(ckpt_dir: Path, env: dist.DistEnv) -> Optional[dict]:
     """Rank 0 picks the newest loadable checkpoint (falling back past damaged ones, loudly); every rank
     then loads that same file. None: a fresh run."""
-    found = dist.on_rank0(lambda: load_latest(ckpt_dir, log=dist.print0))
+    found = dist.on_rank0(lambda: load_latest(ckpt_dir))
     step = dist.broadcast_int(found[1]["step"] if found else 0, env.device)
     if step == 0:
         return None
     if found is not None:
-        dist.print0(f"resuming from {found[0]} (step {step})")
+        _log.info(f"resuming from {found[0]} (step {step})")
         return found[1]
     return load(path_for(ckpt_dir, step))
 
@@ -206,7 +208,7 @@ def resume(p: Parts, loader: VideoLoader, ckpt_dir: Path, config: dict) -> Tuple
         return 0, 0
     changed = config_changes(state["config"], config)
     if changed:
-        dist.print0("note: config differs from the checkpoint's: " + "; ".join(changed))
+        _log.info("note: config differs from the checkpoint's: " + "; ".join(changed))
     return restore(p, loader, state)
 
 

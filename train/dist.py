@@ -1,4 +1,4 @@
-"""Distributed setup in one place: `init` / `cleanup`, `print0`, and the few collectives the trainer needs.
+"""Distributed setup in one place: `init` / `cleanup`, `on_rank0`, and the few collectives the trainer needs.
 
 `init` reads the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Without
 any of them the process is a single process, world size 1, with no process group. With them, NCCL on GPUs
@@ -93,12 +93,6 @@ def cleanup() -> None:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def print0(*args, **kwargs) -> None:
-    """print on rank 0 only, flushed (logs of several ranks interleave under torchrun)."""
-    if rank() == 0:
-        print(*args, **kwargs, flush=True)
 
 
 def _group_ready() -> bool:

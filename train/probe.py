@@ -19,6 +19,7 @@ probe's last epoch.
 from __future__ import annotations
 
 import itertools
+import logging
 import json
 import math
 import sys
@@ -34,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model.features import encoder_from_state, model_config_of, read_training_checkpoint
 from model.probe import AttentiveProbe
 from model.vit import VisionTransformer
+from common import logs
 from common.cli import main_for
 from common.config import ConfigError, check, to_dict
 from common.torch_file import CheckpointError, read_torch_file
@@ -43,6 +45,9 @@ from pipeline.loader import VideoLoader
 from train import dist
 from train.checkpoint import save_atomic
 from train.plots import plot_probe
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -114,7 +119,7 @@ def cached(path: Path, make):
         try:
             return read_torch_file(path)
         except CheckpointError as e:
-            dist.print0(f"warning: {e}; computing it again")
+            log.warning(f"{e}; computing it again")
     value = make()
     save_atomic(path, value)
     return value
@@ -164,6 +169,7 @@ def video_scores(probe: AttentiveProbe, views: Dict[str, torch.Tensor], num_vide
 
 def run(cfg: ProbeConfig) -> Optional[dict]:
     env = dist.init(cfg.device)
+    logs.console(env.rank)
     try:
         return _run(cfg, env)
     finally:
@@ -210,7 +216,7 @@ def _run(cfg: ProbeConfig, env) -> Optional[dict]:
         probe.load_state_dict(st["probe"])
         opt.load_state_dict(st["optimizer"])
         start_epoch, history = st["epoch"], json.loads(st["history"])
-        dist.print0(f"probe: resuming after epoch {start_epoch} from {state_file}")
+        log.info(f"probe: resuming after epoch {start_epoch} from {state_file}")
 
     for epoch in range(start_epoch, cfg.epochs):
         loss = train_epoch(model, opt, features_for(epoch), cfg, epoch, env.rank, device)
@@ -218,7 +224,7 @@ def _run(cfg: ProbeConfig, env) -> Optional[dict]:
         if env.is_main:
             save_atomic(state_file, {"probe": probe.state_dict(), "optimizer": opt.state_dict(),
                                      "epoch": epoch + 1, "history": json.dumps(history)})
-        dist.print0(f"probe epoch {epoch + 1}/{cfg.epochs}: loss {history[-1]['loss']:.4f}")
+        log.info(f"probe epoch {epoch + 1}/{cfg.epochs}: loss {history[-1]['loss']:.4f}")
 
     val_cfg = replace(data_config(cfg, train_cfg, cfg.val_split), eval_clips=cfg.data.eval_clips,
                       eval_crops=cfg.data.eval_crops)
@@ -241,7 +247,7 @@ def _run(cfg: ProbeConfig, env) -> Optional[dict]:
     if env.is_main:
         atomic_write(out, json.dumps(result, indent=2))
         plot_probe(result, out.with_suffix(".png"))
-        dist.print0(f"probe {'(random weights) ' if cfg.random_init else ''}top-1 {100 * top1:.1f}% on "
+        log.info(f"probe {'(random weights) ' if cfg.random_init else ''}top-1 {100 * top1:.1f}% on "
                     f"{nvid} {cfg.val_split} videos (chance {100 / len(classes):.1f}%) -> {out}")
     return result
 

@@ -96,6 +96,8 @@ class PrometheusMetrics:
         self.loader_padded = counter("tubelet_loader_padded_samples_total",
                                      "Padding repeats that fill a rank's last step of an epoch")
         self.loader_bytes = counter("tubelet_loader_read_bytes_total", "Bytes of encoded video read from shards")
+        self.loader_corrupt = counter("tubelet_loader_corrupt_samples_total",
+                                      "Samples whose bytes failed their checksum, skipped (never trained on)")
         # trainer, per step
         self.step_seconds = hist("tubelet_train_step_seconds", "Wall time of a training step, data wait included")
         self.data_wait = hist("tubelet_train_data_wait_seconds", "Time a training step waited for its batch")
@@ -135,6 +137,7 @@ class PrometheusMetrics:
         self.loader_samples.inc(stats.samples)
         self.loader_padded.inc(stats.padded)
         self.loader_bytes.inc(stats.bytes_read)
+        self.loader_corrupt.inc(stats.corrupt)
         self.last.set(tubelet_loader_queue_depth=stats.queue_depth, tubelet_loader_epoch=stats.epoch,
                       tubelet_loader_position=stats.position)
 

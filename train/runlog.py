@@ -1,12 +1,17 @@
-"""The run's log on rank 0: every step to `run_dir/losses.jsonl`, a line to stdout every `log_every` steps."""
+"""The run's log on rank 0: every step to `run_dir/losses.jsonl`, a log line every `log_every` steps (window
+averages and the time left)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import List
 
 from common.files import atomic_write
+from common.logs import duration
+
+log = logging.getLogger(__name__)
 
 
 def trim_losses(path: Path, step: int) -> None:
@@ -38,10 +43,10 @@ class RunLog:
         clips = sum(r["clips"] for r in w) * self.world_size
         losses = [r["loss"] for r in w if not r["skipped"]]
         loss = sum(losses) / len(losses) if losses else float("nan")
-        print(f"step {row['step']:>7}/{self.last_step} | loss {loss:.4f} | lr {row['lr']:.3e} | "
-              f"{clips / step_s:7.1f} clips/s | step {step_s / len(w):.3f} s | data wait {data_s / step_s:4.0%}"
-              + (f" | skipped {sum(r['skipped'] for r in w)}" if any(r["skipped"] for r in w) else ""),
-              flush=True)
+        eta = duration((self.last_step - row["step"]) * step_s / len(w))
+        log.info(f"step {row['step']:>7}/{self.last_step} | loss {loss:.4f} | lr {row['lr']:.3e} | "
+                 f"{clips / step_s:7.1f} clips/s | step {step_s / len(w):.3f} s | data wait {data_s / step_s:4.0%} | "
+                 f"eta {eta}" + (f" | skipped {sum(r['skipped'] for r in w)}" if any(r["skipped"] for r in w) else ""))
 
     def close(self) -> None:
         if self.file:

@@ -19,6 +19,8 @@ Fault injection for the reliability tests: `train.faults`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 import time
@@ -27,6 +29,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from common import logs
 from common.cli import main_for
 from common.config import to_dict, to_yaml
 from common.files import Locked, atomic_write, lock_file, unlock_file
@@ -40,6 +43,9 @@ from train.metrics import StepStats, build_metrics
 from train.plots import plot_losses
 from train.runlog import RunLog, trim_losses
 from train.step import build, train_step
+
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
@@ -74,12 +80,17 @@ def run(cfg: TrainConfig) -> Dict:
     """Train (or continue training) to the last step. Returns a summary (step, losses of this invocation)."""
     faults = Faults.from_env()
     env = dist.init(cfg.device, cfg.dist_timeout_s)
+    logs.console(env.rank)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
-    metrics, loader, log, lock = None, None, None, None
+    metrics, loader, runlog, lock = None, None, None, None
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / cfg.checkpoint.dir
+    cleanup = contextlib.ExitStack()
     try:
         lock = dist.on_rank0(lambda: claim_run_dir(run_dir, ckpt_dir))
+        # rank 0 logs everything to train.log; the other ranks their warnings to train-rank<r>.log
+        cleanup.enter_context(logs.to_file(run_dir / ("train.log" if env.is_main else f"train-rank{env.rank}.log"),
+                                           env.rank, logging.INFO if env.is_main else logging.WARNING))
         if cfg.deterministic:
             if env.device.type == "cuda":
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be repeatable
@@ -95,12 +106,12 @@ def run(cfg: TrainConfig) -> Dict:
             atomic_write(run_dir / "config.yaml", to_yaml(cfg))
             trim_losses(run_dir / "losses.jsonl", step)
         last = cfg.schedule.last_step
-        dist.print0(f"training {cfg.model.size} on {env.world_size} x {env.device.type} "
+        log.info(f"training {cfg.model.size} on {env.world_size} x {env.device.type} "
                     f"({'bf16 autocast' if p.amp else 'fp32'}), {loader.steps_per_epoch} steps/epoch, "
                     f"steps {step + 1}..{last} of {cfg.schedule.total_steps}; run_dir {run_dir}"
                     + (f"; {n} tensors identical on all ranks" if env.distributed else "")
                     + (f"; metrics on {metrics.url}" if metrics.url else ""))
-        log = RunLog(run_dir / "losses.jsonl", cfg.log_every, last, env.world_size, env.is_main)
+        runlog = RunLog(run_dir / "losses.jsonl", cfg.log_every, last, env.world_size, env.is_main)
         t_start, first = time.perf_counter(), step
         losses: List[float] = []
 
@@ -118,13 +129,14 @@ def run(cfg: TrainConfig) -> Dict:
                     raise NonFiniteError(f"non-finite loss or gradient at step {step} (loss {out.loss}, grad "
                                          f"norm {out.grad_norm}); weights left as after step {step - 1}. "
                                          "Set nonfinite=skip to skip such steps.")
-                dist.print0(f"warning: non-finite loss or gradient at step {step}: update skipped")
+                if env.is_main:
+                    log.warning(f"non-finite loss or gradient at step {step}: update skipped")
                 skipped += 1
             dt = time.perf_counter() - t0
             clips = int(batch.clips.size(0))
             metrics.step(StepStats(step, dt, wait, clips, out.loss, out.lr, out.weight_decay, out.ema,
                                    out.grad_norm, skipped=out.nonfinite))
-            log.step({"step": step, "loss": out.loss, "lr": out.lr, "weight_decay": out.weight_decay,
+            runlog.step({"step": step, "loss": out.loss, "lr": out.lr, "weight_decay": out.weight_decay,
                       "ema": out.ema, "grad_norm": out.grad_norm, "step_s": dt, "data_s": wait, "clips": clips,
                       "epoch": batch.epoch, "skipped": out.nonfinite})
             losses.append(out.loss)
@@ -140,19 +152,20 @@ def run(cfg: TrainConfig) -> Dict:
         dist.barrier()  # no rank reports success before the final checkpoint exists
         seconds = time.perf_counter() - t_start
         if env.is_main:
-            log.close()
+            runlog.close()
             plot_losses(run_dir / "losses.jsonl", run_dir / "loss.png", f"{run_dir}: {cfg.model.size}, step {step}")
-        dist.print0(f"done: step {step}, {step - first} steps in {seconds:.1f} s, {skipped} skipped"
+        log.info(f"done: step {step}, {step - first} steps in {seconds:.1f} s, {skipped} skipped"
                     + (f"; parameters identical on all {env.world_size} ranks" if env.distributed else ""))
         return {"step": step, "first_step": first, "skipped_steps": skipped, "losses": losses,
                 "seconds": seconds, "run_dir": str(run_dir)}
     finally:
-        if log is not None:
-            log.close()
+        if runlog is not None:
+            runlog.close()
         if loader is not None:
             loader.close()
         if metrics is not None:
             metrics.close()
+        cleanup.close()
         if lock is not None:
             unlock_file(lock, run_dir / ".lock")
         torch.use_deterministic_algorithms(was_deterministic)

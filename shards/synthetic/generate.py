@@ -31,10 +31,10 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import multiprocessing as mp
 import os
-import sys
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -44,6 +44,7 @@ from typing import Any, Optional, Sequence
 import av
 import numpy as np
 
+from common import logs
 from common.cli import main_for
 from common.config import check
 from common.files import atomic_path, atomic_write, sha256_file
@@ -51,6 +52,8 @@ from shards.synthetic.render import CLASSES, DEFAULT_STYLE, Scene, SceneStyle
 
 __all__ = ["SPLITS", "FORMATS", "RESOLUTIONS", "FPS_CHOICES", "SampleConfig", "generate", "plan_videos",
            "scene_for", "main"]
+
+log = logging.getLogger(__name__)
 
 #: Bump whenever the bytes written for the same parameters change.
 GENERATOR_VERSION = 1
@@ -234,15 +237,7 @@ def generate(
     args = [(t, str(out)) for t in order]
     results: dict[str, tuple[str, int]] = {}
 
-    bar = None
-    if progress and tasks:
-        try:
-            from tqdm import tqdm
-
-            # disable=None: no bar when stderr is not a terminal (the summary line still prints)
-            bar = tqdm(total=len(tasks), desc=f"sample -> {out}", unit="video", file=sys.stderr, disable=None)
-        except ImportError:
-            bar = None
+    bar = logs.Progress(len(tasks), f"sample -> {out}", "video", enabled=progress, logger=log)
     try:
         if n_workers == 1:
             it = map(_make_video_star, args)
@@ -255,8 +250,7 @@ def generate(
         try:
             for rel, digest, size in it:
                 results[rel] = (digest, size)
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
         except BaseException:
             if pool is not None:
                 pool.terminate()
@@ -266,8 +260,7 @@ def generate(
                 pool.close()
                 pool.join()
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
     # Remove stale videos (from an earlier, different generation) under videos/.
     expected = {t["rel"] for t in tasks}
@@ -323,11 +316,8 @@ def generate(
     }
     atomic_write(marker, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
     if progress:
-        print(
-            f"sample: {len(tasks)} videos, {meta['total_bytes'] / 1e6:.1f} MB in "
-            f"{time.perf_counter() - t0:.1f}s with {n_workers} worker(s) -> {out}",
-            file=sys.stderr,
-        )
+        log.info(f"sample: {len(tasks)} videos, {meta['total_bytes'] / 1e6:.1f} MB in "
+                 f"{time.perf_counter() - t0:.1f}s with {n_workers} worker(s) -> {out}")
     return out
 
 
@@ -341,7 +331,7 @@ class SampleConfig:
     train_per_class: int = 40  # videos per class in the train split
     val_per_class: int = 12  # videos per class in the val split
     workers: int = 0  # processes; 0 = all cores
-    progress: bool = True  # a progress bar and a summary line on stderr
+    progress: bool = True  # progress (a bar on a terminal, a line every 10 s otherwise) and a summary line
 
     def validate(self) -> None:
         check(bool(self.out), "out", "must name a folder")
