@@ -41,7 +41,8 @@ from common.config import ConfigError, check, to_dict
 from common.torch_file import CheckpointError, read_torch_file
 from common.files import atomic_write
 from pipeline.config import LoaderConfig
-from pipeline.loader import VideoLoader
+from pipeline.loader import LoaderError, VideoLoader
+from shards.manifest import ManifestError
 from train import dist
 from train.checkpoint import save_atomic
 from train.plots import plot_probe
@@ -254,7 +255,8 @@ def _run(cfg: ProbeConfig, env) -> Optional[dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return main_for(ProbeConfig, run, argv, prog="tubelet-probe", doc=__doc__,
-                    errors={CheckpointError: 2, FileNotFoundError: 2})
+                    errors={CheckpointError: 2, FileNotFoundError: 2, ManifestError: 2, LoaderError: 2,
+                            dist.DistError: 2})
 
 
 if __name__ == "__main__":
