@@ -44,9 +44,13 @@ class ModelConfig:
     tubelet_size: int = 2
     predictor_width: int = 384
     predictor_depth: int = 12
-    predictor_heads: int = 12
+    predictor_heads: int = 0  # 0 = the encoder's head count, as the reference builds its predictor
     num_mask_types: int = 2
     uniform_power: bool = True
+    # reference: what the official code trains with (its init_video_model re-initialises every Linear and
+    # LayerNorm after building the model, so all Linear weights are N(0, 0.02)); depth_scaled: the residual
+    # projections of block l (attention proj, MLP fc2) divided by sqrt(2 l), as its model constructors intend
+    init: str = "reference"
 
     def validate(self) -> None:
         check(self.size in VIT_SIZES, "size", f"unknown size {self.size!r}, expected one of {sorted(VIT_SIZES)}")
@@ -57,7 +61,7 @@ class ModelConfig:
         width, _, heads = self.encoder_shape
         check(width % heads == 0, "width", f"encoder width {width} is not divisible by heads={heads}")
         for name in ("img_size", "num_frames", "patch_size", "tubelet_size", "predictor_width", "predictor_depth",
-                     "predictor_heads", "num_mask_types"):
+                     "num_mask_types"):
             value = getattr(self, name)
             # bool is an int subclass; `predictor_depth: true` in YAML is a typo, not a depth of 1.
             check(_is_int(value) and value >= 1, name, f"expected a positive integer, got {value!r}")
@@ -66,8 +70,11 @@ class ModelConfig:
               f"{self.img_size} is not divisible by patch_size={self.patch_size}")
         check(self.num_frames % self.tubelet_size == 0, "num_frames",
               f"{self.num_frames} is not divisible by tubelet_size={self.tubelet_size}")
-        check(self.predictor_width % self.predictor_heads == 0, "predictor_width",
-              f"{self.predictor_width} is not divisible by predictor_heads={self.predictor_heads}")
+        check(_is_int(self.predictor_heads) and self.predictor_heads >= 0, "predictor_heads",
+              f"expected 0 (the encoder's) or a positive integer, got {self.predictor_heads!r}")
+        check(self.predictor_width % self.predictor_num_heads == 0, "predictor_width",
+              f"{self.predictor_width} is not divisible by predictor_heads={self.predictor_num_heads}")
+        check(self.init in ("reference", "depth_scaled"), "init", f"must be reference or depth_scaled, got {self.init!r}")
         if not self.uniform_power:
             # The non-uniform sin-cos split gives t D/2 and h, w D/4 channels each; all must be even.
             for name, dim in (("encoder width", self.encoder_width), ("predictor_width", self.predictor_width)):
@@ -78,6 +85,11 @@ class ModelConfig:
         """(width, depth, heads) of the encoder: the size's, with any nonzero override applied."""
         base = VIT_SIZES[self.size]
         return tuple(o or b for o, b in zip((self.width, self.depth, self.heads), base))
+
+    @property
+    def predictor_num_heads(self) -> int:
+        """The predictor's attention heads: `predictor_heads`, or the encoder's when 0."""
+        return self.predictor_heads or self.encoder_shape[2]
 
     @property
     def encoder_width(self) -> int:

@@ -33,6 +33,7 @@ class Predictor(nn.Module):
         heads: int = 12,
         num_mask_types: int = 2,
         uniform_power: bool = True,
+        depth_scaled_init: bool = False,
     ):
         super().__init__()
         self.embed_dim = embed_dim
@@ -53,7 +54,8 @@ class Predictor(nn.Module):
         self.predictor_proj = nn.Linear(width, embed_dim)
 
         self.apply(init_weights)  # leaves mask_tokens at zero: apply() only visits submodules
-        rescale_residual_projections(self.blocks)
+        if depth_scaled_init:
+            rescale_residual_projections(self.blocks)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "Predictor":
@@ -63,9 +65,10 @@ class Predictor(nn.Module):
             grid=cfg.grid,
             width=cfg.predictor_width,
             depth=cfg.predictor_depth,
-            heads=cfg.predictor_heads,
+            heads=cfg.predictor_num_heads,
             num_mask_types=cfg.num_mask_types,
             uniform_power=cfg.uniform_power,
+            depth_scaled_init=cfg.init == "depth_scaled",
         )
 
     def forward(

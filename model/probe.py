@@ -2,6 +2,11 @@
 
 One cross-attention block whose single learnable query attends to the (frozen) tokens, then a linear
 classifier. tokens: [B, N, D] -> logits [B, C].
+
+Two variants (`variant`): "reference" computes exactly what the official evaluation computes
+(facebookresearch/jepa, src/models/attentive_pooler.py): its cross-attention holds an output projection that it
+never applies, and its LayerNorms use torch's default eps 1e-5; probe numbers are comparable with the paper's.
+"tubelet" applies the projection (a standard attention block) with the encoder's eps 1e-6.
 """
 
 from __future__ import annotations
@@ -16,16 +21,17 @@ from model.vit import LN_EPS, MLP
 
 
 class CrossAttention(nn.Module):
-    """queries [B, Q, D] attend to x [B, N, D] -> [B, Q, D]."""
+    """queries [B, Q, D] attend to x [B, N, D] -> [B, Q, D]. Without `proj`, the heads' outputs are returned as
+    they are (the reference's computation)."""
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, proj: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"probe width {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim) if proj else nn.Identity()
 
     def forward(self, queries: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
@@ -36,15 +42,22 @@ class CrossAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, Q, D))
 
 
+VARIANTS = ("reference", "tubelet")
+
+
 class AttentiveProbe(nn.Module):
-    def __init__(self, dim: int, num_classes: int, num_heads: int = 12, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_classes: int, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 variant: str = "reference"):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"a probe needs at least 2 classes, got {num_classes}")
+        if variant not in VARIANTS:
+            raise ValueError(f"probe variant must be one of {VARIANTS}, got {variant!r}")
+        eps = 1e-5 if variant == "reference" else LN_EPS
         self.query = nn.Parameter(torch.zeros(1, 1, dim))
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = CrossAttention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = CrossAttention(dim, num_heads, proj=variant == "tubelet")
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.query, std=0.02)
@@ -52,8 +65,9 @@ class AttentiveProbe(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        # residual branches start small, as in the encoder's init
-        self.attn.proj.weight.data.div_(math.sqrt(2.0))
+        # residual branches start small, as the reference's pooler does (its rescale of layer 1)
+        if isinstance(self.attn.proj, nn.Linear):
+            self.attn.proj.weight.data.div_(math.sqrt(2.0))
         self.mlp.fc2.weight.data.div_(math.sqrt(2.0))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -96,9 +96,10 @@ def init_weights(module: nn.Module) -> None:
 
 @torch.no_grad()
 def rescale_residual_projections(blocks: nn.ModuleList) -> None:
-    """Divide each block's residual-branch output weights by sqrt(2 * layer_id), layer_id from 1.
-
-    Keeps the residual stream's variance from growing with depth at init (two branches per block).
+    """Divide each block's residual-branch output weights by sqrt(2 * layer_id), layer_id from 1 (init
+    "depth_scaled"). Keeps the residual stream's variance from growing with depth at init (two branches per
+    block). The official training script undoes it (it re-initialises every Linear after building the model):
+    init "reference" leaves it out.
     """
     for layer_id, block in enumerate(blocks, start=1):
         block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
@@ -137,6 +138,7 @@ class VisionTransformer(nn.Module):
         depth: int = 12,
         num_heads: int = 3,
         uniform_power: bool = True,
+        depth_scaled_init: bool = False,
     ):
         super().__init__()
         if img_size % patch_size or num_frames % tubelet_size:
@@ -161,7 +163,8 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
 
         self.apply(init_weights)
-        rescale_residual_projections(self.blocks)
+        if depth_scaled_init:
+            rescale_residual_projections(self.blocks)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "VisionTransformer":
@@ -176,6 +179,7 @@ class VisionTransformer(nn.Module):
             depth=depth,
             num_heads=heads,
             uniform_power=cfg.uniform_power,
+            depth_scaled_init=cfg.init == "depth_scaled",
         )
         model.config = cfg
         return model

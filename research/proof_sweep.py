@@ -303,7 +303,7 @@ def probe_score(encoder, data, tcfg, pcfg, device, head=None) -> tuple:
     probe = head
     if probe is None:
         heads = pcfg.heads or getattr(encoder, "num_heads", 0) or encoder.blocks[0].attn.num_heads
-        probe = AttentiveProbe(encoder.embed_dim, classes, heads).to(device)
+        probe = AttentiveProbe(encoder.embed_dim, classes, heads, variant=pcfg.variant).to(device)
         opt = torch.optim.AdamW(probe.parameters(), lr=pcfg.lr, weight_decay=pcfg.weight_decay)
         for epoch in range(pcfg.epochs):
             train_epoch(probe, opt, passes[epoch % len(passes)], pcfg, epoch, 0, device)

@@ -48,6 +48,30 @@ def test_attentive_probe_shapes_and_grads():
         AttentiveProbe(32, 1)
 
 
+def test_reference_head_computes_what_the_official_evaluation_computes():
+    """The official AttentiveClassifier (facebookresearch/jepa, src/models/attentive_pooler.py), written out from
+    its source: norm1 on the tokens, cross-attention whose `proj` is never applied, residual, MLP on norm2, linear;
+    nn.LayerNorm's default eps 1e-5. The reference variant gives exactly that; the tubelet one applies a projection."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    probe = AttentiveProbe(32, 5, num_heads=4)  # variant="reference", the default
+    assert probe.norm1.eps == probe.norm2.eps == 1e-5 and not any("attn.proj" in n for n, _ in probe.named_parameters())
+    x = torch.randn(3, 20, 32)
+    B, N, C, h = 3, 20, 32, 4
+    q = probe.query.repeat(B, 1, 1)
+    xn = F.layer_norm(x, (C,), probe.norm1.weight, probe.norm1.bias, eps=1e-5)
+    qh = probe.attn.q(q).reshape(B, 1, h, C // h).permute(0, 2, 1, 3)
+    k, v = probe.attn.kv(xn).reshape(B, N, 2, h, C // h).permute(2, 0, 3, 1, 4)
+    attn = ((qh @ k.transpose(-2, -1)) * (C // h) ** -0.5).softmax(-1)
+    y = (attn @ v).transpose(1, 2).reshape(B, 1, C)  # no projection
+    q = q + y
+    q = q + probe.mlp(F.layer_norm(q, (C,), probe.norm2.weight, probe.norm2.bias, eps=1e-5))
+    torch.testing.assert_close(probe(x), probe.head(q[:, 0]), rtol=1e-5, atol=1e-6)
+    ours = AttentiveProbe(32, 5, num_heads=4, variant="tubelet")
+    assert ours.norm1.eps == 1e-6 and isinstance(ours.attn.proj, torch.nn.Linear)
+
+
 def test_probe_writes_results_and_resumes(ckpt, small_shards, capsys):
     result = run_probe(load_config(ProbeConfig, None, probe_args(ckpt, small_shards)))
     out = ckpt.parent / f"probe-{ckpt.stem}-s0.json"

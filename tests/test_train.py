@@ -542,3 +542,27 @@ def test_bench_train_runs(tmp_path):
                   "train=[device=cpu,model.predictor_depth=2]"]) == 0
     result = json.loads(out.read_text())
     assert result["steps"] == 2 and result["clips_per_second"] > 0 and 0 < result["mfu"] < 1
+
+
+def test_gradients_are_clipped_only_after_clip_start(monkeypatch):
+    """As the reference: no clipping through its warm-up epochs, then every step (ViT-L: from iteration 12,300)."""
+    from types import SimpleNamespace
+
+    from pipeline.masks import sample_masks
+    from train.step import build, train_step
+
+    assert load_config(TrainConfig, REPO / "configs/train/vitl16.yaml").optim.clip_start == 12300
+    clipped = []
+    real = torch.nn.utils.clip_grads_with_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_",
+                        lambda params, max_norm, total, **kw: clipped.append(max_norm) or real(params, max_norm,
+                                                                                                 total, **kw))
+    cfg = load_config(TrainConfig, None, TINY + ["optim.clip_start=3", "optim.clip_grad=0.5"])
+    parts = build(cfg, dist.init("cpu"))
+    masks = [(torch.from_numpy(c), torch.from_numpy(t))
+             for c, t in sample_masks(np.random.default_rng(0), 2, cfg.model.grid, cfg.data.masks)]
+    batch = SimpleNamespace(clips=torch.randn(2, 3, 4, 32, 32), masks=masks)
+    for step in range(1, 6):
+        train_step(parts, batch, step)
+        assert len(clipped) == 2 * max(0, step - 3)  # encoder and predictor, each, from step 4 on
+    assert set(clipped) == {0.5}

@@ -30,7 +30,10 @@ class OptimConfig:
     final_weight_decay: float = 0.4
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    clip_grad: float = 10.0  # max grad norm of the encoder and of the predictor, each; after warmup; 0 = off
+    clip_grad: float = 10.0  # max grad norm of the encoder and of the predictor, each; 0 = off
+    # clipping applies to the steps after this one: the reference clips from its first epoch after the warm-up
+    # epochs, (40 + 1) x 300 = iteration 12,300 of the ViT-L/H recipes
+    clip_start: int = 12300
     ema_start: float = 0.998  # target-encoder momentum, rising linearly to ema_end over the horizon
     ema_end: float = 1.0
 
@@ -44,6 +47,7 @@ class OptimConfig:
               f"must be two values in [0, 1), got {list(self.betas)}")
         check(self.eps > 0, "eps", "must be > 0")
         check(self.clip_grad >= 0, "clip_grad", "must be >= 0 (0 = off)")
+        check(self.clip_start >= 0, "clip_start", "must be >= 0")
         check(0 <= self.ema_start <= self.ema_end <= 1, "ema_start",
               f"need 0 <= ema_start <= ema_end <= 1, got {self.ema_start} -> {self.ema_end}")
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model.features import encoder_from_state, model_config_of, read_training_checkpoint
-from model.probe import AttentiveProbe
+from model.probe import VARIANTS, AttentiveProbe
 from model.vit import VisionTransformer
 from common import logs
 from common.cli import main_for
@@ -64,6 +64,9 @@ class ProbeConfig:
     weight_decay: float = 0.01
     warmup_epochs: int = 0
     heads: int = 0  # probe attention heads; 0 = the encoder's
+    # reference: exactly the official evaluation's probe (numbers comparable with the paper's: no output projection
+    # in its cross-attention, LayerNorm eps 1e-5); tubelet: with the projection (model/probe.py)
+    variant: str = "reference"
     cache: bool = True
     cached_passes: int = 4
     seed: int = 0
@@ -76,6 +79,7 @@ class ProbeConfig:
         for key in ("epochs", "batch_size", "lr", "cached_passes"):
             check(getattr(self, key) > 0, key, "must be positive")
         check(self.heads >= 0, "heads", "must be >= 0 (0 = the encoder's)")
+        check(self.variant in VARIANTS, "variant", f"must be one of {VARIANTS}, got {self.variant!r}")
 
 
 def build_encoder(cfg: ProbeConfig, device: torch.device) -> Tuple[VisionTransformer, dict]:
@@ -206,7 +210,8 @@ def _run(cfg: ProbeConfig, env) -> Optional[dict]:
             passes[p] = cached(state_dir / f"train-pass{p}-rank{env.rank}.pt", make) if cfg.cache else make()
         return passes[p]
 
-    probe = AttentiveProbe(encoder.embed_dim, len(classes), cfg.heads or encoder.blocks[0].attn.num_heads).to(device)
+    probe = AttentiveProbe(encoder.embed_dim, len(classes), cfg.heads or encoder.blocks[0].attn.num_heads,
+                           variant=cfg.variant).to(device)
     model = DDP(probe) if env.distributed else probe
     opt = torch.optim.AdamW(probe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: List[dict] = []

@@ -91,7 +91,7 @@ def train_step(p: Parts, batch: Batch, step: int, force_nan: bool = False) -> St
     p.optimizer.zero_grad(set_to_none=True)
     loss.backward()
 
-    clip = o.clip_grad if step > o.warmup_steps else 0.0  # the reference clips only after warmup
+    clip = o.clip_grad if step > o.clip_start else 0.0  # the reference clips only after its warm-up epochs
     norm = torch.hypot(grad_norm_(list(p.model.encoder.parameters()), clip),
                        grad_norm_(list(p.model.predictor.parameters()), clip))
     # The one sync point of the step (.item()): every rank must agree on the NaN guard before the optimizer
