@@ -53,8 +53,9 @@ train: sample-shards
 probe: setup
 	$(PY) -m train.probe --config configs/probe/cpu.yaml $(ARGS)
 
-# The learning proof: pretrain on the sample, probe it and the same network with random weights (one seed).
-proof: sample-shards
+# The learning proof: pretrain on a rendered task, probe it and random weights, with a longer-probe control
+# (a smoke run on the CPU; on a GPU: make proof ARGS="device=cuda budget_s=360 seeds=[0,1,2]").
+proof: setup
 	$(PY) -m research.learning_proof $(ARGS)
 
 # Everything (CPU; real DALI, video, multi-process DDP and Prometheus): about 4 minutes on 2 cores.

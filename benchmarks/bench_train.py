@@ -4,7 +4,8 @@
                                      [amp=auto|bf16|off] [train_config=YAML] [train=[key=value,...]] [out=FILE]
 
 Times `train.step.train_step` (forward, backward, clipping, AdamW, EMA, the NaN guard's sync) exactly as the
-trainer runs it, on random clips and masks drawn with the configured mask types. MFU = model FLOPs per second /
+trainer runs it, on random clips and masks drawn with the configured mask types, and what the collapse signals
+(train/signals.py) add to a logged step. MFU = model FLOPs per second /
 the matrix-multiply rate measured on this device in the same run (CPU: fp32 matmul; GPU: bf16 matmul), so it
 says how much of what this device can actually do the step uses.
 
@@ -34,7 +35,7 @@ from model.config import VIT_SIZES, ModelConfig
 from pipeline.masks import sample_masks
 from train import dist
 from train.config import TrainConfig
-from train.step import build, train_step
+from train.step import build, step_signals, train_step
 
 
 def vit_forward_flops(tokens: int, width: int, depth: int) -> float:
@@ -137,6 +138,7 @@ def bench(args: BenchTrainConfig) -> None:
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
                 flops += step_flops(cfg.model, B, [(c.shape[1], t.shape[1]) for c, t in b.masks])["total"]
+        signal_s = signals_seconds(parts, batches[-1], env.device)
         peak, peak_what = matmul_rate(env.device)
     finally:
         dist.cleanup()
@@ -158,7 +160,8 @@ def bench(args: BenchTrainConfig) -> None:
         "context_target_tokens": [[round(c, 1), round(t, 1)] for c, t in mean_tokens],
         "model_flops_per_step": flops / len(times), "model_flops_split": per_step,
         "achieved_flops_per_second": achieved, "matmul_flops_per_second": peak, "matmul": peak_what,
-        "mfu": achieved / peak,
+        "mfu": achieved / peak, "signals_seconds": signal_s,
+        "signals_share_of_step": signal_s / statistics.median(times),
     }
     precision = "bf16 autocast" if parts.amp else f"fp32, {result['threads']} threads"
     print(f"bench_train: ViT-{cfg.model.size}/{cfg.model.patch_size}, {cfg.model.num_frames}x{cfg.model.img_size}"
@@ -173,6 +176,8 @@ def bench(args: BenchTrainConfig) -> None:
         ("achieved", f"{achieved / 1e12:.3f} TFLOP/s"),
         ("matmul rate (measured)", f"{peak / 1e12:.3f} TFLOP/s ({peak_what})"),
         ("MFU", f"{result['mfu']:.1%}"),
+        ("collapse signals", f"{1000 * signal_s:.1f} ms per logged step = {result['signals_share_of_step']:.2%} of a "
+                             f"step (every log_every steps: {result['signals_share_of_step'] / cfg.log_every:.3%})"),
     ]
     for k, v in rows:
         print(f"  {k:<28} {v}")
@@ -180,6 +185,22 @@ def bench(args: BenchTrainConfig) -> None:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
         print(f"wrote {args.out}")
+
+
+def signals_seconds(parts, batch, device: torch.device, reps: int = 5) -> float:
+    """What the collapse signals add to a logged step (train.step.step_signals on this step's features and
+    predictions, the host sync included), median of `reps`."""
+    clips = batch.clips.to(device)
+    masks = [(c.to(device), t.to(device)) for c, t in batch.masks]
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=parts.amp):
+        features = parts.model.target_features(clips)
+        preds = parts.student(clips, masks)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step_signals(features, preds[0], masks[0][1], features.size(1))  # ends in .tolist(): synced
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

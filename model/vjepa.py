@@ -58,15 +58,26 @@ class VJEPA(nn.Module):
         return self
 
     @torch.no_grad()
+    def target_features(self, clips: torch.Tensor) -> torch.Tensor:
+        """clips: [B, 3, T, H, W] -> [B, N, D]: the target encoder's features of every token, layer-normed
+        without affine parameters (per token, over D), in fp32 even under bf16 autocast. The targets come from
+        these; the collapse signals read them too."""
+        h = self.target_encoder(clips)  # [B, N, D]
+        return F.layer_norm(h.float(), (h.size(-1),))
+
+    @staticmethod
+    def gather_targets(features: torch.Tensor, masks: Masks) -> list[torch.Tensor]:
+        """[B, N, D] target features -> one [B, Nt_i, D] target tensor per mask type."""
+        return [gather_tokens(features, tgt_idx) for _, tgt_idx in masks]
+
+    @torch.no_grad()
     def forward_target(self, clips: torch.Tensor, masks: Masks) -> list[torch.Tensor]:
         """clips: [B, 3, T, H, W] -> one [B, Nt_i, D] target tensor per mask type.
 
-        The target encoder sees every token once per clip; targets are its outputs layer-normed
-        without affine parameters (per token, over D), gathered at each mask type's targets.
+        The target encoder sees every token once per clip; targets are its layer-normed outputs
+        (`target_features`), gathered at each mask type's targets.
         """
-        h = self.target_encoder(clips)  # [B, N, D]
-        h = F.layer_norm(h.float(), (h.size(-1),))  # fp32 even under bf16 autocast: these are the targets
-        return [gather_tokens(h, tgt_idx) for _, tgt_idx in masks]
+        return self.gather_targets(self.target_features(clips), masks)
 
     def forward_context(self, clips: torch.Tensor, masks: Masks) -> list[torch.Tensor]:
         """clips: [B, 3, T, H, W] -> one [B, Nt_i, D] prediction per mask type.

@@ -1,12 +1,25 @@
-"""`make proof`: does tubelet's V-JEPA pretraining learn? Pretrain on the built-in sample, probe, compare.
+"""`make proof`: does tubelet's V-JEPA pretraining learn what a random network does not have?
 
-    python -m research.learning_proof [seeds=[0,1,2]] [out=runs/proof] [train=[key=value,...]] [probe=[...]]
+    python -m research.learning_proof [device=cuda] [budget_s=360] [task=camera] [seeds=[0,1,2]] [out=runs/proof]
+                                      [train=[key=value,...]] [probe=[key=value,...]]
 
-For each seed: pretrain the CPU default (configs/train/cpu.yaml) on data/shards/sample, train a frozen attentive
-probe on its target encoder (configs/probe/cpu.yaml), and train the same probe on the same architecture
-with random weights. The sample's labels are kinds of motion, so a single frame carries no label: features
-must encode motion to score above chance. Writes <out>/proof.json and proof.png, and per seed the run
-folder with loss.png and the probe JSON/PNG files.
+Per seed, in one run: pretrain the recipe (configs/train/cpu.yaml + `train` overrides) on a rendered task, train
+a frozen attentive probe (configs/probe/cpu.yaml + `probe`) on its target encoder, and, as controls, the same
+probe on the same architecture with random weights, and both again with a probe trained `long_probe` times
+longer (does pretraining add information, or only make it quicker to read?). The collapse signals of both
+encoders' features (train/signals.py) are reported with the scores. Clips are cut from videos rendered without
+a codec (research/proof_sweep.py's designs, the product's sampling, clips and masks, the trainer's own step):
+the proof needs only torch, so it runs on a GPU host without DALI.
+
+The task: `camera` by default, the sample's five motion classes as whole-frame camera motions, where a random
+encoder is weak (33% against 20% chance in BENCHMARKS.md); `discs` (eight pan directions: random features read
+them well) and `object` (the built-in sample's design) are the others. Pretraining steps: `steps`, or as many as
+fit in half of `budget_s` on this device (timed first).
+
+What it shows: on a GPU, with a budget of minutes, whether pretraining beats random weights on this task under
+both probe budgets. What a CPU run shows: that the whole proof runs end to end; at a CPU budget the recipe is
+too small for the method to learn this task (BENCHMARKS.md, rounds 1-3), so its numbers say nothing about
+V-JEPA. Writes <out>/proof.json and proof.png and prints a table.
 """
 
 from __future__ import annotations
@@ -16,71 +29,112 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
 
 from common.cli import main_for
 from common.config import check, load_config
-from train import checkpoint
+from common.device import resolve_device
+from common.files import atomic_write
+from pipeline.masks import sample_masks
+from research import proof_sweep
+from train import dist
 from train.config import TrainConfig
 from train.plots import plot_proof
-from train.probe import ProbeConfig
-from train.probe import run as run_probe
-from train.trainer import run as run_train
+from train.step import build, train_step
 
-
-def one_seed(seed: int, out: Path, train_overrides, probe_overrides) -> dict:
-    run_dir = out / f"seed{seed}"
-    cfg = load_config(TrainConfig, "configs/train/cpu.yaml",
-                      [f"run_dir={run_dir}", f"seed={seed}", f"data.seed={seed}", *train_overrides])
-    t0 = time.time()
-    run_train(cfg)
-    t_train = time.time() - t0
-    step, ckpt = checkpoint.list_checkpoints(run_dir / cfg.checkpoint.dir)[0]
-    results = {}
-    for random_init in (False, True):
-        pcfg = load_config(ProbeConfig, "configs/probe/cpu.yaml",
-                           [f"checkpoint={ckpt}", f"random_init={str(random_init).lower()}", f"seed={seed}",
-                            *probe_overrides])
-        results[random_init] = run_probe(pcfg)
-    return {"seed": seed, "steps": step, "train_seconds": round(t_train, 1),
-            "pretrained_top1": results[False]["top1"], "random_top1": results[True]["top1"],
-            "chance": results[False]["chance"], "seconds": round(time.time() - t0, 1), "run_dir": str(run_dir)}
+TASKS = ("camera", "discs", "object")
 
 
 @dataclass
 class ProofConfig:
     seeds: List[int] = field(default_factory=lambda: [0])
-    out: str = "runs/proof"  # proof.json, proof.png and a run folder per seed
+    out: str = "runs/proof"  # proof.json and the rendered task (cache/)
+    device: str = "auto"  # auto | cpu | cuda
+    budget_s: float = 360.0  # per seed: pretraining gets half of it (when steps=0), the probes the rest
+    task: str = "camera"  # camera | discs | object (see the module docstring)
+    steps: int = 0  # pretraining steps; 0 = as many as fit in half of budget_s on this device
+    long_probe: int = 4  # the longer-probe control trains the probe this many times longer
+    train_per_class: int = 40  # rendered videos per class in the task's train split
+    val_per_class: int = 40  # ... and in its val split
     train: List[str] = field(default_factory=list)  # key=value overrides of configs/train/cpu.yaml
     probe: List[str] = field(default_factory=list)  # key=value overrides of configs/probe/cpu.yaml
 
     def validate(self) -> None:
         check(bool(self.seeds), "seeds", "name at least one seed")
         check(bool(self.out), "out", "name a results folder")
+        check(self.task in TASKS, "task", f"must be one of {TASKS}, got {self.task!r}")
+        check(self.budget_s > 0 and self.steps >= 0 and self.long_probe >= 1, "budget_s",
+              "budget_s > 0, steps >= 0 and long_probe >= 1")
+        check(self.train_per_class >= 1 and self.val_per_class >= 1, "train_per_class", "both must be >= 1")
 
 
-def prove(cfg: ProofConfig) -> None:
+def recipe(cfg: ProofConfig, steps: int) -> List[str]:
+    """The pretraining overrides for `steps` steps: the schedules scaled to them (warmup and clipping start at
+    a tenth), then the user's."""
+    warmup = max(1, steps // 10)
+    return [f"schedule.total_steps={steps}", f"optim.warmup_steps={warmup}", f"optim.clip_start={warmup}",
+            *cfg.train]
+
+
+def steps_for_budget(cfg: ProofConfig, device: torch.device, seconds: float) -> int:
+    """How many pretraining steps of the recipe fit in `seconds` on `device`: 5 steps timed after 2."""
+    tcfg = load_config(TrainConfig, "configs/train/cpu.yaml",
+                       [*recipe(cfg, 1000), f"device={device.type}", "amp=off", "metrics.enabled=false"])
+    parts = build(tcfg, dist.init(device.type))
+    B, m = tcfg.data.batch_size, tcfg.model
+    clips = torch.randn(B, 3, m.num_frames, m.img_size, m.img_size, device=device)
+    masks = [(torch.from_numpy(c), torch.from_numpy(t))
+             for c, t in sample_masks(np.random.default_rng(0), B, m.grid, tcfg.data.masks)]
+    batch = SimpleNamespace(clips=clips, masks=masks)
+    for step in (1, 2):
+        train_step(parts, batch, step)
+    t0 = time.perf_counter()
+    for step in range(3, 8):
+        train_step(parts, batch, step)
+    step_s = (time.perf_counter() - t0) / 5
+    return int(min(20000, max(20, seconds / step_s)))
+
+
+def prove(cfg: ProofConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    per_seed = [one_seed(s, out, cfg.train, cfg.probe) for s in cfg.seeds]
-    gaps = [r["pretrained_top1"] - r["random_top1"] for r in per_seed]
-
-    def stat(key):
-        vals = [100 * r[key] for r in per_seed]
-        return {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
-
-    summary = {"per_seed": per_seed, "pretrained_top1": stat("pretrained_top1"), "random_top1": stat("random_top1"),
-               "gap_points": {"mean": 100 * statistics.mean(gaps),
-                              "std": 100 * statistics.stdev(gaps) if len(gaps) > 1 else 0.0},
-               "chance": 100 * per_seed[0]["chance"]}
-    (out / "proof.json").write_text(json.dumps(summary, indent=2))
-    plot_proof(per_seed, out / "proof.png")
-    print("\n| seed | pretrained top-1 | random-weights top-1 | gap (points) | wall s |\n|---|---|---|---|---|")
-    for r, g in zip(per_seed, gaps):
-        print(f"| {r['seed']} | {100 * r['pretrained_top1']:.1f} | {100 * r['random_top1']:.1f} | {100 * g:+.1f} | {r['seconds']} |")
-    p, rnd, gp = summary["pretrained_top1"], summary["random_top1"], summary["gap_points"]
-    print(f"| mean ± std | {p['mean']:.1f} ± {p['std']:.1f} | {rnd['mean']:.1f} ± {rnd['std']:.1f} | "
-          f"{gp['mean']:+.1f} ± {gp['std']:.1f} | |\nchance {summary['chance']:.1f}%; {out / 'proof.json'}")
+    device = resolve_device(cfg.device)
+    t0 = time.time()
+    design = {**proof_sweep.BASE_SAMPLE, "motion": cfg.task, "train_per_class": cfg.train_per_class,
+              "val_per_class": cfg.val_per_class}
+    (out / "cache").mkdir(exist_ok=True)
+    data = proof_sweep.render_design(design, out / "cache", 4)
+    steps = cfg.steps or steps_for_budget(cfg, device, cfg.budget_s / 2)
+    per_seed = []
+    for seed in cfg.seeds:
+        variant = {"train": recipe(cfg, steps), "probe": [*(["data.flip=false"] if cfg.task == "discs" else []),
+                                                          *cfg.probe]}
+        per_seed.append(proof_sweep.run_job({"name": f"proof-{cfg.task}", "seed": seed, "variant": variant,
+                                             "data": str(data), "out": str(out), "device": device.type,
+                                             "long_probe": cfg.long_probe}))
+    keys = ("pretrained", "random", "pretrained_long", "random_long")
+    summary = {"task": cfg.task, "device": device.type, "steps": steps, "long_probe": cfg.long_probe,
+               "seconds": round(time.time() - t0, 1), "per_seed": per_seed,
+               **{k: statistics.mean(100 * r[k] for r in per_seed) for k in keys}}
+    classes = 1 + max(max(labels) for _, labels in torch.load(data, weights_only=True).values())
+    summary["chance"] = 100 / classes
+    atomic_write(out / "proof.json", json.dumps(summary, indent=2))
+    plot_proof(per_seed, 1 / classes, cfg.long_probe, out / "proof.png")
+    print(f"\nlearning proof on {cfg.task} ({device.type}, {steps} pretraining steps, {len(cfg.seeds)} seed(s), "
+          f"{summary['seconds']} s)\n\n| seed | pretrained | random | gap | pretrained, probe x{cfg.long_probe} | "
+          f"random, probe x{cfg.long_probe} | gap | target erank / clip share (pretrained) |\n|---|---|---|---|---|---|---|---|")
+    for r in per_seed:
+        sig = r["pretrained_signals"]
+        print(f"| {r['seed']} | {100 * r['pretrained']:.1f} | {100 * r['random']:.1f} | "
+              f"{100 * (r['pretrained'] - r['random']):+.1f} | {100 * r['pretrained_long']:.1f} | "
+              f"{100 * r['random_long']:.1f} | {100 * (r['pretrained_long'] - r['random_long']):+.1f} | "
+              f"{sig['erank']:.2f} / {sig['clip_share']:.2f} |")
+    print(f"\ntop-1 in %, chance {summary['chance']:.1f}%; {out / 'proof.json'}, {out / 'proof.png'}")
+    return summary
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from common.cli import main_for
 from common.config import check, load_config
+from common.device import resolve_device
 from common.files import atomic_open
 from pipeline.clips import cut_clip
 from pipeline.sampling import BatchPlan, Plan, frame_indices
@@ -268,11 +269,12 @@ class FrameDifferenceTokens(torch.nn.Module):
         return d.reshape(B, T * (S // 16) ** 2, C * 256)
 
 
-def clip_mean_share(tokens: torch.Tensor) -> float:
-    """Share of the (layer-normed) token features' variance that is the per-clip mean: 1 = every token of
-    a clip alike."""
-    f = F.layer_norm(tokens.float(), tokens.shape[-1:])
-    return float(f.mean(1).var(0, unbiased=False).sum() / f.var(dim=(0, 1), unbiased=False).sum())
+def eval_signals(tokens: torch.Tensor) -> Dict[str, float]:
+    """The product's collapse signals (train.signals) of evaluation features [n, N, D] (every position)."""
+    from train.signals import feature_signals
+
+    n, N, _ = tokens.shape
+    return feature_signals(tokens, torch.arange(N, device=tokens.device).expand(n, -1), N)
 
 
 def _features(encoder, clips: torch.Tensor, batch: int) -> torch.Tensor:
@@ -283,7 +285,7 @@ def _features(encoder, clips: torch.Tensor, batch: int) -> torch.Tensor:
 def probe_score(encoder, data, tcfg, pcfg, device, head=None) -> tuple:
     """train.probe's recipe on clips cut here: cached training passes (epoch p of the probe's sampling), then
     evaluation views summed per video. With `head` (a trained AttentiveProbe), only score it on the evaluation
-    views. Returns (top-1, clip_mean_share of the evaluation features)."""
+    views. Returns (top-1, the collapse signals of the evaluation features)."""
     from model.probe import AttentiveProbe
     from train.probe import train_epoch, video_scores
 
@@ -308,7 +310,7 @@ def probe_score(encoder, data, tcfg, pcfg, device, head=None) -> tuple:
         for epoch in range(pcfg.epochs):
             train_epoch(probe, opt, passes[epoch % len(passes)], pcfg, epoch, 0, device)
     logits = video_scores(probe, val, len(vv), classes, pcfg.batch_size, device)
-    return (logits.argmax(-1).cpu() == torch.tensor(vl)).float().mean().item(), clip_mean_share(val["tokens"])
+    return (logits.argmax(-1).cpu() == torch.tensor(vl)).float().mean().item(), eval_signals(val["tokens"])
 
 
 def run_job(job: dict) -> dict:
@@ -320,7 +322,7 @@ def run_job(job: dict) -> dict:
     from train.step import build, train_step
 
     t0 = time.time()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(job.get("device", "auto"))
     if device.type == "cuda":
         torch.set_num_threads(1)  # many jobs share the host's cores; the work is on the device
     seed, var = job["seed"], job["variant"]
@@ -377,8 +379,13 @@ def run_job(job: dict) -> dict:
         scored = probe_score(FrameDifferenceTokens(), data, cfg, pcfg, device)
     else:
         scored = probe_score(parts.model.target_encoder.eval(), data, cfg, pcfg, device)
-    result["pretrained"], result["pretrained_clip_share"] = scored
-    result["random"], result["random_clip_share"] = probe_score(random_enc, data, cfg, pcfg, device)
+    result["pretrained"], result["pretrained_signals"] = scored
+    result["random"], result["random_signals"] = probe_score(random_enc, data, cfg, pcfg, device)
+    if job.get("long_probe") and not var.get("supervised"):  # the same probe trained k times longer
+        longer = replace(pcfg, epochs=pcfg.epochs * job["long_probe"])
+        encoder = FrameDifferenceTokens() if control else parts.model.target_encoder.eval()
+        result["pretrained_long"] = probe_score(encoder, data, cfg, longer, device)[0]
+        result["random_long"] = probe_score(random_enc, data, cfg, longer, device)[0]
     result["seconds"] = round(time.time() - t0, 1)
     return result
 
@@ -412,7 +419,8 @@ def summarise(rows: Sequence[dict]) -> str:
                      f"{ms([100 * r['random'] for r in rs])} | "
                      f"{ms([100 * (r['pretrained'] - r['random']) for r in rs])} | "
                      f"{mean('loss_first'):.3f} -> {mean('loss_last'):.3f} | {mean('train_s'):.0f} | "
-                     f"{mean('pretrained_clip_share'):.2f} / {mean('random_clip_share'):.2f} |")
+                     f"{statistics.mean(r['pretrained_signals']['clip_share'] for r in rs):.2f} / "
+                     f"{statistics.mean(r['random_signals']['clip_share'] for r in rs):.2f} |")
     errors = [f"- {r['name']} seed {r['seed']}: {r['error']}" for r in rows if "error" in r]
     return "\n".join(lines + ([""] + errors if errors else [])) + "\n"
 

@@ -507,6 +507,9 @@ while time.monotonic() < t_end:
     m.step(StepStats(step, time.perf_counter() - t0, wait, 4, 1.0 / step, 1e-4, 0.04, 0.998, 2.0))
     if step % 10 == 0:
         m.checkpoint(step, 0.01)
+    if step % 5 == 0:
+        m.signals({f"{source}_{name}": 0.5 for source in ("target", "pred")
+                   for name in ("std", "erank", "clip_share", "position_share")})
 m.close()
 """
 

@@ -132,7 +132,7 @@ def test_proof_sweep_runs_pretraining_supervised_and_probes(tmp_path):
     for r in rows:
         assert r["steps"] == (0 if r["name"].endswith("diff") else 3)  # the controls pretrain nothing
         assert 0.0 <= r["pretrained"] <= 1.0 and 0.0 <= r["random"] <= 1.0
-        assert 0.0 <= r["pretrained_clip_share"] <= 1.0
+        assert 0.0 <= r["pretrained_signals"]["clip_share"] <= 1.0 and r["random_signals"]["erank"] > 0
     assert "| jepa | 1 |" in (out / "sweep.md").read_text()
     # one render per design (the sample's, the camera-motion one, the disc pans), reused by variants sharing it
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
@@ -150,6 +150,26 @@ def test_disc_pans_move_the_way_their_label_says():
         dy, dx = max(score, key=score.get)  # b is a moved by (dy, dx), y down
         assert 7 <= math.hypot(dx, dy) <= 13, (c, dx, dy)
         assert round(math.degrees(math.atan2(-dy, dx)) / 45) % DISC_CLASSES == c, (c, dx, dy)
+
+
+@pytest.mark.slow
+def test_learning_proof_runs_end_to_end_with_its_controls(tmp_path):
+    """make proof's smoke run: pretraining, the probe on pretrained and random weights, the longer-probe control,
+    the signals, proof.json and proof.png; steps timed from the budget when not given."""
+    from research.learning_proof import ProofConfig, prove, steps_for_budget
+
+    tiny = ["model.width=48", "model.depth=2", "model.heads=3", "model.predictor_width=48", "model.predictor_depth=1",
+            "model.predictor_heads=3"]
+    cfg = ProofConfig(out=str(tmp_path), device="cpu", steps=4, long_probe=2, train_per_class=2, val_per_class=1,
+                      train=tiny, probe=["epochs=1", "cached_passes=1", "data.eval_clips=1", "data.eval_crops=1"])
+    summary = prove(cfg)
+    (r,) = summary["per_seed"]
+    assert summary["steps"] == 4 and r["steps"] == 4 and summary["chance"] == 20.0
+    for key in ("pretrained", "random", "pretrained_long", "random_long"):
+        assert 0.0 <= r[key] <= 1.0
+    assert set(r["pretrained_signals"]) == {"std", "erank", "clip_share", "position_share"}
+    assert json.loads((tmp_path / "proof.json").read_text())["task"] == "camera" and (tmp_path / "proof.png").exists()
+    assert 20 <= steps_for_budget(cfg, torch.device("cpu"), 1.0) <= 20000
 
 
 class _Payload:

@@ -367,7 +367,11 @@ def test_reference_run_outputs(reference, small_shards):
     log = (reference / "train.log").read_text()  # the run's log, with times, ranks and the time left
     assert "INFO rank0 train.trainer: training tiny" in log and f"done: step {STEPS}" in log
     steps = [ln for ln in log.splitlines() if f"/{STEPS} | loss" in ln]
-    assert len(steps) == STEPS and all("| eta " in ln for ln in steps) and steps[-1].endswith("| eta 0s")
+    assert len(steps) == STEPS and all("| eta " in ln and "| target std " in ln for ln in steps)
+    assert "| eta 0s |" in steps[-1]
+    logged = [r for r in map(json.loads, (reference / "losses.jsonl").read_text().splitlines()) if "target_std" in r]
+    assert [r["step"] for r in logged] == list(range(1, STEPS + 1))  # log_every=1: the signals of every step
+    assert all(0 < r["target_erank"] <= 1 and 0 <= r["pred_clip_share"] <= 1 for r in logged)
     assert not (reference / ".lock").exists()
     state = torch.load(checkpoint.path_for(reference / "checkpoints", STEPS), weights_only=True)
     assert state["step"] == STEPS and state["config"] == to_dict(cfg) and state["skipped_steps"] == 0
@@ -542,6 +546,7 @@ def test_bench_train_runs(tmp_path):
                   "train=[device=cpu,model.predictor_depth=2]"]) == 0
     result = json.loads(out.read_text())
     assert result["steps"] == 2 and result["clips_per_second"] > 0 and 0 < result["mfu"] < 1
+    assert result["signals_seconds"] > 0 and 0 < result["signals_share_of_step"] < 1
 
 
 def test_gradients_are_clipped_only_after_clip_start(monkeypatch):

@@ -7,7 +7,7 @@ from the config: each rank serves its own endpoint on `addr:base_port + local_ra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 from common.config import check
 from pipeline.loader import LoaderStats
@@ -51,6 +51,9 @@ class NullMetrics:
 
     def checkpoint(self, step: int, seconds: float) -> None:
         pass
+
+    def signals(self, values: Dict[str, float]) -> None:
+        """The collapse signals of a logged step (train.signals): "target_<signal>" and "pred_<signal>"."""
 
     def nonfinite(self, step: int, action: str) -> None:
         """A NaN/inf loss or gradient was seen; action is 'stop' or 'skip'."""

@@ -21,10 +21,15 @@ def read_losses(path: Path) -> List[Dict]:
 
 
 def plot_losses(losses_jsonl: Path, out_png: Path, title: str = "") -> Path:
-    """The training loss per step (and a 20-step moving average) with the learning rate."""
+    """The training loss per step (and a 20-step moving average) with the learning rate; below it one panel per
+    collapse signal (train.signals) of the target encoder and the predictor, with its collapse bound."""
+    from train.signals import COLLAPSE, SIGNALS
+
     rows = read_losses(losses_jsonl)
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig = plt.figure(figsize=(8, 7.2))
+    grid = fig.add_gridspec(3, 2, height_ratios=[1.3, 1, 1])
+    ax = fig.add_subplot(grid[0, :])
     steps = [r["step"] for r in rows]
     loss = [r["loss"] for r in rows]
     ax.plot(steps, loss, lw=0.8, alpha=0.45, label="loss")
@@ -39,6 +44,20 @@ def plot_losses(losses_jsonl: Path, out_png: Path, title: str = "") -> Path:
     ax2.set_ylabel("learning rate", color="grey")
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title(title or str(Path(losses_jsonl).parent), fontsize=9)
+    labels = {"std": "feature std across clips", "erank": "effective rank (fraction)",
+              "clip_share": "clip-mean share of variance", "position_share": "position-mean share of variance"}
+    for i, name in enumerate(SIGNALS):
+        sub = fig.add_subplot(grid[1 + i // 2, i % 2])
+        for source, style in (("target", "-"), ("pred", "--")):
+            pts = [(r["step"], r[f"{source}_{name}"]) for r in rows if f"{source}_{name}" in r]
+            if pts:
+                sub.plot(*zip(*pts), style, lw=1.2, marker=".", ms=3,
+                         label="target encoder" if source == "target" else "predictor")
+        sub.axhline(COLLAPSE[name][1], color="red", lw=0.8, ls=":", label="collapse bound (target)")
+        sub.set_title(labels[name], fontsize=8)
+        sub.tick_params(labelsize=7)
+        if i == 0:
+            sub.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
@@ -59,17 +78,20 @@ def plot_probe(result: Dict, out_png: Path) -> Path:
     return Path(out_png)
 
 
-def plot_proof(per_seed: Sequence[Dict], out_png: Path) -> Path:
-    """Val top-1 of the pretrained vs random-weight encoders, per seed, with chance."""
+def plot_proof(per_seed: Sequence[Dict], chance: float, long_probe: int, out_png: Path) -> Path:
+    """Val top-1 of the pretrained vs random-weight encoders per seed, with the probe as configured and trained
+    `long_probe` times longer, and chance."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = plt.subplots(figsize=(6, 3.4))
     xs = range(len(per_seed))
-    ax.bar([x - 0.2 for x in xs], [100 * r["pretrained_top1"] for r in per_seed], 0.4, label="V-JEPA pretrained")
-    ax.bar([x + 0.2 for x in xs], [100 * r["random_top1"] for r in per_seed], 0.4, label="random weights")
-    ax.axhline(100 * per_seed[0]["chance"], color="k", ls=":", lw=1, label="chance")
+    bars = (("pretrained", "V-JEPA pretrained"), ("random", "random weights"),
+            ("pretrained_long", f"pretrained, probe x{long_probe}"), ("random_long", f"random, probe x{long_probe}"))
+    for i, (key, label) in enumerate(bars):
+        ax.bar([x - 0.3 + 0.2 * i for x in xs], [100 * r[key] for r in per_seed], 0.2, label=label)
+    ax.axhline(100 * chance, color="k", ls=":", lw=1, label="chance")
     ax.set_xticks(list(xs), [f"seed {r['seed']}" for r in per_seed])
     ax.set_ylabel("frozen-probe val top-1 (%)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)

@@ -127,6 +127,14 @@ class PrometheusMetrics:
             "tubelet_train_checkpoint_timestamp_seconds": "Unix time the last checkpoint was written",
         })
         reg.register(self.last)
+        # collapse signals of the last logged step (train.signals), by source: target encoder or predictor;
+        # absent until the first logged step
+        self.feature = {name: Gauge(f"tubelet_train_feature_{name}", doc, ["source"], registry=reg) for name, doc in (
+            ("std", "Mean per-dimension std of layer-normed features across clips at a position (0: collapsed)"),
+            ("erank", "Effective rank of the features as a fraction of its maximum (near 0: collapsed)"),
+            ("clip_share", "Share of the feature variance that is each clip's mean token (near 1: clip-only)"),
+            ("position_share", "Share of the feature variance that is each position's mean token (near 1: "
+                               "position-only)"))}
 
     # -- NullMetrics' methods ----------------------------------------------------------------------
 
@@ -159,6 +167,11 @@ class PrometheusMetrics:
     def checkpoint(self, step: int, seconds: float) -> None:
         self.last.set(tubelet_train_checkpoint_step=step, tubelet_train_checkpoint_seconds=seconds,
                       tubelet_train_checkpoint_timestamp_seconds=time.time())
+
+    def signals(self, values: Dict[str, float]) -> None:
+        for key, value in values.items():
+            source, _, name = key.partition("_")
+            self.feature[name].labels("predictor" if source == "pred" else source).set(value)
 
     def nonfinite(self, step: int, action: str) -> None:
         if action not in ("stop", "skip"):

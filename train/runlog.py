@@ -46,7 +46,9 @@ class RunLog:
         eta = duration((self.last_step - row["step"]) * step_s / len(w))
         log.info(f"step {row['step']:>7}/{self.last_step} | loss {loss:.4f} | lr {row['lr']:.3e} | "
                  f"{clips / step_s:7.1f} clips/s | step {step_s / len(w):.3f} s | data wait {data_s / step_s:4.0%} | "
-                 f"eta {eta}" + (f" | skipped {sum(r['skipped'] for r in w)}" if any(r["skipped"] for r in w) else ""))
+                 f"eta {eta}" + (f" | skipped {sum(r['skipped'] for r in w)}" if any(r["skipped"] for r in w) else "")
+                 + (" | target std {target_std:.2f} erank {target_erank:.2f} clip {target_clip_share:.2f} "
+                    "pos {target_position_share:.2f}".format(**row) if "target_std" in row else ""))
 
     def close(self) -> None:
         if self.file:

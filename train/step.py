@@ -5,7 +5,7 @@ optimizer update. Research harnesses and benchmarks call these same two function
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from model.vjepa import VJEPA, l1_loss
 from pipeline.clips import Batch
 from train import dist, schedules
 from train.config import TrainConfig
+from train.signals import SIGNAL_CLIPS, feature_signals
 
 
 class Student(nn.Module):
@@ -55,6 +56,7 @@ class StepResult:
     weight_decay: float
     ema: float
     nonfinite: bool  # the update was not applied
+    signals: Optional[Dict[str, float]] = None  # collapse signals (train.signals), "target_*" and "pred_*"
 
 
 def grad_norm_(params: List[nn.Parameter], clip: float) -> torch.Tensor:
@@ -66,9 +68,10 @@ def grad_norm_(params: List[nn.Parameter], clip: float) -> torch.Tensor:
     return norm
 
 
-def train_step(p: Parts, batch: Batch, step: int, force_nan: bool = False) -> StepResult:
+def train_step(p: Parts, batch: Batch, step: int, force_nan: bool = False, signals: bool = False) -> StepResult:
     """One optimizer update (step counted from 1). Applies nothing when the loss or gradients are non-finite
-    on any rank; the caller decides to stop or skip."""
+    on any rank; the caller decides to stop or skip. With `signals`, also the collapse signals of this step's
+    target features and predictions, on the batch's first few clips."""
     o, horizon = p.cfg.optim, p.cfg.schedule.horizon
     lr = schedules.lr(step, peak=o.lr, start=o.start_lr, final=o.final_lr, warmup=o.warmup_steps, horizon=horizon)
     wd = schedules.weight_decay(step, start=o.weight_decay, final=o.final_weight_decay, horizon=horizon)
@@ -83,7 +86,8 @@ def train_step(p: Parts, batch: Batch, step: int, force_nan: bool = False) -> St
     clips = clips if p.amp else clips.float()
     masks = [(c.to(dev, non_blocking=True), t.to(dev, non_blocking=True)) for c, t in batch.masks]
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=p.amp):
-        targets = p.model.forward_target(clips, masks)  # [B, Nt, D] per mask type, no grad
+        features = p.model.target_features(clips)  # [B, N, D], no grad
+        targets = p.model.gather_targets(features, masks)  # [B, Nt, D] per mask type
         preds = p.student(clips, masks)  # [B, Nt, D] per mask type; DDP all-reduces grads in backward
         loss = l1_loss(preds, targets)
     if force_nan:
@@ -100,12 +104,25 @@ def train_step(p: Parts, batch: Batch, step: int, force_nan: bool = False) -> St
     bad = (~torch.isfinite(loss32) | ~torch.isfinite(norm)).float()
     loss_sum, n_bad = dist.all_reduce(torch.stack([loss32, bad]), "sum").tolist()
     result = StepResult(loss_sum / p.env.world_size, float(norm), lr, wd, ema, nonfinite=n_bad > 0)
+    if signals:
+        result.signals = step_signals(features, preds[0], masks[0][1], features.size(1))
     if result.nonfinite:
         p.optimizer.zero_grad(set_to_none=True)
         return result
     p.optimizer.step()
     p.model.ema_update(ema)  # from identical weights on every rank: the target encoders stay identical
     return result
+
+
+def step_signals(features: torch.Tensor, preds: torch.Tensor, tgt_idx: torch.Tensor, num_tokens: int
+                 ) -> Dict[str, float]:
+    """The collapse signals (train.signals) of the target features [B, N, D] (every position) and of one mask
+    type's predictions [B, Nt, D] (at tgt_idx [B, Nt]), on the first SIGNAL_CLIPS clips."""
+    s = min(SIGNAL_CLIPS, features.size(0))
+    grid = torch.arange(num_tokens, device=features.device).expand(s, -1)
+    out = {f"target_{k}": v for k, v in feature_signals(features[:s], grid, num_tokens).items()}
+    out.update({f"pred_{k}": v for k, v in feature_signals(preds[:s], tgt_idx[:s], num_tokens).items()})
+    return out
 
 
 def resolve_amp(amp: str, device: torch.device) -> bool:

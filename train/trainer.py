@@ -42,6 +42,7 @@ from train.faults import Faults
 from train.metrics import StepStats, build_metrics
 from train.plots import plot_losses
 from train.runlog import RunLog, trim_losses
+from train.signals import CollapseWatch
 from train.step import build, train_step
 
 
@@ -115,13 +116,15 @@ def run(cfg: TrainConfig) -> Dict:
         t_start, first = time.perf_counter(), step
         losses: List[float] = []
 
+        watch = CollapseWatch(enabled=env.is_main)
         it = iter(loader)
         while step < last:
             t0 = time.perf_counter()
             batch = next(it)
             wait = time.perf_counter() - t0
             faults.maybe_kill(env.rank, step + 1)
-            out = train_step(p, batch, step + 1, faults.nan_at(env.rank, step + 1))
+            logged = (step + 1) % cfg.log_every == 0 or step + 1 == last  # the steps that get collapse signals
+            out = train_step(p, batch, step + 1, faults.nan_at(env.rank, step + 1), signals=logged)
             step += 1
             if out.nonfinite:
                 metrics.nonfinite(step, cfg.nonfinite)
@@ -136,9 +139,12 @@ def run(cfg: TrainConfig) -> Dict:
             clips = int(batch.clips.size(0))
             metrics.step(StepStats(step, dt, wait, clips, out.loss, out.lr, out.weight_decay, out.ema,
                                    out.grad_norm, skipped=out.nonfinite))
+            if out.signals:
+                metrics.signals(out.signals)
+                watch.update(step, out.signals)
             runlog.step({"step": step, "loss": out.loss, "lr": out.lr, "weight_decay": out.weight_decay,
-                      "ema": out.ema, "grad_norm": out.grad_norm, "step_s": dt, "data_s": wait, "clips": clips,
-                      "epoch": batch.epoch, "skipped": out.nonfinite})
+                         "ema": out.ema, "grad_norm": out.grad_norm, "step_s": dt, "data_s": wait, "clips": clips,
+                         "epoch": batch.epoch, "skipped": out.nonfinite, **(out.signals or {})})
             losses.append(out.loss)
             if step % cfg.checkpoint.every_steps == 0 or step == last:
                 if step == last:  # diverged ranks must not be saved as a finished run
