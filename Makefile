@@ -29,9 +29,12 @@ $(STAMP): pyproject.toml Makefile
 ffmpeg-tool:
 	@command -v ffmpeg >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; }
 
-# Debian's prometheus (prometheus + promtool) for `make monitor` and the metrics tests; installed only when missing.
+# Debian's prometheus (prometheus + promtool) and Alertmanager (alertmanager + amtool) for `make monitor` and the
+# metrics tests; installed only when missing.
 prometheus-tool:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null \
+		&& command -v amtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install \
+		-y -qq --no-install-recommends prometheus prometheus-alertmanager >/dev/null; }
 
 sample: setup
 	$(PY) -m shards.synthetic.generate out=data/sample $(ARGS)
@@ -75,7 +78,8 @@ bench-train: setup
 bench-loader: setup
 	$(PY) -m benchmarks.bench_loader $(ARGS)
 
-# Prometheus on 127.0.0.1:9090 scraping a local training job (ranks on 127.0.0.1:9400..9407); data in runs/prometheus.
+# Prometheus on 127.0.0.1:9090 scraping local training (ranks on 127.0.0.1:19400..19407) and sharding
+# (127.0.0.1:19390), with Alertmanager on 127.0.0.1:9093; data in runs/prometheus and runs/alertmanager.
 monitor: prometheus-tool
 	bash scripts/monitor.sh $(ARGS)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import shutil
 import time
 from collections import Counter
@@ -118,7 +119,8 @@ def _shard_groups(cfg: ShardsConfig, out: Output, todo: List[Group], done: int, 
     workers = cfg.workers or os.cpu_count() or 1
     bar = logs.Progress(len(jobs), f"shards ({done} groups already done)" if done else "shards", "video",
                         enabled=cfg.progress, logger=log)
-    stats = ShardsMetrics(cfg.metrics_port)
+    stats = ShardsMetrics(cfg.metrics_port, run=posixpath.basename(out.path.rstrip("/")), videos=len(jobs),
+                          groups=len(todo))
 
     def on_result(tag, result) -> None:
         gname, pos = tag

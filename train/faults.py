@@ -5,6 +5,7 @@
     TUBELET_FAULT_NAN=STEP           the loss of step STEP is NaN (on every rank; RANK:STEP: on that rank only).
     TUBELET_FAULT_KILL_IN_CKPT=STEP  rank 0 SIGKILLs itself half-way through writing checkpoint STEP (first
                                      attempt only); the previous checkpoint must still load.
+    TUBELET_FAULT_SLOW_LOADER=SECONDS  every batch arrives SECONDS late, as from a loader that cannot keep up.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -21,6 +23,7 @@ class Faults:
     kill: Optional[Tuple[int, int]] = None  # (rank, step)
     nan: Optional[Tuple[Optional[int], int]] = None  # (rank or None = all, step)
     kill_in_ckpt: Optional[int] = None  # step
+    slow_loader: float = 0.0  # seconds added to every batch's wait
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Faults":
@@ -39,13 +42,22 @@ class Faults:
         first_attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         kill = pair("TUBELET_FAULT_KILL", False)
         in_ckpt = pair("TUBELET_FAULT_KILL_IN_CKPT", True)
+        slow = env.get("TUBELET_FAULT_SLOW_LOADER", "").strip()
+        try:
+            slow_s = float(slow or 0)
+        except ValueError:
+            raise ValueError(f"TUBELET_FAULT_SLOW_LOADER={slow!r}: expected seconds") from None
         return cls(kill=kill if first_attempt else None, nan=pair("TUBELET_FAULT_NAN", True),
-                   kill_in_ckpt=in_ckpt[1] if in_ckpt and first_attempt else None)
+                   kill_in_ckpt=in_ckpt[1] if in_ckpt and first_attempt else None, slow_loader=slow_s)
 
     def maybe_kill(self, rank: int, step: int) -> None:
         if self.kill == (rank, step):
             print(f"[fault injection] rank {rank}: SIGKILL at step {step}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def delay_batch(self) -> None:
+        if self.slow_loader:
+            time.sleep(self.slow_loader)
 
     def nan_at(self, rank: int, step: int) -> bool:
         return self.nan is not None and self.nan[1] == step and self.nan[0] in (None, rank)

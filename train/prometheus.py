@@ -1,8 +1,14 @@
 """The Prometheus backend of `train.metrics`: each rank serves its own endpoint on `addr:base_port + local_rank`.
 
-Every series carries a `rank` label (the global rank), added at exposition time to everything in the rank's
-registry, the process collectors included, so dashboards can split or aggregate by rank whatever the scrape
-config. Names: prefix `tubelet_`, base units, counters end in `_total`, durations are histograms.
+Every series carries a `run` label (the run's identity: metrics.run_id or the run folder's name) and a `rank`
+label (the global rank), added at exposition time to everything in the rank's registry, the process collectors
+included, so dashboards and rules can split or aggregate by run and rank whatever the scrape config, and two
+runs that use the same port one after the other are never mixed.
+
+How a run ends is scraped: `tubelet_train_running` is 1 from the start and 0 once the process leaves training
+(done, stopped or failed), and `close()` waits up to `metrics.final_scrape_s` for one more scrape (when something
+scrapes the endpoint), so the final step, checkpoint and stop state reach Prometheus. A rank that vanishes while
+its last scraped `tubelet_train_running` was 1 was killed or froze (TubeletRankDown). Names: prefix `tubelet_`, base units, counters end in `_total`, durations are histograms.
 
     tubelet_loader_*   per batch, from `pipeline.loader.LoaderStats`
     tubelet_train_*    per step (`StepStats`), checkpoints, non-finite events
@@ -29,6 +35,7 @@ from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, H
                                ProcessCollector, start_http_server)
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from common.exposition import Labelled
 from pipeline.loader import LoaderStats
 from train.metrics import MetricsConfig, StepStats
 
@@ -37,9 +44,6 @@ log = logging.getLogger(__name__)
 # 1 ms .. 2 min: a data wait of a few ms (healthy) up to a stalled step or a slow first (compiling) step
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                     120.0)
-# After a non-finite *stop*, close() waits up to this long for one more scrape, so the stop indicator reaches
-# Prometheus before the process exits (only when something has scraped this endpoint before).
-STOP_LINGER_SECONDS = 30.0
 
 
 class PrometheusMetrics:
@@ -48,8 +52,8 @@ class PrometheusMetrics:
     `cfg.base_port = 0` serves on a free port the OS picks (tests); `url` says which.
     """
 
-    def __init__(self, cfg: MetricsConfig, rank: int, local_rank: int):
-        self.rank, self.local_rank = rank, local_rank
+    def __init__(self, cfg: MetricsConfig, rank: int, local_rank: int, run: str = ""):
+        self.rank, self.local_rank, self.final_scrape_s = rank, local_rank, cfg.final_scrape_s
         reg = CollectorRegistry()  # this rank's series, without the rank label
         ProcessCollector(registry=reg)
         PlatformCollector(registry=reg)
@@ -58,10 +62,9 @@ class PrometheusMetrics:
         self._nvml = _NvmlSampler.start(local_rank, cfg.nvml_interval) if cfg.nvml else None
         if self._nvml is not None:
             reg.register(self._nvml)
-        self._served = _RankLabelled(reg, str(rank))
+        self._served = Labelled(reg, {"run": run, "rank": str(rank)})
         self.registry = CollectorRegistry(auto_describe=False)  # what the endpoint serves
         self.registry.register(self._served)
-        self._stop_seen_at: Optional[int] = None  # scrape count when a non-finite stop was recorded
 
         port = 0 if cfg.base_port == 0 else cfg.base_port + local_rank
         try:
@@ -110,6 +113,8 @@ class PrometheusMetrics:
             self.nonfinite_events.labels(action)  # exported at 0 from the start: increase() sees the first one
         self.nonfinite_stop = Gauge("tubelet_train_nonfinite_stop",
                                     "1 once training stopped on a non-finite loss or gradient", registry=reg)
+        self.running = Gauge("tubelet_train_running", "1 while the run trains, 0 once it left training (done, "
+                             "stopped or failed): a rank that vanishes at 1 was killed or froze", registry=reg)
         # last values: absent until first reported (no misleading 0 before the first step or checkpoint, and
         # no checkpoint series on ranks that do not write checkpoints)
         self.last = _LastValues({
@@ -117,12 +122,15 @@ class PrometheusMetrics:
             "tubelet_loader_epoch": "Epoch of the last batch delivered",
             "tubelet_loader_position": "Global sample position in the epoch after the last batch",
             "tubelet_train_step": "Last finished step (continues across resumes)",
+            "tubelet_train_progress_timestamp_seconds": "Unix time of the last finished step (or of the start)",
+            "tubelet_train_dist_timeout_seconds": "How long a collective waits for a peer before failing "
+                                                  "(dist_timeout_s)",
             "tubelet_train_loss": "Loss of the last finite step",
             "tubelet_train_learning_rate": "Learning rate of the last step",
             "tubelet_train_weight_decay": "Weight decay of the last step",
             "tubelet_train_ema_momentum": "Target-encoder EMA momentum of the last step",
             "tubelet_train_grad_norm": "Gradient norm of the last finite step",
-            "tubelet_train_checkpoint_step": "Step of the last checkpoint written",
+            "tubelet_train_checkpoint_step": "Step of the last checkpoint written or resumed from (0: none; rank 0)",
             "tubelet_train_checkpoint_seconds": "Time to write the last checkpoint",
             "tubelet_train_checkpoint_timestamp_seconds": "Unix time the last checkpoint was written",
         })
@@ -149,7 +157,15 @@ class PrometheusMetrics:
         self.last.set(tubelet_loader_queue_depth=stats.queue_depth, tubelet_loader_epoch=stats.epoch,
                       tubelet_loader_position=stats.position)
 
+    def started(self, step: int, checkpoint_step: int, dist_timeout_s: float) -> None:
+        self.running.set(1)
+        self.last.set(tubelet_train_step=step, tubelet_train_progress_timestamp_seconds=time.time(),
+                      tubelet_train_dist_timeout_seconds=dist_timeout_s)
+        if self.rank == 0:
+            self.last.set(tubelet_train_checkpoint_step=checkpoint_step)
+
     def step(self, stats: StepStats) -> None:
+        self.last.set(tubelet_train_progress_timestamp_seconds=time.time())
         self.step_seconds.observe(stats.step_seconds)
         self.data_wait.observe(stats.data_wait_seconds)
         self.steps.inc()
@@ -179,17 +195,18 @@ class PrometheusMetrics:
         self.nonfinite_events.labels(action).inc()
         if action == "stop":
             self.nonfinite_stop.set(1)
-            self._stop_seen_at = self._served.scrapes
 
     @property
     def url(self) -> Optional[str]:
         return self._url
 
     def close(self) -> None:
+        """Leave training (running 0), let Prometheus scrape that final state, stop serving."""
         if self._server is None:
             return
-        if self._stop_seen_at is not None and self._served.scrapes > 0:
-            self._wait_for_scrape(self._stop_seen_at)
+        self.running.set(0)
+        if self._served.scrapes > 0 and self.final_scrape_s > 0:  # something scrapes this endpoint
+            self._wait_for_scrape(self._served.scrapes)
         self._server.shutdown()
         self._server.server_close()
         self._server = None
@@ -197,10 +214,9 @@ class PrometheusMetrics:
             self._nvml.close()
 
     def _wait_for_scrape(self, after: int) -> None:
-        deadline = time.monotonic() + STOP_LINGER_SECONDS
-        if self._served.scrapes <= after:
-            log.warning("metrics: rank %d waits up to %.0f s for a last scrape so the non-finite stop is recorded",
-                        self.rank, STOP_LINGER_SECONDS)
+        deadline = time.monotonic() + self.final_scrape_s
+        log.info("metrics: rank %d waits up to %.0f s for a last scrape of how the run ended", self.rank,
+                 self.final_scrape_s)
         while self._served.scrapes <= after and time.monotonic() < deadline:
             time.sleep(0.05)
 
@@ -221,27 +237,6 @@ class _LastValues:
     def collect(self) -> Iterable[Metric]:
         for name, v in list(self._values.items()):
             yield GaugeMetricFamily(name, self._docs[name], value=v)
-
-
-class _RankLabelled:
-    """A collector that re-emits every family of `inner` with a `rank` label; counts scrapes.
-
-    Drops the `<name>_created` timestamps prometheus_client adds to counters and histograms: in the text format
-    they are extra gauge series nothing here reads.
-    """
-
-    def __init__(self, inner: CollectorRegistry, rank: str):
-        self._inner, self._rank = inner, rank
-        self.scrapes = 0
-
-    def collect(self) -> Iterable[Metric]:
-        for fam in self._inner.collect():
-            out = Metric(fam.name, fam.documentation, fam.type, fam.unit)
-            created = fam.name + "_created"
-            out.samples = [s._replace(labels={"rank": self._rank, **s.labels}) for s in fam.samples
-                           if s.name != created]
-            yield out
-        self.scrapes += 1
 
 
 # -- GPU through NVML ------------------------------------------------------------------------------
@@ -301,6 +296,8 @@ class _NvmlSampler:
         self._nv, self._handle, self._gpu, self._interval = nv, handle, str(index), interval
         self._reads = {**self.GAUGES, **self.COUNTERS}
         self._latest: Dict[str, float] = {}
+        self._engines: Dict[int, float] = {}
+        self._gpm = _DecoderEngines.start(nv, handle)
         self._lock = threading.Lock()  # sampling vs nvmlShutdown
         self.sample()  # series exist from the first scrape
         self._stop = threading.Event()
@@ -320,6 +317,12 @@ class _NvmlSampler:
                     del self._reads[name]
                 except self._nv.NVMLError as e:  # transient (GPU busy, lost): keep the query, skip the value
                     log.debug("metrics: NVML %s failed: %s", name, e)
+            if self._gpm is not None:
+                try:
+                    self._engines = self._gpm.read()
+                except self._nv.NVMLError as e:
+                    log.info("metrics: NVML per-engine decoder utilisation failed (%s); dropped", e)
+                    self._gpm = None
         self._latest = latest
 
     def _run(self) -> None:
@@ -338,6 +341,14 @@ class _NvmlSampler:
                 c = CounterMetricFamily(name, doc, labels=["gpu"])
                 c.add_metric([self._gpu], latest[name])
                 yield c
+        engines = self._engines
+        if engines:
+            g = GaugeMetricFamily("tubelet_gpu_decoder_engine_utilization_ratio",
+                                  "Utilisation of each NVDEC engine (NVML GPM; one saturated engine of several shows "
+                                  "here, not in the GPU-wide decoder ratio)", labels=["gpu", "engine"])
+            for engine, value in sorted(engines.items()):
+                g.add_metric([self._gpu, str(engine)], value)
+            yield g
 
     def close(self) -> None:
         self._stop.set()
@@ -345,9 +356,55 @@ class _NvmlSampler:
         with self._lock:
             self._handle = None
             try:
+                if self._gpm is not None:
+                    self._gpm.close()
                 self._nv.nvmlShutdown()
             except self._nv.NVMLError:
                 pass
+
+
+class _DecoderEngines:
+    """The utilisation of each NVDEC engine from NVML's GPU Performance Monitoring (Hopper and newer GPUs): the
+    busy fraction of every engine between two samples one sampling interval apart. None where unsupported."""
+
+    ENGINES = 8
+
+    @classmethod
+    def start(cls, nv, handle) -> Optional["_DecoderEngines"]:
+        try:
+            if not nv.nvmlGpmQueryDeviceSupport(handle).isSupportedDevice:
+                return None
+            return cls(nv, handle)
+        except (AttributeError, nv.NVMLError) as e:  # an older driver or GPU, or no GPM in this NVML
+            log.info("metrics: no per-engine decoder utilisation (%s)", e)
+            return None
+
+    def __init__(self, nv, handle):
+        self._nv, self._handle = nv, handle
+        self._ids = [getattr(nv, f"NVML_GPM_METRIC_NVDEC_{i}_UTIL") for i in range(self.ENGINES)]
+        self._previous = self._sample()
+
+    def _sample(self):
+        sample = self._nv.nvmlGpmSampleAlloc()
+        self._nv.nvmlGpmSampleGet(self._handle, sample)
+        return sample
+
+    def read(self) -> Dict[int, float]:
+        """Engine -> busy fraction since the previous read; engines the GPU does not have are left out."""
+        nv, current = self._nv, self._sample()
+        query = nv.c_nvmlGpmMetricsGet_t()
+        query.version, query.numMetrics = nv.NVML_GPM_METRICS_GET_VERSION, len(self._ids)
+        query.sample1, query.sample2 = self._previous, current
+        for i, metric in enumerate(self._ids):
+            query.metrics[i].metricId = metric
+        nv.nvmlGpmMetricsGet(query)
+        nv.nvmlGpmSampleFree(self._previous)
+        self._previous = current
+        return {i: query.metrics[i].value / 100.0 for i in range(len(self._ids))
+                if query.metrics[i].nvmlReturn == nv.NVML_SUCCESS}
+
+    def close(self) -> None:
+        self._nv.nvmlGpmSampleFree(self._previous)
 
 
 def _nvml_device(nv, local_rank: int):

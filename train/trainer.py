@@ -96,7 +96,7 @@ def run(cfg: TrainConfig) -> Dict:
             if env.device.type == "cuda":
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be repeatable
             torch.use_deterministic_algorithms(True)
-        metrics = build_metrics(cfg.metrics, env.rank, env.local_rank)
+        metrics = build_metrics(cfg.metrics, env.rank, env.local_rank, run=run_dir.resolve().name)
         p = build(cfg, env)
         loader = VideoLoader(cfg.data, grid=cfg.model.grid, rank=env.rank, world_size=env.world_size,
                              on_batch=metrics.loader)
@@ -107,6 +107,7 @@ def run(cfg: TrainConfig) -> Dict:
             atomic_write(run_dir / "config.yaml", to_yaml(cfg))
             trim_losses(run_dir / "losses.jsonl", step)
         last = cfg.schedule.last_step
+        metrics.started(step, step, cfg.dist_timeout_s)  # resumed from the checkpoint of `step` (0: none)
         log.info(f"training {cfg.model.size} on {env.world_size} x {env.device.type} "
                     f"({'bf16 autocast' if p.amp else 'fp32'}), {loader.steps_per_epoch} steps/epoch, "
                     f"steps {step + 1}..{last} of {cfg.schedule.total_steps}; run_dir {run_dir}"
@@ -121,6 +122,7 @@ def run(cfg: TrainConfig) -> Dict:
         while step < last:
             t0 = time.perf_counter()
             batch = next(it)
+            faults.delay_batch()
             wait = time.perf_counter() - t0
             faults.maybe_kill(env.rank, step + 1)
             logged = (step + 1) % cfg.log_every == 0 or step + 1 == last  # the steps that get collapse signals
