@@ -83,12 +83,14 @@ def run(cfg: TrainConfig) -> Dict:
     env = dist.init(cfg.device, cfg.dist_timeout_s)
     logs.console(env.rank)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
-    metrics, loader, runlog, lock = None, None, None, None
+    metrics, loader, runlog = None, None, None
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / cfg.checkpoint.dir
-    cleanup = contextlib.ExitStack()
+    cleanup = contextlib.ExitStack()  # the run_dir lock (rank 0) and the log file, released last
     try:
         lock = dist.on_rank0(lambda: claim_run_dir(run_dir, ckpt_dir))
+        if lock is not None:
+            cleanup.callback(unlock_file, lock, run_dir / ".lock")
         # rank 0 logs everything to train.log; the other ranks their warnings to train-rank<r>.log
         cleanup.enter_context(logs.to_file(run_dir / ("train.log" if env.is_main else f"train-rank{env.rank}.log"),
                                            env.rank, logging.INFO if env.is_main else logging.WARNING))
@@ -109,10 +111,10 @@ def run(cfg: TrainConfig) -> Dict:
         last = cfg.schedule.last_step
         metrics.started(step, step, cfg.dist_timeout_s)  # resumed from the checkpoint of `step` (0: none)
         log.info(f"training {cfg.model.size} on {env.world_size} x {env.device.type} "
-                    f"({'bf16 autocast' if p.amp else 'fp32'}), {loader.steps_per_epoch} steps/epoch, "
-                    f"steps {step + 1}..{last} of {cfg.schedule.total_steps}; run_dir {run_dir}"
-                    + (f"; {n} tensors identical on all ranks" if env.distributed else "")
-                    + (f"; metrics on {metrics.url}" if metrics.url else ""))
+                 f"({'bf16 autocast' if p.amp else 'fp32'}), {loader.steps_per_epoch} steps/epoch, "
+                 f"steps {step + 1}..{last} of {cfg.schedule.total_steps}; run_dir {run_dir}"
+                 + (f"; {n} tensors identical on all ranks" if env.distributed else "")
+                 + (f"; metrics on {metrics.url}" if metrics.url else ""))
         runlog = RunLog(run_dir / "losses.jsonl", cfg.log_every, last, env.world_size, env.is_main)
         t_start, first = time.perf_counter(), step
         losses: List[float] = []
@@ -163,7 +165,7 @@ def run(cfg: TrainConfig) -> Dict:
             runlog.close()
             plot_losses(run_dir / "losses.jsonl", run_dir / "loss.png", f"{run_dir}: {cfg.model.size}, step {step}")
         log.info(f"done: step {step}, {step - first} steps in {seconds:.1f} s, {skipped} skipped"
-                    + (f"; parameters identical on all {env.world_size} ranks" if env.distributed else ""))
+                 + (f"; parameters identical on all {env.world_size} ranks" if env.distributed else ""))
         return {"step": step, "first_step": first, "skipped_steps": skipped, "losses": losses,
                 "seconds": seconds, "run_dir": str(run_dir)}
     finally:
@@ -174,8 +176,6 @@ def run(cfg: TrainConfig) -> Dict:
         if metrics is not None:
             metrics.close()
         cleanup.close()
-        if lock is not None:
-            unlock_file(lock, run_dir / ".lock")
         torch.use_deterministic_algorithms(was_deterministic)
         dist.cleanup()
 
