@@ -1,26 +1,34 @@
-"""`make bench-train`: the training step on synthetic clips + masks (no loader), with model FLOPs utilisation.
+"""`make bench-train`: the training step on synthetic clips + masks (no loader), with model FLOPs utilisation, per
+model size.
 
-    python -m benchmarks.bench_train [size=base] [batch=8] [steps=20] [warmup=3] [img=224] [frames=16]
-                                     [amp=auto|bf16|off] [train_config=YAML] [train=[key=value,...]] [out=FILE]
+    python -m benchmarks.bench_train [sizes=[base,large,huge]] [batch=24] [steps=20] [warmup=3] [img=224]
+        [frames=16] [amp=auto|bf16|off] [max_batch=true] [train_config=YAML] [train=[key=value,...]] [--json FILE]
 
-Times `train.step.train_step` (forward, backward, clipping, AdamW, EMA, the NaN guard's sync) exactly as the
-trainer runs it, on random clips and masks drawn with the configured mask types, and what the collapse signals
-(train/signals.py) add to a logged step. MFU = model FLOPs per second /
-the matrix-multiply rate measured on this device in the same run (CPU: fp32 matmul; GPU: bf16 matmul), so it
-says how much of what this device can actually do the step uses.
+Times `train.step.train_step` (forward, backward, clipping, fused AdamW, EMA, the device-side NaN guard) exactly
+as the trainer runs it, on random clips and masks drawn with the configured mask types: the timed steps are
+queued back to back and read once at the end, as the trainer reads them every `log_every` steps. Per size: step
+time, clips/s, MFU, peak device memory, the first step's time (torch.compile's included with
+train=[compile=true]), and what the collapse signals (train/signals.py) add to a logged step; with max_batch
+(CUDA), the largest batch per GPU that fits. MFU = model FLOPs per second / the matrix-multiply rate measured on
+this device in the same run (CPU: fp32 matmul; GPU: bf16 matmul), so it says how much of what this device can
+actually do the step uses. `--json FILE` (or json=FILE) also writes the rows. Under torchrun it measures the DDP
+step (rank 0 reports).
 
 Model FLOPs are counted analytically from each step's real token counts (`step_flops`): 2 x weights x tokens for
 every linear layer and the tubelet embedding, plus 4 N^2 D per attention layer (QK^T and AV); the target encoder
 runs forward only on all N tokens; the encoder (on each mask type's context tokens) and the predictor (context +
 target tokens) run forward and backward (backward = 2 x forward; 1 x for the tubelet embedding, whose input needs
-no gradient). Norms, activations and the optimizer are not counted (the usual MFU convention).
+no gradient). Norms, activations, the optimizer and activation checkpointing's recomputed forward are not
+counted (the usual MFU convention); the tests check the count against torch's FlopCounterMode.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -35,25 +43,26 @@ from model.config import VIT_SIZES, ModelConfig
 from pipeline.masks import sample_masks
 from train import dist
 from train.config import TrainConfig
-from train.step import build, step_signals, train_step
+from train.step import attention_backend, build, read_stats, step_signals, train_step
 
 
-def vit_forward_flops(tokens: int, width: int, depth: int) -> float:
-    """Transformer blocks on `tokens` tokens of one clip: linear layers (qkv, proj, fc1, fc2 = 12 D^2 weights)
-    and attention scores/values (4 N^2 D)."""
-    return depth * (2.0 * 12 * width * width * tokens + 4.0 * tokens * tokens * width)
+def vit_forward_flops(tokens: int, width: int, depth: int, hidden: int = 0) -> float:
+    """Transformer blocks on `tokens` tokens of one clip: linear layers (qkv, proj: 4 D^2 weights; fc1, fc2:
+    2 D x hidden, hidden = 4 D unless given) and attention scores/values (4 N^2 D)."""
+    hidden = hidden or 4 * width
+    return depth * (2.0 * (4 * width * width + 2 * width * hidden) * tokens + 4.0 * tokens * tokens * width)
 
 
 def step_flops(cfg: ModelConfig, batch: int, masks: Sequence[Tuple[int, int]]) -> Dict[str, float]:
     """Model FLOPs of one training step. masks: (context tokens, target tokens) per mask type."""
-    width, depth, _ = VIT_SIZES[cfg.size]
+    width, depth, _ = cfg.encoder_shape
     n = int(np.prod(cfg.grid))
     embed = 2.0 * n * (3 * cfg.tubelet_size * cfg.patch_size**2) * width  # every token, before the gather
-    target = embed + vit_forward_flops(n, width, depth)
+    target = embed + vit_forward_flops(n, width, depth, cfg.mlp_hidden)
     encoder_fwd = encoder_bwd = predictor_fwd = 0.0
     w = cfg.predictor_width
     for nc, nt in masks:
-        blocks = vit_forward_flops(nc, width, depth)
+        blocks = vit_forward_flops(nc, width, depth, cfg.mlp_hidden)
         encoder_fwd += embed + blocks
         encoder_bwd += embed + 2 * blocks  # tubelet embedding: weight gradient only
         predictor_fwd += 2.0 * nc * width * w + vit_forward_flops(nc + nt, w, cfg.predictor_depth) + 2.0 * nt * w * width
@@ -71,45 +80,46 @@ def matmul_rate(device: torch.device, seconds: float = 2.0) -> Tuple[float, str]
         n, dtype = 1024, torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):
         a @ b
-    sync()
+    sync(device)
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for _ in range(4):
             a @ b
         reps += 4
-        sync()
+        sync(device)
     return 2.0 * n**3 * reps / (time.perf_counter() - t0), f"{str(dtype).split('.')[-1]} {n}x{n}x{n}"
 
 
 @dataclass
 class BenchTrainConfig:
     train_config: str = ""  # a TrainConfig YAML (e.g. configs/train/vitl16.yaml); "" = the schema defaults
-    train: List[str] = field(default_factory=list)  # further TrainConfig key=value overrides, e.g. [optim.lr=1e-3]
-    size: str = ""  # shortcuts over the train config ("" / 0 = keep): model.size
-    batch: int = 0  # data.batch_size (clips per step)
+    train: List[str] = field(default_factory=list)  # further TrainConfig key=value overrides, e.g. [compile=true]
+    sizes: List[str] = field(default_factory=list)  # one row per model size; [] = the train config's model.size
+    batch: int = 0  # shortcuts over the train config ("" / 0 = keep): data.batch_size (clips per step and GPU)
     img: int = 0  # model.img_size = data.crop_size
     frames: int = 0  # model.num_frames = data.num_frames
     amp: str = ""  # auto | bf16 | off
     steps: int = 20  # timed steps
-    warmup: int = 3  # untimed steps before them
-    out: str = ""  # also write the results as JSON here
+    warmup: int = 3  # untimed steps before them (the first one compiles with compile=true)
+    max_batch: bool = False  # CUDA: also find the largest batch per GPU that fits, per size (a few steps per try)
+    json: str = ""  # also write the rows as JSON here (`--json FILE` works too)
 
     def validate(self) -> None:
-        check(self.size in ("", *VIT_SIZES), "size", f"must be one of {sorted(VIT_SIZES)}")
+        for i, size in enumerate(self.sizes):
+            check(size in VIT_SIZES, f"sizes.{i}", f"{size!r} is not one of {sorted(VIT_SIZES)}")
         check(self.amp in ("", "auto", "bf16", "off"), "amp", "must be auto, bf16 or off")
-        check(self.steps >= 1 and self.warmup >= 0, "steps", "steps >= 1 and warmup >= 0")
+        check(self.steps >= 1 and self.warmup >= 1, "steps", "steps >= 1 and warmup >= 1")
 
 
-def train_config(args: BenchTrainConfig) -> TrainConfig:
+def train_config(args: BenchTrainConfig, size: str = "", batch: int = 0) -> TrainConfig:
     """The benchmarked TrainConfig: the file, the shortcuts, the overrides; metrics off."""
     extra = []
-    if args.size:
-        extra.append(f"model.size={args.size}")
-    if args.batch:
-        extra.append(f"data.batch_size={args.batch}")
+    if size:
+        extra.append(f"model.size={size}")
+    if batch or args.batch:
+        extra.append(f"data.batch_size={batch or args.batch}")
     if args.img:
         extra += [f"model.img_size={args.img}", f"data.crop_size={args.img}"]
     if args.frames:
@@ -119,72 +129,223 @@ def train_config(args: BenchTrainConfig) -> TrainConfig:
     return load_config(TrainConfig, args.train_config or None, [*extra, *args.train, "metrics.enabled=false"])
 
 
-def bench(args: BenchTrainConfig) -> None:
-    cfg = train_config(args)
-    env = dist.init(cfg.device)
+def synthetic_batches(cfg: TrainConfig, device: torch.device, n: int, seed: int = 0) -> List[SimpleNamespace]:
+    """`n` batches of one random clip tensor (on the device) and freshly drawn masks of the configured types."""
+    B, m = cfg.data.batch_size, cfg.model
+    rng = np.random.default_rng(seed)
+    clips = torch.randn(B, 3, m.num_frames, m.img_size, m.img_size, device=device)
+    return [SimpleNamespace(clips=clips, masks=[(torch.from_numpy(c), torch.from_numpy(t))
+                                                for c, t in sample_masks(rng, B, m.grid, cfg.data.masks)])
+            for _ in range(n)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(args: BenchTrainConfig, cfg: TrainConfig, env: dist.DistEnv) -> Dict:
+    """One size: warm-up steps, then `steps` timed steps queued back to back and read at the end."""
+    dev = env.device
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    parts = build(cfg, env)
+    batches = synthetic_batches(cfg, dev, args.warmup + args.steps)
+    t0 = time.perf_counter()
+    train_step(parts, batches[0], 1)
+    sync(dev)
+    first_s = time.perf_counter() - t0
+    for i in range(1, args.warmup):
+        train_step(parts, batches[i], i + 1)
+    sync(dev)
+    host_times, results = [], []
+    t_start = time.perf_counter()
+    for i in range(args.warmup, len(batches)):
+        t0 = time.perf_counter()
+        results.append(train_step(parts, batches[i], i + 1))
+        host_times.append(time.perf_counter() - t0)
+    stats = read_stats(results)  # waits for the device: the timed steps are done
+    total = time.perf_counter() - t_start
+    if any(bad for _, _, bad in stats):
+        raise RuntimeError(f"non-finite loss in the benchmark of ViT-{cfg.model.size}: {[s[0] for s in stats]}")
+    timed = batches[args.warmup:]
+    flops = sum(step_flops(cfg.model, cfg.data.batch_size, [(c.shape[1], t.shape[1]) for c, t in b.masks])["total"]
+                for b in timed)
+    mean_tokens = [(statistics.mean(b.masks[k][0].shape[1] for b in timed),
+                    statistics.mean(b.masks[k][1].shape[1] for b in timed)) for k in range(len(cfg.data.masks))]
+    signal_s = signals_seconds(parts, timed[-1], dev)
+    updates = update_seconds(parts, dev)
+    row = {
+        "size": cfg.model.size, "params_encoder": sum(p.numel() for p in parts.model.encoder.parameters()),
+        "clip": [cfg.model.num_frames, cfg.model.img_size, cfg.model.img_size], "tokens": int(np.prod(cfg.model.grid)),
+        "batch": cfg.data.batch_size, "world_size": env.world_size, "amp": "bf16" if parts.amp else "off",
+        "compile": cfg.compile, "activation_checkpointing": cfg.model.activation_checkpointing,
+        "attention": attention_backend(cfg, dev, parts.amp), "optimizer": "fused" if parts.fused else "foreach",
+        "steps": len(timed), "step_seconds_mean": total / len(timed),
+        "host_seconds_median": statistics.median(host_times), "first_step_seconds": first_s,
+        "clips_per_second": cfg.data.batch_size * len(timed) / total,
+        "context_target_tokens": [[round(c, 1), round(t, 1)] for c, t in mean_tokens],
+        "model_flops_per_step": flops / len(timed),
+        "model_flops_split": step_flops(cfg.model, cfg.data.batch_size, [(round(c), round(t)) for c, t in mean_tokens]),
+        "achieved_flops_per_second": flops / total,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+        "signals_seconds": signal_s, "signals_share_of_step": signal_s / (total / len(timed)), **updates,
+    }
+    del parts, batches
+    free_memory(dev)
+    return row
+
+
+def timed(fn, device: torch.device, reps: int = 10) -> float:
+    """Median seconds of `fn()` (synced), after one untimed call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def update_seconds(parts, device: torch.device) -> Dict[str, float]:
+    """The step's weight updates against what they replaced, on this size's parameters and gradients: AdamW fused
+    vs foreach (both built here, on copies of the weights), the EMA as one lerp vs two passes (mul, add)."""
+    out = {}
+    model = parts.model
+    for kind in ("fused", "foreach"):
+        params = [p.detach().clone().requires_grad_() for p in list(model.encoder.parameters())
+                  + list(model.predictor.parameters())]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = torch.optim.AdamW([{"params": params, "weight_decay": 0.04}], lr=1e-4, **{kind: True})
+        out[f"adamw_{kind}_seconds"] = timed(opt.step, device)
+        del params, opt
+    tgt = [p.detach().clone() for p in model.target_encoder.parameters()]
+    src = [p.detach() for p in model.encoder.parameters()]
+
+    def two_pass():
+        torch._foreach_mul_(tgt, 0.999)
+        torch._foreach_add_(tgt, src, alpha=0.001)
+
+    out["ema_lerp_seconds"] = timed(lambda: torch._foreach_lerp_(tgt, src, 0.001), device)
+    out["ema_two_pass_seconds"] = timed(two_pass, device)
+    return out
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def fits(args: BenchTrainConfig, size: str, batch: int, env: dist.DistEnv) -> bool:
+    """Two steps of ViT-`size` at `batch` clips run without running out of device memory."""
+    cfg = train_config(args, size, batch)
+    parts = batches = None
     try:
         parts = build(cfg, env)
-        B, grid = cfg.data.batch_size, cfg.model.grid
-        rng = np.random.default_rng(0)
-        clips = torch.randn(B, 3, cfg.model.num_frames, cfg.model.img_size, cfg.model.img_size, device=env.device)
-        batches = [SimpleNamespace(clips=clips, masks=[(torch.from_numpy(c), torch.from_numpy(t))
-                                                       for c, t in sample_masks(rng, B, grid, cfg.data.masks)])
-                   for _ in range(args.warmup + args.steps)]
-        times: List[float] = []
-        flops = 0.0
+        batches = synthetic_batches(cfg, env.device, 2)
         for i, b in enumerate(batches):
-            t0 = time.perf_counter()
-            train_step(parts, b, i + 1)  # ends in a host sync (the NaN guard's .tolist())
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-                flops += step_flops(cfg.model, B, [(c.shape[1], t.shape[1]) for c, t in b.masks])["total"]
-        signal_s = signals_seconds(parts, batches[-1], env.device)
+            train_step(parts, b, i + 1)
+        sync(env.device)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        del parts, batches
+        free_memory(env.device)
+
+
+def largest_batch(args: BenchTrainConfig, size: str, env: dist.DistEnv, start: int) -> int:
+    """The largest batch per GPU that fits (0: not even one clip): doubling from `start`, then bisection."""
+    lo, hi = 0, max(start, 1)
+    while fits(args, size, hi, env):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(args, size, mid, env) else (lo, mid)
+    return lo
+
+
+def bench(args: BenchTrainConfig) -> List[Dict]:
+    base = train_config(args)
+    env = dist.init(base.device)
+    rows: List[Dict] = []
+    try:
         peak, peak_what = matmul_rate(env.device)
+        for size in args.sizes or [base.model.size]:
+            cfg = train_config(args, size)
+            row = measure(args, cfg, env)
+            row["mfu"] = row["achieved_flops_per_second"] / peak
+            if args.max_batch and env.device.type == "cuda":
+                row["max_batch"] = largest_batch(args, size, env, cfg.data.batch_size)
+            rows.append(row)
+            if env.is_main:
+                print_row(row, cfg, peak, peak_what)
     finally:
         dist.cleanup()
-
-    total = sum(times)
-    achieved = flops / total
-    n = int(np.prod(grid))
-    mean_tokens = [(statistics.mean(b.masks[k][0].shape[1] for b in batches),
-                    statistics.mean(b.masks[k][1].shape[1] for b in batches)) for k in range(len(cfg.data.masks))]
-    per_step = step_flops(cfg.model, B, [(round(c), round(t)) for c, t in mean_tokens])
     device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else (
         platform.processor() or platform.machine())
-    result = {
-        "size": cfg.model.size, "clip": [cfg.model.num_frames, cfg.model.img_size, cfg.model.img_size],
-        "tokens": n, "batch": B, "device": f"{env.device.type}: {device_name}",
-        "threads": torch.get_num_threads(), "amp": "bf16" if parts.amp else "off", "steps": len(times),
-        "step_seconds_mean": total / len(times), "step_seconds_median": statistics.median(times),
-        "clips_per_second": B * len(times) / total,
-        "context_target_tokens": [[round(c, 1), round(t, 1)] for c, t in mean_tokens],
-        "model_flops_per_step": flops / len(times), "model_flops_split": per_step,
-        "achieved_flops_per_second": achieved, "matmul_flops_per_second": peak, "matmul": peak_what,
-        "mfu": achieved / peak, "signals_seconds": signal_s,
-        "signals_share_of_step": signal_s / statistics.median(times),
-    }
-    precision = "bf16 autocast" if parts.amp else f"fp32, {result['threads']} threads"
-    print(f"bench_train: ViT-{cfg.model.size}/{cfg.model.patch_size}, {cfg.model.num_frames}x{cfg.model.img_size}"
-          f"x{cfg.model.img_size} ({n} tokens), batch {B}, {result['device']}, {precision}")
-    rows = [
-        ("step time (median / mean)", f"{result['step_seconds_median']:.3f} s / {result['step_seconds_mean']:.3f} s"),
-        ("clips/s", f"{result['clips_per_second']:.2f}"),
-        ("context / target tokens", ", ".join(f"{c:.0f}/{t:.0f}" for c, t in mean_tokens)),
-        ("model FLOPs per step", f"{result['model_flops_per_step'] / 1e12:.3f} TFLOP (target enc "
-         f"{per_step['target_encoder'] / per_step['total']:.0%}, encoder {per_step['encoder'] / per_step['total']:.0%}, "
-         f"predictor {per_step['predictor'] / per_step['total']:.0%})"),
-        ("achieved", f"{achieved / 1e12:.3f} TFLOP/s"),
+    machine = {"device": f"{env.device.type}: {device_name}", "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "cuda": torch.version.cuda, "matmul_flops_per_second": peak,
+               "matmul": peak_what}
+    if env.is_main:
+        print_table(rows, machine)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": machine, "rows": rows}, f, indent=2)
+            print(f"wrote {args.json}")
+    return rows
+
+
+def print_row(r: Dict, cfg: TrainConfig, peak: float, peak_what: str) -> None:
+    split = r["model_flops_split"]
+    m = cfg.model
+    print(f"bench_train: ViT-{m.size}/{m.patch_size}, {m.num_frames}x{m.img_size}x{m.img_size} ({r['tokens']} tokens), "
+          f"batch {r['batch']} x {r['world_size']} rank(s), {'bf16 autocast' if r['amp'] == 'bf16' else 'fp32'}, "
+          f"attention {r['attention']}, {r['optimizer']} AdamW" + (", compiled" if r["compile"] else "")
+          + (", activation checkpointing" if r["activation_checkpointing"] else ""))
+    lines = [
+        ("step time (mean)", f"{r['step_seconds_mean']:.3f} s (host per step, median: {r['host_seconds_median']:.3f} s)"),
+        ("first step", f"{r['first_step_seconds']:.1f} s" + (" (torch.compile included)" if r["compile"] else "")),
+        ("clips/s", f"{r['clips_per_second']:.2f}"),
+        ("context / target tokens", ", ".join(f"{c:.0f}/{t:.0f}" for c, t in r["context_target_tokens"])),
+        ("model FLOPs per step", f"{r['model_flops_per_step'] / 1e12:.3f} TFLOP (target enc "
+         f"{split['target_encoder'] / split['total']:.0%}, encoder {split['encoder'] / split['total']:.0%}, "
+         f"predictor {split['predictor'] / split['total']:.0%})"),
+        ("achieved", f"{r['achieved_flops_per_second'] / 1e12:.3f} TFLOP/s"),
         ("matmul rate (measured)", f"{peak / 1e12:.3f} TFLOP/s ({peak_what})"),
-        ("MFU", f"{result['mfu']:.1%}"),
-        ("collapse signals", f"{1000 * signal_s:.1f} ms per logged step = {result['signals_share_of_step']:.2%} of a "
-                             f"step (every log_every steps: {result['signals_share_of_step'] / cfg.log_every:.3%})"),
+        ("MFU", f"{r['mfu']:.1%}"),
+        ("peak memory", gib(r["peak_memory_bytes"])),
+        ("collapse signals", f"{1000 * r['signals_seconds']:.1f} ms per logged step = {r['signals_share_of_step']:.2%} "
+                             f"of a step (every log_every steps: {r['signals_share_of_step'] / cfg.log_every:.3%})"),
     ]
-    for k, v in rows:
+    lines.append(("AdamW step", f"fused {1000 * r['adamw_fused_seconds']:.1f} ms, foreach "
+                                f"{1000 * r['adamw_foreach_seconds']:.1f} ms"))
+    lines.append(("EMA", f"one lerp {1000 * r['ema_lerp_seconds']:.1f} ms, two passes "
+                         f"{1000 * r['ema_two_pass_seconds']:.1f} ms"))
+    if "max_batch" in r:
+        lines.append(("largest batch that fits", str(r["max_batch"])))
+    for k, v in lines:
         print(f"  {k:<28} {v}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.out}")
+
+
+def gib(n: Optional[int]) -> str:
+    return "n/a (CPU)" if n is None else f"{n / 2**30:.1f} GiB"
+
+
+def print_table(rows: List[Dict], machine: Dict) -> None:
+    """The rows as a markdown table (BENCHMARKS.md's format)."""
+    print(f"\n{machine['device']}, torch {machine['torch']}, matmul {machine['matmul_flops_per_second'] / 1e12:.1f} "
+          f"TFLOP/s ({machine['matmul']})")
+    print("| model | batch | step | clips/s | MFU | peak memory | first step | largest batch |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| ViT-{r['size']} | {r['batch']} | {r['step_seconds_mean']:.3f} s | {r['clips_per_second']:.1f} | "
+              f"{r['mfu']:.1%} | {gib(r['peak_memory_bytes'])} | {r['first_step_seconds']:.1f} s | "
+              f"{r.get('max_batch', '-')} |")
 
 
 def signals_seconds(parts, batch, device: torch.device, reps: int = 5) -> float:
@@ -195,6 +356,7 @@ def signals_seconds(parts, batch, device: torch.device, reps: int = 5) -> float:
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=parts.amp):
         features = parts.model.target_features(clips)
         preds = parts.student(clips, masks)
+    sync(device)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -204,7 +366,10 @@ def signals_seconds(parts, batch, device: torch.device, reps: int = 5) -> float:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return main_for(BenchTrainConfig, bench, argv, prog="python -m benchmarks.bench_train", doc=__doc__)
+    args, it = [], iter(sys.argv[1:] if argv is None else argv)
+    for a in it:  # `--json FILE` and `--json=FILE` are the key json
+        args.append(f"json={next(it, '')}" if a == "--json" else "json=" + a[7:] if a.startswith("--json=") else a)
+    return main_for(BenchTrainConfig, bench, args, prog="python -m benchmarks.bench_train", doc=__doc__)
 
 
 if __name__ == "__main__":

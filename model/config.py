@@ -14,15 +14,18 @@ from typing import Any
 
 from common.config import ConfigError, check, validate
 
-# (width, depth, heads) of the encoder. A plain explicit mapping, not a registry: the five
-# published ViT sizes are all the project trains.
+# (width, depth, heads) of the encoder. A plain explicit mapping, not a registry: the published ViT sizes are
+# all the project trains. giant is V-JEPA 2's ViT-g (its vit_giant; the xformers variant has 22 heads: heads=22).
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (192, 12, 3),
     "small": (384, 12, 6),
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
     "huge": (1280, 32, 16),
+    "giant": (1408, 40, 16),
 }
+# MLP hidden width / width of the encoder blocks, where not 4: ViT-g's 48/11 gives 1408 -> 6144
+MLP_RATIOS: dict[str, float] = {"giant": 48 / 11}
 
 
 @dataclass
@@ -33,7 +36,7 @@ class ModelConfig:
     i.e. 8 x 14 x 14 = 1568 tokens for the defaults.
     """
 
-    size: str = "tiny"  # tiny | small | base | large | huge (see VIT_SIZES)
+    size: str = "tiny"  # tiny | small | base | large | huge | giant (see VIT_SIZES)
     # Encoder shape overrides, 0 = the size's value: for models below the published sizes (CPU runs).
     width: int = 0
     depth: int = 0
@@ -51,6 +54,9 @@ class ModelConfig:
     # LayerNorm after building the model, so all Linear weights are N(0, 0.02)); depth_scaled: the residual
     # projections of block l (attention proj, MLP fc2) divided by sqrt(2 l), as its model constructors intend
     init: str = "reference"
+    # recompute each block's activations in the backward pass instead of keeping them (encoder and predictor):
+    # about a third more compute for a much larger batch per GPU (BENCHMARKS.md, "Largest batch")
+    activation_checkpointing: bool = False
 
     def validate(self) -> None:
         check(self.size in VIT_SIZES, "size", f"unknown size {self.size!r}, expected one of {sorted(VIT_SIZES)}")
@@ -65,6 +71,8 @@ class ModelConfig:
             value = getattr(self, name)
             # bool is an int subclass; `predictor_depth: true` in YAML is a typo, not a depth of 1.
             check(_is_int(value) and value >= 1, name, f"expected a positive integer, got {value!r}")
+        check(isinstance(self.activation_checkpointing, bool), "activation_checkpointing",
+              f"expected a bool, got {self.activation_checkpointing!r}")
         check(isinstance(self.uniform_power, bool), "uniform_power", f"expected a bool, got {self.uniform_power!r}")
         check(self.img_size % self.patch_size == 0, "img_size",
               f"{self.img_size} is not divisible by patch_size={self.patch_size}")
@@ -85,6 +93,11 @@ class ModelConfig:
         """(width, depth, heads) of the encoder: the size's, with any nonzero override applied."""
         base = VIT_SIZES[self.size]
         return tuple(o or b for o, b in zip((self.width, self.depth, self.heads), base))
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Hidden width of the encoder's MLPs (int(width x ratio), as the reference computes it)."""
+        return int(self.encoder_width * MLP_RATIOS.get(self.size, 4.0))
 
     @property
     def predictor_num_heads(self) -> int:

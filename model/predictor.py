@@ -14,7 +14,7 @@ from torch import nn
 
 from model.config import ModelConfig, as_model_config
 from model.pos_embed import sincos_pos_embed_3d
-from model.vit import LN_EPS, Block, check_index, init_weights, rescale_residual_projections
+from model.vit import LN_EPS, Block, check_index, init_weights, rescale_residual_projections, run_blocks
 
 
 class Predictor(nn.Module):
@@ -34,9 +34,11 @@ class Predictor(nn.Module):
         num_mask_types: int = 2,
         uniform_power: bool = True,
         depth_scaled_init: bool = False,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         self.embed_dim = embed_dim
+        self.activation_checkpointing = activation_checkpointing
         self.width = width
         self.grid = tuple(grid)
         self.num_tokens = math.prod(self.grid)
@@ -69,6 +71,7 @@ class Predictor(nn.Module):
             num_mask_types=cfg.num_mask_types,
             uniform_power=cfg.uniform_power,
             depth_scaled_init=cfg.init == "depth_scaled",
+            activation_checkpointing=cfg.activation_checkpointing,
         )
 
     def forward(
@@ -91,8 +94,7 @@ class Predictor(nn.Module):
         tgt = self.mask_tokens[mask_type].expand(B, tgt_idx.size(1), -1)
         tgt = tgt + self.pos_embed[tgt_idx].to(tgt.dtype)
         x = torch.cat([x, tgt.to(x.dtype)], dim=1)  # [B, Nc + Nt, W]
-        for block in self.blocks:
-            x = block(x)
+        x = run_blocks(self.blocks, x, self.activation_checkpointing)
         x = self.norm(x[:, Nc:])  # LayerNorm is per token, so normalising only the targets is equivalent
         return self.predictor_proj(x)
 

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig, as_model_config
 from model.pos_embed import sincos_pos_embed_3d
@@ -55,12 +56,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block. x: [B, N, D] -> [B, N, D]."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int = 0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.mlp = MLP(dim, mlp_hidden or 4 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -106,6 +107,15 @@ def rescale_residual_projections(blocks: nn.ModuleList) -> None:
         block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
 
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, recompute: bool) -> torch.Tensor:
+    """x through every block; with `recompute` (activation checkpointing) only each block's input is kept for
+    the backward pass, which runs the block's forward again: when training, that is, when gradients flow."""
+    recompute = recompute and torch.is_grad_enabled()
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+    return x
+
+
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x: [B, N, D], idx: [B, K] (int64 token indices) -> [B, K, D]."""
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1)))
@@ -139,6 +149,8 @@ class VisionTransformer(nn.Module):
         num_heads: int = 3,
         uniform_power: bool = True,
         depth_scaled_init: bool = False,
+        mlp_hidden: int = 0,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         if img_size % patch_size or num_frames % tubelet_size:
@@ -151,6 +163,7 @@ class VisionTransformer(nn.Module):
         self.patch_size = patch_size
         self.tubelet_size = tubelet_size
         self.embed_dim = embed_dim
+        self.activation_checkpointing = activation_checkpointing
         self.config: ModelConfig | None = None  # set by from_config; used by export / feature users
         self.grid = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
         self.num_tokens = math.prod(self.grid)
@@ -159,7 +172,7 @@ class VisionTransformer(nn.Module):
         # torch.tensor (unlike from_numpy) follows a `with torch.device(...)` context, e.g. meta.
         pos = torch.tensor(sincos_pos_embed_3d(embed_dim, *self.grid, uniform_power=uniform_power))
         self.register_buffer("pos_embed", pos, persistent=False)  # [N, D]
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_hidden) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
 
         self.apply(init_weights)
@@ -180,6 +193,8 @@ class VisionTransformer(nn.Module):
             num_heads=heads,
             uniform_power=cfg.uniform_power,
             depth_scaled_init=cfg.init == "depth_scaled",
+            mlp_hidden=cfg.mlp_hidden,
+            activation_checkpointing=cfg.activation_checkpointing,
         )
         model.config = cfg
         return model
@@ -204,6 +219,4 @@ class VisionTransformer(nn.Module):
         if keep is not None:
             check_index("keep", keep, x.size(0))
             x = gather_tokens(x, keep)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return self.norm(run_blocks(self.blocks, x, self.activation_checkpointing))

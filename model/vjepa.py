@@ -101,14 +101,18 @@ class VJEPA(nn.Module):
         return l1_loss(self.forward_context(clips, masks), self.forward_target(clips, masks))
 
     @torch.no_grad()
-    def ema_update(self, momentum: float) -> None:
-        """target <- m * target + (1 - m) * encoder, over parameters (buffers are fixed tables)."""
+    def ema_update(self, momentum: float, skip: torch.Tensor | None = None) -> None:
+        """target <- m * target + (1 - m) * encoder, over parameters (buffers are fixed tables), in one pass
+        (a fused lerp per tensor list). skip: a 0-d flag on the parameters' device, 1 = leave the target as it is
+        (a step whose update was skipped), decided there without a host sync."""
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
         tgt = list(self.target_encoder.parameters())
         src = list(self.encoder.parameters())
-        torch._foreach_mul_(tgt, momentum)
-        torch._foreach_add_(tgt, src, alpha=1.0 - momentum)
+        if skip is None:
+            torch._foreach_lerp_(tgt, src, 1.0 - momentum)
+        else:  # weight 0 leaves the target bitwise unchanged
+            torch._foreach_lerp_(tgt, src, (1.0 - momentum) * (1.0 - skip.to(tgt[0].dtype)))
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW parameter groups for the encoder and predictor (never the target encoder).

@@ -69,6 +69,7 @@ class VideoLoader:
         self.index: SplitIndex = open_split(cfg.root, cfg.split, cfg.verify_hashes)
         self.store = ShardStore(cfg.root, cfg.cache_dir)
         self.device = resolve_device(cfg.device, key="data.device")
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.dtype = DTYPES[cfg.dtype]
         self.on_batch = on_batch
         self._plan_args = dict(
@@ -228,7 +229,12 @@ class VideoLoader:
             t = out.as_tensor()
             buf = torch.empty(t.shape(), dtype=torch.float16 if self.cfg.dtype == "fp16" else torch.float32,
                               device="cuda")
-            feed_ndarray(t, buf, cuda_stream=torch.cuda.current_stream())
+            # DALI may reuse its output buffer from the next run on, and the trainer does not wait for the device
+            # every step: the copy runs on a stream of its own and is waited for here (only the copy, not the
+            # training work queued before it); the training stream then orders itself after it
+            feed_ndarray(t, buf, cuda_stream=self._copy_stream)
+            self._copy_stream.synchronize()
+            torch.cuda.current_stream().wait_stream(self._copy_stream)
             return buf.to(self.dtype)
         return torch.from_numpy(out.as_array()).to(self.dtype)
 

@@ -72,7 +72,8 @@ def test_config_defaults_and_grid():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(size="giant"), "model.size"),
+        (dict(size="gigantic"), "model.size"),
+        (dict(activation_checkpointing=1), "model.activation_checkpointing"),
         (dict(img_size=225), "model.img_size"),
         (dict(num_frames=15), "model.num_frames"),
         (dict(patch_size=0), "model.patch_size"),
@@ -96,7 +97,7 @@ def test_config_omegaconf_structured_roundtrip():
     with pytest.raises(ValueError, match="unknown keys"):
         as_model_config({"size": "tiny", "widht": 3})
     with pytest.raises(ValueError, match="model.size"):
-        as_model_config(OmegaConf.merge(schema, {"size": "giant"}))
+        as_model_config(OmegaConf.merge(schema, {"size": "gigantic"}))
 
 
 # ---------------------------------------------------------------- parameter counts
@@ -109,6 +110,9 @@ GOLDEN_PARAMS = {
     "base": (86_236_416, 21_886_080),
     "large": (303_885_312, 22_082_944),
     "huge": (631_648_000, 22_279_808),
+    # ViT-g (V-JEPA 2's "1B"), by hand: 40 blocks of 25,250,176 (qkv + proj 4 x 1408^2 + 4 x 1408, MLP 2 x 1408 x
+    # 6144 + 6144 + 1408, two norms 4 x 1408) + tubelet embedding 1536 x 1408 + 1408 + final norm 2 x 1408
+    "giant": (1_012_173_952, 22_378_240),
 }
 
 
@@ -124,6 +128,7 @@ def test_parameter_counts(size):
     assert sum(p.numel() for p in model.target_encoder.parameters()) == enc_params
     # The position table is a fixed buffer, not a parameter, and is not stored in state_dicts.
     width = VIT_SIZES[size][0]
+    assert model.encoder.blocks[0].mlp.fc1.out_features == (6144 if size == "giant" else 4 * width)
     assert model.encoder.pos_embed.shape == (1568, width)
     assert "pos_embed" not in model.encoder.state_dict()
     assert all("pos_embed" not in name for name, _ in model.named_parameters())
@@ -322,6 +327,24 @@ def test_gradients_reach_encoder_and_predictor_only():
         assert not p.requires_grad and p.grad is None
 
 
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    """Recomputing the blocks in the backward pass changes memory, not the result."""
+    clips, masks = fixed_batch(1)
+    grads = []
+    for recompute in (False, True):
+        model = tiny_vjepa(0)
+        model.encoder.activation_checkpointing = model.predictor.activation_checkpointing = recompute
+        loss = model(clips, masks)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    (l0, g0), (l1, g1) = grads
+    assert torch.equal(l0, l1)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    cfg = ModelConfig(size="tiny", activation_checkpointing=True)
+    assert VisionTransformer.from_config(cfg).activation_checkpointing and Predictor.from_config(cfg).activation_checkpointing
+
+
 def test_target_encoder_stays_in_eval():
     model = tiny_vjepa(0)
     model.train()
@@ -350,6 +373,16 @@ def test_ema_update():
         assert torch.equal(e, t)
     with pytest.raises(ValueError):
         model.ema_update(1.5)
+    # a skipped step (flag decided on the device) leaves the target bitwise as it was
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    kept = [t.clone() for t in model.target_encoder.parameters()]
+    model.ema_update(0.5, skip=torch.tensor(1.0))
+    assert all(torch.equal(k, t) for k, t in zip(kept, model.target_encoder.parameters()))
+    model.ema_update(0.5, skip=torch.tensor(0.0))
+    for k, e, t in zip(kept, enc, model.target_encoder.parameters()):
+        torch.testing.assert_close(t, 0.5 * k + 0.5 * e)
 
 
 def test_param_groups():

@@ -110,7 +110,8 @@ def test_config_defaults_are_the_published_recipe_and_yamls_load():
     cfg = load_config(TrainConfig, None, [])
     assert (cfg.optim.lr, cfg.optim.start_lr, cfg.optim.warmup_steps) == (6.25e-4, 2e-4, 12000)
     assert (cfg.schedule.total_steps, cfg.schedule.horizon_scale) == (90000, 1.25)
-    for name, size, batch in (("vitl16", "large", 24), ("vith16", "huge", 24), ("cpu", "tiny", 8)):
+    for name, size, batch in (("vitl16", "large", 24), ("vith16", "huge", 24), ("vitg16", "giant", 24),
+                              ("cpu", "tiny", 8)):
         c = load_config(TrainConfig, REPO / "configs" / "train" / f"{name}.yaml", [])
         assert (c.model.size, c.data.batch_size) == (size, batch)
         assert c.data.num_frames == c.model.num_frames and c.data.crop_size == c.model.img_size
@@ -140,7 +141,7 @@ def test_encoder_shape_overrides_build_a_smaller_vit():
     (["data.crop_size=112"], "data.crop_size: 112 != model.img_size 224"),
     (["optim.warmup_steps=100", "schedule.total_steps=50"], "optim.warmup_steps"),
     (["nonfinite=ignore"], "nonfinite"),
-    (["model.size=giant"], "model.size"),
+    (["model.size=gigantic"], "model.size"), (["ddp.bucket_cap_mb=0"], "ddp.bucket_cap_mb"),
     (["optim.lr=fast"], "optim.lr"),
 ])
 def test_config_errors_name_the_key(args, message, capsys):
@@ -404,6 +405,128 @@ def test_features_load_the_trainers_checkpoint(reference):
 
 
 # ----------------------------------------------------------------------------------------------------
+# the step on the device: no host sync, the guard decided there
+
+
+def tiny_parts(*extra: str):
+    from types import SimpleNamespace
+
+    from pipeline.masks import sample_masks
+    from train.step import build
+
+    cfg = load_config(TrainConfig, None, TINY + list(extra))
+    parts = build(cfg, dist.init("cpu"))
+    rng = np.random.default_rng(0)
+    batches = [SimpleNamespace(clips=torch.randn(2, 3, 4, 32, 32), masks=[
+        (torch.from_numpy(c), torch.from_numpy(t)) for c, t in sample_masks(rng, 2, cfg.model.grid, cfg.data.masks)])
+        for _ in range(3)]
+    return parts, batches
+
+
+def test_the_step_never_waits_for_the_device(monkeypatch):
+    """Nothing in train_step reads a tensor's value on the host (what would wait for a GPU): every way of doing so
+    fails here; the outcome is read afterwards, many steps in one transfer."""
+    from train.step import read_stats, train_step
+
+    parts, batches = tiny_parts()
+    assert parts.fused  # fused AdamW: it skips a non-finite step through its found-inf flag, on the device
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("the step read a tensor on the host")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
+            m.setattr(torch.Tensor, name, host_read)
+        results = [train_step(parts, b, i + 1, force_nan=i == 1) for i, b in enumerate(batches)]
+    rows = read_stats(results)
+    assert [bad for _, _, bad in rows] == [False, True, False]
+    assert np.isfinite(rows[0][0]) and np.isnan(rows[1][0]) and rows[2][1] > 0
+
+
+@pytest.mark.parametrize("mode", ["skip", "stop"])
+def test_a_nonfinite_step_changes_nothing_and_stop_halts_on_the_device(mode):
+    """Step 2 is NaN: its update is skipped (weights, AdamW moments and step counts, the target encoder all as after
+    step 1). With nonfinite=stop the device skips every later step too, so the weights stay as after step 1 until
+    the host reads the flag; with skip, step 3 trains."""
+    from train.step import train_step
+
+    parts, batches = tiny_parts(f"nonfinite={mode}")
+    train_step(parts, batches[0], 1)
+    after_1 = {k: v.clone() for k, v in parts.named_weights()}
+    moments = [s["exp_avg"].clone() for s in parts.optimizer.state.values()]
+    assert train_step(parts, batches[1], 2, force_nan=True).nonfinite
+    assert_same_weights(dict(parts.named_weights()), after_1)
+    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, parts.optimizer.state.values()))
+    assert {float(s["step"]) for s in parts.optimizer.state.values()} == {1.0}
+    out = train_step(parts, batches[2], 3)
+    assert not out.nonfinite  # step 3's own loss is finite
+    changed = [k for k, v in parts.named_weights() if not torch.equal(v, after_1[k])]
+    if mode == "stop":
+        assert changed == [] and float(parts.halted) == 1.0
+    else:
+        assert len(changed) == len(after_1) and {float(s["step"]) for s in parts.optimizer.state.values()} == {2.0}
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager():
+    """compile=true (torch.compile, token counts symbolic: the three batches' masks differ in size, one graph):
+    the losses, gradient norms and weights of three steps agree with eager mode. About 3 minutes on 2 cores, nearly
+    all of it inductor compiling C++ kernels."""
+    from train.step import read_stats, train_step
+
+    runs = []
+    for extra in ([], ["compile=true"]):
+        parts, batches = tiny_parts("deterministic=false", *extra)
+        stats = read_stats([train_step(parts, b, i + 1) for i, b in enumerate(batches)])
+        runs.append((stats, dict(parts.named_weights())))
+    (eager, w_eager), (compiled, w_compiled) = runs
+    assert [s[2] for s in compiled] == [False] * 3
+    np.testing.assert_allclose([s[:2] for s in compiled], [s[:2] for s in eager], rtol=1e-5)
+    for k in w_eager:
+        torch.testing.assert_close(w_compiled[k], w_eager[k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_resumed_optimizer_stays_fused():
+    """A checkpoint's optimizer groups carry their fused/foreach flags; loading one (e.g. from a foreach build)
+    must not turn off the fused kernels that skip non-finite steps on the device."""
+    from types import SimpleNamespace
+
+    parts, _ = tiny_parts()
+    foreach = torch.optim.AdamW(parts.model.param_groups(0.04), foreach=True)
+    state = {"encoder": parts.model.encoder.state_dict(), "predictor": parts.model.predictor.state_dict(),
+             "target_encoder": parts.model.target_encoder.state_dict(), "optimizer": foreach.state_dict(),
+             "loader": {}, "rng": {"torch": torch.get_rng_state()}, "step": 5, "skipped_steps": 0}
+    assert checkpoint.restore(parts, SimpleNamespace(load_state_dict=lambda s: None), state) == (5, 0)
+    assert all(g["fused"] and not g["foreach"] for g in parts.optimizer.param_groups)
+
+
+def test_checkpoints_are_written_in_the_background(tmp_path, monkeypatch):
+    """save() returns once the state is copied: training may change its tensors at once without changing what is
+    written; writes stay atomic and keep_last applies; a write's error comes back from the next wait()."""
+    from common.torch_file import CheckpointError
+
+    done = []
+    saver = checkpoint.BackgroundSaver(tmp_path, keep_last=2, on_done=lambda step, paused, s: done.append(step))
+    for step in (1, 2, 3):
+        w = torch.full((1000,), float(step))
+        saver.save(step, {"step": step, "w": w, "nested": [{"m": w}]})
+        w.add_(100.0)  # the next step's in-place update, while the write may still be going
+    saver.wait()
+    assert done == [1, 2, 3] and [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [3, 2]
+    state = checkpoint.load(checkpoint.path_for(tmp_path, 3))
+    assert torch.equal(state["w"], torch.full((1000,), 3.0)) and torch.equal(state["nested"][0]["m"], state["w"])
+
+    def full_disk(*args, **kwargs):
+        raise CheckpointError("no space left on device writing ckpt-00000004.pt")
+
+    monkeypatch.setattr(checkpoint, "save", full_disk)
+    saver.save(4, {"step": 4})
+    with pytest.raises(CheckpointError, match="no space left"):
+        saver.wait()
+    saver.wait()  # reported once
+
+
+# ----------------------------------------------------------------------------------------------------
 # non-finite guard
 
 
@@ -415,6 +538,11 @@ def test_nan_stop_names_the_step(small_shards, tmp_path, monkeypatch, capsys):
     assert main(overrides(small_shards, tmp_path / "b", "nonfinite=stop")) == 1
     assert "non-finite loss or gradient at step 3" in capsys.readouterr().err
     assert [s for s, _ in checkpoint.list_checkpoints(tmp_path / "b" / "checkpoints")] == [2]
+    # the host reads the guard every 5 steps: it still names step 3, and nothing after step 2 is saved or logged
+    with pytest.raises(NonFiniteError, match="at step 3"):
+        run(cfg_for(small_shards, tmp_path / "c", "nonfinite=stop", "log_every=5"))
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path / "c" / "checkpoints")] == [2]
+    assert [r[0] for r in losses(tmp_path / "c")] == [1, 2]
 
 
 @pytest.mark.slow
@@ -448,6 +576,32 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(reference, small_sh
     assert "(step 2)" in resumed.stdout and "done: step 6" in resumed.stdout
     assert losses(run_dir) == losses(reference)
     assert_same_weights(weights(run_dir), weights(reference))
+
+
+@pytest.mark.slow
+def test_sigterm_lets_the_checkpoint_in_flight_land(small_shards, tmp_path):
+    """SIGTERM (torchrun stopping workers, SLURM's time limit) while checkpoints are written every step in the
+    background: the process exits 143 after the write in flight has landed; no half-written file is left, the
+    newest checkpoint loads, and the run resumes from it."""
+    import time
+
+    run_dir = tmp_path / "run"
+    args = overrides(small_shards, run_dir, "schedule.total_steps=200", "checkpoint.every_steps=1",
+                     "checkpoint.keep_last=3", "optim.warmup_steps=5")
+    proc = subprocess.Popen(trainer_cmd() + args, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    folder = run_dir / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (folder.is_dir() and len(checkpoint.list_checkpoints(folder)) >= 3):
+        time.sleep(0.1)
+    proc.terminate()
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, out[-3000:]
+    assert not list(folder.glob(".ckpt-*.tmp")), sorted(p.name for p in folder.iterdir())
+    newest = checkpoint.list_checkpoints(folder)[0][0]
+    assert checkpoint.load_latest(folder)[1]["step"] == newest
+    resumed = run_cmd(trainer_cmd() + args + [f"schedule.stop_at={newest + 1}"], subprocess_env())
+    assert resumed.returncode == 0 and f"(step {newest})" in resumed.stdout, resumed.stdout[-2000:]
 
 
 @pytest.mark.slow
@@ -513,9 +667,11 @@ def test_loss_falls_on_a_small_labelled_set(small_shards, tmp_path):
 # benchmark
 
 
-def test_bench_flop_count_matches_torch_flop_counter():
+@pytest.mark.parametrize("shape", [[], ["model.size=giant", "model.width=88", "model.depth=2", "model.heads=4"]],
+                         ids=["tiny", "giant-mlp-ratio"])
+def test_bench_flop_count_matches_torch_flop_counter(shape):
     """The analytic model-FLOP count of benchmarks.bench_train equals torch's FlopCounterMode on a real step
-    (matmuls, convolutions and attention, forward and backward)."""
+    (matmuls, convolutions and attention, forward and backward), for MLP ratio 4 and ViT-g's 48/11."""
     from types import SimpleNamespace
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -525,7 +681,9 @@ def test_bench_flop_count_matches_torch_flop_counter():
     from pipeline.masks import sample_masks
     from train.step import build, train_step
 
-    cfg = load_config(TrainConfig, None, TINY + ["model.img_size=48", "data.crop_size=48", "model.patch_size=16"])
+    cfg = load_config(TrainConfig, None, TINY + ["model.img_size=48", "data.crop_size=48", "model.patch_size=16",
+                                                 *shape])
+    assert cfg.model.mlp_hidden == (384 if shape else 4 * 192)
     parts = build(cfg, dist.init("cpu"))
     masks = [(torch.from_numpy(c), torch.from_numpy(t))
              for c, t in sample_masks(np.random.default_rng(0), 3, cfg.model.grid, cfg.data.masks)]
@@ -542,11 +700,15 @@ def test_bench_train_runs(tmp_path):
     from benchmarks.bench_train import main as bench
 
     out = tmp_path / "bench.json"
-    assert bench(["size=tiny", "batch=2", "img=32", "frames=4", "steps=2", "warmup=1", f"out={out}",
+    assert bench(["sizes=[tiny,small]", "batch=2", "img=32", "frames=4", "steps=2", "warmup=1", "--json", str(out),
                   "train=[device=cpu,model.predictor_depth=2]"]) == 0
     result = json.loads(out.read_text())
-    assert result["steps"] == 2 and result["clips_per_second"] > 0 and 0 < result["mfu"] < 1
-    assert result["signals_seconds"] > 0 and 0 < result["signals_share_of_step"] < 1
+    assert result["machine"]["matmul_flops_per_second"] > 0
+    assert [r["size"] for r in result["rows"]] == ["tiny", "small"]
+    for r in result["rows"]:
+        assert r["steps"] == 2 and r["clips_per_second"] > 0 and 0 < r["mfu"] < 1 and r["optimizer"] == "fused"
+        assert r["signals_seconds"] > 0 and 0 < r["signals_share_of_step"] < 1 and r["first_step_seconds"] > 0
+    assert result["rows"][1]["params_encoder"] == 21_884_544  # ViT-small: the golden count
 
 
 def test_gradients_are_clipped_only_after_clip_start(monkeypatch):

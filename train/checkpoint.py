@@ -26,6 +26,8 @@ import os
 import re
 import signal
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
@@ -93,6 +95,81 @@ def save(folder: str | Path, step: int, state: Dict[str, Any], keep_last: int = 
     final = save_atomic(path_for(folder, step), state, kill_midway)
     _remove_stale(Path(folder), keep_last)
     return final
+
+
+class BackgroundSaver:
+    """Checkpoints written by a thread while training goes on (rank 0).
+
+    `save` copies the state to host memory, which is all the training loop waits for (a device-to-host copy into
+    pinned buffers kept from one checkpoint to the next; a copy in memory on the CPU), and returns; the thread
+    then writes it with `save` (atomic, then retention) and reports `on_done(step, paused_seconds, write_seconds)`. One write at
+    a time: a `save` while the previous write is still going waits for it. A write's error is raised by the next
+    `save` or by `wait`, which the trainer calls before it reports a run finished.
+    """
+
+    def __init__(self, folder: str | Path, keep_last: int, on_done=None):
+        self.folder, self.keep_last, self.on_done = Path(folder), keep_last, on_done
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self._pinned: Dict[str, torch.Tensor] = {}
+        self._devices: set = set()
+
+    def save(self, step: int, state: Dict[str, Any], kill_midway: bool = False) -> float:
+        """Start writing the checkpoint of `step`; returns the seconds training was paused (wait + copy)."""
+        t0 = time.perf_counter()
+        self.wait()
+        self._devices: set = set()
+        host = self._to_host(state, "")
+        for dev in self._devices:
+            torch.cuda.synchronize(dev)  # the non-blocking copies have landed
+        paused = time.perf_counter() - t0
+        self._thread = threading.Thread(target=self._write, args=(step, host, kill_midway, paused),
+                                        name=f"checkpoint-{step}", daemon=True)
+        self._thread.start()
+        return paused
+
+    def wait(self) -> None:
+        """Until the write in flight (if any) is on disk; raises its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """`wait`, logging a write's error instead of raising it (for exits on another error)."""
+        try:
+            self.wait()
+        except BaseException as e:
+            _log.error(f"checkpoint write failed: {e}")
+
+    def _write(self, step: int, state: Dict[str, Any], kill_midway: bool, paused: float) -> None:
+        t0 = time.perf_counter()
+        try:
+            save(self.folder, step, state, self.keep_last, kill_midway)
+        except BaseException as e:  # handed to the training thread by wait()
+            self._error = e
+            return
+        if self.on_done is not None:
+            self.on_done(step, paused, time.perf_counter() - t0)
+
+    def _to_host(self, obj: Any, key: str) -> Any:
+        """A copy of `obj` that training cannot change: tensors on the host, containers rebuilt."""
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach()
+            if t.device.type != "cuda":
+                return t.clone()
+            self._devices.add(t.device)
+            buf = self._pinned.get(key)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = self._pinned[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return buf.copy_(t, non_blocking=True)
+        if isinstance(obj, dict):
+            return {k: self._to_host(v, f"{key}/{k}") for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._to_host(v, f"{key}/{i}") for i, v in enumerate(obj))
+        return obj  # ints, floats, strings, None: immutable
 
 
 def _remove_stale(folder: Path, keep_last: int) -> None:
@@ -180,6 +257,8 @@ def restore(p: Parts, loader: VideoLoader, state: dict) -> Tuple[int, int]:
     p.model.predictor.load_state_dict(state["predictor"])
     p.model.target_encoder.load_state_dict(state["target_encoder"])
     p.optimizer.load_state_dict(state["optimizer"])
+    for group in p.optimizer.param_groups:  # the saved groups' fused/foreach flags would replace this build's
+        group.update({k: p.optimizer.defaults[k] for k in ("fused", "foreach")})
     loader.load_state_dict(state["loader"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and p.env.device.type == "cuda":

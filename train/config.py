@@ -90,6 +90,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class DDPConfig:
+    """DistributedDataParallel settings (world size > 1); BENCHMARKS.md "DDP settings" has the measurements."""
+
+    bucket_cap_mb: int = 25  # gradients are all-reduced in buckets of this size, overlapping the backward pass
+    gradient_as_bucket_view: bool = True  # gradients live in the buckets: no copy into them, one set less memory
+    # the set of used parameters never changes between steps (true of this model): lets DDP skip its per-step
+    # search and overlap better; false is always valid
+    static_graph: bool = True
+
+    def validate(self) -> None:
+        check(self.bucket_cap_mb >= 1, "bucket_cap_mb", "must be >= 1")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: LoaderConfig = field(default_factory=LoaderConfig)
@@ -97,6 +111,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     run_dir: str = "runs/train"  # config.yaml, losses.jsonl and checkpoints/; resumed from when present
     seed: int = 0  # model init (the data order, crops and masks follow data.seed)
     deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable runs and resumes
@@ -104,6 +119,9 @@ class TrainConfig:
     log_every: int = 10  # steps between log lines (losses.jsonl gets every step)
     amp: str = "auto"  # auto (bf16 autocast on GPU, off on CPU) | bf16 | off
     device: str = "auto"  # auto | cpu | cuda
+    # torch.compile the encoder + predictor (token counts as symbolic sizes) and the target encoder; the first
+    # steps take the compile time (logged)
+    compile: bool = False
     dist_timeout_s: int = 600  # collectives that wait longer fail (a dead or stuck peer)
 
     def validate(self) -> None:

@@ -131,7 +131,7 @@ class PrometheusMetrics:
             "tubelet_train_ema_momentum": "Target-encoder EMA momentum of the last step",
             "tubelet_train_grad_norm": "Gradient norm of the last finite step",
             "tubelet_train_checkpoint_step": "Step of the last checkpoint written or resumed from (0: none; rank 0)",
-            "tubelet_train_checkpoint_seconds": "Time to write the last checkpoint",
+            "tubelet_train_checkpoint_seconds": "Time to write the last checkpoint (in the background, while training went on)",
             "tubelet_train_checkpoint_timestamp_seconds": "Unix time the last checkpoint was written",
         })
         reg.register(self.last)

@@ -5,16 +5,17 @@ optimizer update. Research harnesses and benchmarks call these same two function
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model.vjepa import VJEPA, l1_loss
 from pipeline.clips import Batch
 from train import dist, schedules
-from train.config import TrainConfig
+from train.config import OptimConfig, TrainConfig
 from train.signals import SIGNAL_CLIPS, feature_signals
 
 
@@ -37,9 +38,14 @@ class Parts:
     cfg: TrainConfig
     env: dist.DistEnv
     model: VJEPA  # encoder, predictor, target encoder (unwrapped: checkpoints and EMA use these)
-    student: nn.Module  # Student, DDP-wrapped when world_size > 1
+    student: nn.Module  # Student, DDP-wrapped when world_size > 1, compiled with compile=true
+    target_features: Callable[[torch.Tensor], torch.Tensor]  # model.target_features, compiled with compile=true
     optimizer: torch.optim.Optimizer
     amp: bool  # bf16 autocast
+    fused: bool  # fused AdamW, which honours a found-inf flag on the device (else foreach, and a host sync per step)
+    # nonfinite=stop: 1 on the device from the first non-finite step on; every later update is skipped, so the
+    # weights stay as before that step until the host reads the flag (every log_every steps) and stops
+    halted: torch.Tensor
 
     def named_weights(self) -> Iterator[Tuple[str, torch.Tensor]]:
         """Every parameter of the three networks, named: what must be identical on every rank."""
@@ -50,13 +56,35 @@ class Parts:
 
 @dataclass
 class StepResult:
-    loss: float  # mean over ranks
-    grad_norm: float  # encoder and predictor together, before clipping
+    """One step's outcome. The loss, norm and skip flag stay on the device (`stats`) until they are read: reading
+    them (the properties, or `read_stats` for many steps at once) waits for the device to finish the step."""
+
+    stats: torch.Tensor  # [3] float32: loss (mean over ranks), grad norm (before clipping), 1 = update skipped
     lr: float
     weight_decay: float
     ema: float
-    nonfinite: bool  # the update was not applied
     signals: Optional[Dict[str, float]] = None  # collapse signals (train.signals), "target_*" and "pred_*"
+
+    @property
+    def loss(self) -> float:
+        return float(self.stats[0])
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.stats[1])
+
+    @property
+    def nonfinite(self) -> bool:
+        """The loss or a gradient was non-finite on some rank at this step, and its update was skipped."""
+        return bool(self.stats[2] > 0)
+
+
+def read_stats(results: Sequence[StepResult]) -> List[Tuple[float, float, bool]]:
+    """(loss, grad norm, nonfinite) of each step, read from the device in one transfer (one host sync)."""
+    if not results:
+        return []
+    rows = torch.stack([r.stats for r in results]).tolist()
+    return [(loss, norm, bad > 0) for loss, norm, bad in rows]
 
 
 def grad_norm_(params: List[nn.Parameter], clip: float) -> torch.Tensor:
@@ -69,9 +97,12 @@ def grad_norm_(params: List[nn.Parameter], clip: float) -> torch.Tensor:
 
 
 def train_step(p: Parts, batch: Batch, step: int, force_nan: bool = False, signals: bool = False) -> StepResult:
-    """One optimizer update (step counted from 1). Applies nothing when the loss or gradients are non-finite
-    on any rank; the caller decides to stop or skip. With `signals`, also the collapse signals of this step's
-    target features and predictions, on the batch's first few clips."""
+    """One optimizer update (step counted from 1), queued on the device without waiting for it (no host sync,
+    except for the collapse signals with `signals` and on the foreach-AdamW fallback). When the loss or a gradient
+    is non-finite on any rank, nothing is applied: the optimizer skips through its found-inf flag and the EMA
+    weight becomes 0, decided on the device; with nonfinite=stop every later step is skipped too (`Parts.halted`).
+    The caller reads the outcome later and decides to stop or go on. With `signals`, also the collapse signals of
+    this step's target features and predictions, on the batch's first few clips."""
     o, horizon = p.cfg.optim, p.cfg.schedule.horizon
     lr = schedules.lr(step, peak=o.lr, start=o.start_lr, final=o.final_lr, warmup=o.warmup_steps, horizon=horizon)
     wd = schedules.weight_decay(step, start=o.weight_decay, final=o.final_weight_decay, horizon=horizon)
@@ -86,7 +117,7 @@ def train_step(p: Parts, batch: Batch, step: int, force_nan: bool = False, signa
     clips = clips if p.amp else clips.float()
     masks = [(c.to(dev, non_blocking=True), t.to(dev, non_blocking=True)) for c, t in batch.masks]
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=p.amp):
-        features = p.model.target_features(clips)  # [B, N, D], no grad
+        features = p.target_features(clips)  # [B, N, D], no grad
         targets = p.model.gather_targets(features, masks)  # [B, Nt, D] per mask type
         preds = p.student(clips, masks)  # [B, Nt, D] per mask type; DDP all-reduces grads in backward
         loss = l1_loss(preds, targets)
@@ -98,19 +129,25 @@ def train_step(p: Parts, batch: Batch, step: int, force_nan: bool = False, signa
     clip = o.clip_grad if step > o.clip_start else 0.0  # the reference clips only after its warm-up epochs
     norm = torch.hypot(grad_norm_(list(p.model.encoder.parameters()), clip),
                        grad_norm_(list(p.model.predictor.parameters()), clip))
-    # The one sync point of the step (.item()): every rank must agree on the NaN guard before the optimizer
-    # touches the weights. Gradients are identical on all ranks after DDP; losses are summed for the log.
+    # Every rank must agree on the guard before the weights change: gradients are identical on all ranks after
+    # DDP, and the flag is summed across ranks (with the losses, for the log), on the device.
     loss32 = loss.detach().float()
     bad = (~torch.isfinite(loss32) | ~torch.isfinite(norm)).float()
-    loss_sum, n_bad = dist.all_reduce(torch.stack([loss32, bad]), "sum").tolist()
-    result = StepResult(loss_sum / p.env.world_size, float(norm), lr, wd, ema, nonfinite=n_bad > 0)
+    loss_sum, n_bad = dist.all_reduce(torch.stack([loss32, bad]), "sum").unbind()
+    bad = (n_bad > 0).float()
+    skip = bad
+    if p.cfg.nonfinite == "stop":
+        skip = torch.maximum(bad, p.halted)
+        p.halted.copy_(skip)
+    result = StepResult(torch.stack([loss_sum / p.env.world_size, norm.float(), bad]), lr, wd, ema)
     if signals:
         result.signals = step_signals(features, preds[0], masks[0][1], features.size(1))
-    if result.nonfinite:
-        p.optimizer.zero_grad(set_to_none=True)
-        return result
-    p.optimizer.step()
-    p.model.ema_update(ema)  # from identical weights on every rank: the target encoders stay identical
+    if p.fused:
+        p.optimizer.found_inf = skip  # the fused kernels leave weights, moments and step counts as they are
+        p.optimizer.step()
+    elif not skip.item():  # foreach AdamW cannot skip on the device: one host sync
+        p.optimizer.step()
+    p.model.ema_update(ema, skip=skip)  # from identical weights on every rank: the target encoders stay identical
     return result
 
 
@@ -129,15 +166,44 @@ def resolve_amp(amp: str, device: torch.device) -> bool:
     return amp == "bf16" or (amp == "auto" and device.type == "cuda")
 
 
+def make_optimizer(model: VJEPA, o: OptimConfig) -> Tuple[torch.optim.Optimizer, bool]:
+    """AdamW over the model's parameter groups: fused (one kernel over all tensors) where the device has it, else
+    foreach. Returns (optimizer, fused)."""
+    kw = dict(lr=o.start_lr, betas=tuple(o.betas), eps=o.eps)
+    try:
+        return torch.optim.AdamW(model.param_groups(o.weight_decay), fused=True, **kw), True
+    except RuntimeError:  # "fused=True requires ... supported devices"
+        return torch.optim.AdamW(model.param_groups(o.weight_decay), foreach=True, **kw), False
+
+
+def attention_backend(cfg: TrainConfig, device: torch.device, amp: bool) -> str:
+    """The scaled-dot-product-attention kernel torch picks for the encoder's attention (flash, efficient, cudnn or
+    math), asked of its dispatcher with the encoder's head size and the step's dtype."""
+    width, _, heads = cfg.model.encoder_shape
+    dtype = torch.bfloat16 if amp else torch.float32
+    q = torch.zeros(1, heads, 16, width // heads, device=device, dtype=dtype)
+    try:
+        return SDPBackend(torch._fused_sdp_choice(q, q, q)).name.lower()
+    except Exception:  # a private dispatcher query: say so rather than fail the run
+        return "unknown"
+
+
 def build(cfg: TrainConfig, env: dist.DistEnv) -> Parts:
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights (checked after resume)
     model = VJEPA.from_config(cfg.model).to(env.device)
     student: nn.Module = Student(model)
     if env.world_size > 1:
+        d = cfg.ddp
         # the only buffers are the fixed pos_embed tables: nothing to sync before each forward
         student = DDP(student, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                      forward_sync_buffers=False)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(model.param_groups(o.weight_decay), lr=o.start_lr, betas=tuple(o.betas),
-                                  eps=o.eps)
-    return Parts(cfg, env, model, student, optimizer, resolve_amp(cfg.amp, env.device))
+                      forward_sync_buffers=False, bucket_cap_mb=d.bucket_cap_mb,
+                      gradient_as_bucket_view=d.gradient_as_bucket_view, static_graph=d.static_graph)
+    target_features = model.target_features
+    if cfg.compile:
+        # the context and target token counts change from batch to batch: one graph with symbolic sizes; the
+        # target encoder always sees every token
+        student = torch.compile(student, dynamic=True)
+        target_features = torch.compile(model.target_features, dynamic=False)
+    optimizer, fused = make_optimizer(model, cfg.optim)
+    return Parts(cfg, env, model, student, target_features, optimizer, resolve_amp(cfg.amp, env.device), fused,
+                 halted=torch.zeros((), device=env.device))

@@ -22,8 +22,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -43,7 +46,7 @@ from train.metrics import StepStats, build_metrics
 from train.plots import plot_losses
 from train.runlog import RunLog, trim_losses
 from train.signals import CollapseWatch
-from train.step import build, train_step
+from train.step import StepResult, attention_backend, build, read_stats, train_step
 
 
 log = logging.getLogger(__name__)
@@ -77,16 +80,73 @@ def claim_run_dir(run_dir: Path, ckpt_dir: Path) -> int:
     return fd
 
 
+@dataclass
+class Ran:
+    """A step queued on the device, with what the host measured of it (host time: on a GPU it follows the device
+    within a step, as the host waits for the device's queue to have room)."""
+
+    step: int
+    out: StepResult
+    step_s: float
+    data_s: float
+    clips: int
+    epoch: int
+
+
+def report(pending: List[Ran], cfg: TrainConfig, metrics, runlog: RunLog, watch: CollapseWatch,
+           losses: List[float]) -> int:
+    """Read the pending steps' outcomes from the device (one sync) and report them in order: metrics, losses.jsonl,
+    the log. Returns how many were skipped. With nonfinite=stop, raises NonFiniteError at the first non-finite
+    step, after reporting the steps before it (the device skipped it and every step after it)."""
+    skipped = 0
+    for ran, (loss, norm, bad) in zip(pending, read_stats([r.out for r in pending])):
+        out = ran.out
+        if bad:
+            metrics.nonfinite(ran.step, cfg.nonfinite)
+            if cfg.nonfinite == "stop":
+                raise NonFiniteError(f"non-finite loss or gradient at step {ran.step} (loss {loss}, grad norm "
+                                     f"{norm}); weights left as after step {ran.step - 1}. Set nonfinite=skip to "
+                                     "skip such steps.")
+            if dist.rank() == 0:
+                log.warning(f"non-finite loss or gradient at step {ran.step}: update skipped")
+            skipped += 1
+        metrics.step(StepStats(ran.step, ran.step_s, ran.data_s, ran.clips, loss, out.lr, out.weight_decay, out.ema,
+                               norm, skipped=bad))
+        if out.signals:
+            metrics.signals(out.signals)
+            watch.update(ran.step, out.signals)
+        runlog.step({"step": ran.step, "loss": loss, "lr": out.lr, "weight_decay": out.weight_decay, "ema": out.ema,
+                     "grad_norm": norm, "step_s": ran.step_s, "data_s": ran.data_s, "clips": ran.clips,
+                     "epoch": ran.epoch, "skipped": bad, **(out.signals or {})})
+        losses.append(loss)
+    pending.clear()
+    return skipped
+
+
+def exit_on_sigterm(stack: contextlib.ExitStack) -> None:
+    """SIGTERM (torchrun stopping the workers after a peer died, SLURM at the time limit, preemption) raises
+    SystemExit, so the run's `finally` lets a checkpoint write in flight land instead of dying halfway through it.
+    Restored when `stack` closes."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, terminate))
+
+
 def run(cfg: TrainConfig) -> Dict:
     """Train (or continue training) to the last step. Returns a summary (step, losses of this invocation)."""
     faults = Faults.from_env()
     env = dist.init(cfg.device, cfg.dist_timeout_s)
     logs.console(env.rank)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
-    metrics, loader, runlog = None, None, None
+    metrics, loader, runlog, saver = None, None, None, None
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / cfg.checkpoint.dir
-    cleanup = contextlib.ExitStack()  # the run_dir lock (rank 0) and the log file, released last
+    cleanup = contextlib.ExitStack()  # the run_dir lock (rank 0), the log file, the SIGTERM handler: released last
+    exit_on_sigterm(cleanup)
     try:
         lock = dist.on_rank0(lambda: claim_run_dir(run_dir, ckpt_dir))
         if lock is not None:
@@ -111,7 +171,10 @@ def run(cfg: TrainConfig) -> Dict:
         last = cfg.schedule.last_step
         metrics.started(step, step, cfg.dist_timeout_s)  # resumed from the checkpoint of `step` (0: none)
         log.info(f"training {cfg.model.size} on {env.world_size} x {env.device.type} "
-                 f"({'bf16 autocast' if p.amp else 'fp32'}), {loader.steps_per_epoch} steps/epoch, "
+                 f"({'bf16 autocast' if p.amp else 'fp32'}, attention {attention_backend(cfg, env.device, p.amp)}, "
+                 f"{'fused' if p.fused else 'foreach'} AdamW{', compiled' if cfg.compile else ''}"
+                 f"{', activation checkpointing' if cfg.model.activation_checkpointing else ''}), "
+                 f"{loader.steps_per_epoch} steps/epoch, "
                  f"steps {step + 1}..{last} of {cfg.schedule.total_steps}; run_dir {run_dir}"
                  + (f"; {n} tensors identical on all ranks" if env.distributed else "")
                  + (f"; metrics on {metrics.url}" if metrics.url else ""))
@@ -120,6 +183,14 @@ def run(cfg: TrainConfig) -> Dict:
         losses: List[float] = []
 
         watch = CollapseWatch(enabled=env.is_main)
+
+        def saved(at: int, paused: float, write_s: float) -> None:  # from the writing thread
+            metrics.checkpoint(at, write_s)
+            log.info(f"checkpoint {at}: training paused {paused:.2f} s to copy it, written in {write_s:.1f} s "
+                     "while training went on")
+
+        saver = checkpoint.BackgroundSaver(ckpt_dir, cfg.checkpoint.keep_last, saved)
+        pending: List[Ran] = []  # steps queued on the device whose outcome the host has not read yet
         it = iter(loader)
         while step < last:
             t0 = time.perf_counter()
@@ -130,34 +201,19 @@ def run(cfg: TrainConfig) -> Dict:
             logged = (step + 1) % cfg.log_every == 0 or step + 1 == last  # the steps that get collapse signals
             out = train_step(p, batch, step + 1, faults.nan_at(env.rank, step + 1), signals=logged)
             step += 1
-            if out.nonfinite:
-                metrics.nonfinite(step, cfg.nonfinite)
-                if cfg.nonfinite == "stop":
-                    raise NonFiniteError(f"non-finite loss or gradient at step {step} (loss {out.loss}, grad "
-                                         f"norm {out.grad_norm}); weights left as after step {step - 1}. "
-                                         "Set nonfinite=skip to skip such steps.")
-                if env.is_main:
-                    log.warning(f"non-finite loss or gradient at step {step}: update skipped")
-                skipped += 1
-            dt = time.perf_counter() - t0
-            clips = int(batch.clips.size(0))
-            metrics.step(StepStats(step, dt, wait, clips, out.loss, out.lr, out.weight_decay, out.ema,
-                                   out.grad_norm, skipped=out.nonfinite))
-            if out.signals:
-                metrics.signals(out.signals)
-                watch.update(step, out.signals)
-            runlog.step({"step": step, "loss": out.loss, "lr": out.lr, "weight_decay": out.weight_decay,
-                         "ema": out.ema, "grad_norm": out.grad_norm, "step_s": dt, "data_s": wait, "clips": clips,
-                         "epoch": batch.epoch, "skipped": out.nonfinite, **(out.signals or {})})
-            losses.append(out.loss)
-            if step % cfg.checkpoint.every_steps == 0 or step == last:
+            if step == first + 1 and cfg.compile:
+                log.info(f"first step {time.perf_counter() - t0:.1f} s, torch.compile included")
+            pending.append(Ran(step, out, time.perf_counter() - t0, wait, int(batch.clips.size(0)), batch.epoch))
+            saving = step % cfg.checkpoint.every_steps == 0 or step == last
+            if logged or saving:  # read the steps' outcomes: the one wait for the device in log_every steps
+                skipped += report(pending, cfg, metrics, runlog, watch, losses)
+            if saving:  # every step before it has been checked: a checkpoint never holds a non-finite update
                 if step == last:  # diverged ranks must not be saved as a finished run
                     dist.assert_same_across_ranks(p.named_weights())
                 if env.is_main:
-                    t_ck = time.perf_counter()
-                    checkpoint.save(ckpt_dir, step, checkpoint.checkpoint_state(p, loader, step, skipped, config),
-                                    cfg.checkpoint.keep_last, kill_midway=faults.kill_in_ckpt == step)
-                    metrics.checkpoint(step, time.perf_counter() - t_ck)
+                    saver.save(step, checkpoint.checkpoint_state(p, loader, step, skipped, config),
+                               kill_midway=faults.kill_in_ckpt == step)
+        saver.wait()  # the last checkpoint is on disk
 
         dist.barrier()  # no rank reports success before the final checkpoint exists
         seconds = time.perf_counter() - t_start
@@ -169,6 +225,8 @@ def run(cfg: TrainConfig) -> Dict:
         return {"step": step, "first_step": first, "skipped_steps": skipped, "losses": losses,
                 "seconds": seconds, "run_dir": str(run_dir)}
     finally:
+        if saver is not None:
+            saver.close()  # a write in flight lands (and is reported) even when the run stops with an error
         if runlog is not None:
             runlog.close()
         if loader is not None:
