@@ -10,11 +10,11 @@ DALI ?= nvidia-dali-cuda130
 STAMP := $(VENV)/.tubelet-setup
 ARGS ?=
 
-.PHONY: setup ffmpeg-tool prometheus-tool sample shards sample-shards train probe proof test test-fast bench-shards bench-loader \
+.PHONY: setup ffmpeg-tool prometheus-tool sample shards sample-shards train probe proof test test-fast bench-shards bench-loader bench-gpu \
 	bench-train monitor demo clean help
 
 help:
-	@echo "make setup | demo | test | test-fast | sample | shards | train | probe | proof | monitor | bench-shards | bench-loader | bench-train   (ARGS='key=value ...'; ARGS=--help lists the keys)"
+	@echo "make setup | demo | test | test-fast | sample | shards | train | probe | proof | monitor | bench-shards | bench-loader | bench-train | bench-gpu   (ARGS='key=value ...'; ARGS=--help lists the keys)"
 
 setup: $(STAMP)
 
@@ -61,7 +61,7 @@ probe: setup
 proof: setup
 	$(PY) -m research.learning_proof $(ARGS)
 
-# Everything (CPU; real DALI, video, multi-process DDP and Prometheus): about 4 minutes on 2 cores.
+# Everything (CPU; real DALI, video, multi-process DDP and Prometheus): about 9 minutes on 2 cores (GPU checks: pytest -m gpu on a GPU host).
 test: setup prometheus-tool
 	$(PY) -m pytest -q $(ARGS)
 
@@ -77,6 +77,11 @@ bench-train: setup
 
 bench-loader: setup
 	$(PY) -m benchmarks.bench_loader $(ARGS)
+
+# One GPU: the decode paths and the best loader feeding a ViT-L/16 step, under 8 minutes (a GPU host without a
+# package index: PYTHONPATH=... python -m benchmarks.bench_gpu out=DIR). ARGS=smoke=true runs it on the CPU.
+bench-gpu: setup
+	$(PY) -m benchmarks.bench_gpu $(ARGS)
 
 # Prometheus on 127.0.0.1:9090 scraping local training (ranks on 127.0.0.1:19400..19407) and sharding
 # (127.0.0.1:19390), with Alertmanager on 127.0.0.1:9093; data in runs/prometheus and runs/alertmanager.

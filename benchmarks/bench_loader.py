@@ -1,11 +1,23 @@
-"""`make bench-loader`: clips/s of the DALI loader and of the PyAV reference loader, same shards, same workers.
+"""`make bench-loader`: what the shard format and the loader cost per clip, today's format against one stored at
+the clips' sampling rate, and the DALI loader against the PyAV reference, all in one run.
 
-    python -m benchmarks.bench_loader [data.root=data/shards/sample] [batches=12] [workers=N] [out=FILE]
-                                      [data.<loader key>=value ...]
+    python -m benchmarks.bench_loader [videos=8] [seconds=8] [size=480x270] [fps=30] [batches=8] [workers=N]
+                                      [data.<loader key>=value ...] [--json FILE]
 
-Both loaders produce the same batches (same sampling records, masks included). The DALI loader gets
-`workers` decode threads; the reference gets `workers` DataLoader processes. On a GPU host the DALI loader
-decodes with NVDEC (device='mixed') and the table says so. Numbers are clips/s after one warm-up batch.
+1. Inputs: `videos` H.264 files of `seconds` s at `size` and `fps` with moving textured content
+   (`benchmarks.bench_shards.write_input`), written once into `cache`.
+2. Two shard sets of them, made once with `make shards`' own code (VP9, short side 256, a keyframe every 16
+   stored frames): "today" (every frame, sides even: the format before frame_step and align) and "stepped"
+   (transcode.frame_step = data.frame_stride, sides multiples of 16). Per set: bytes per video-second and the
+   transcode's CPU seconds per video-second (the format's costs), the start-time granularity (its gain's price).
+3. Loaders on the method's clips (data: 16x224x224, stride 4, batch 8), clips/s after one warm-up batch, and
+   decoded frames per clip: today's format + DALI; the stepped set + DALI, with random starts and with starts on
+   keyframes (data.align_starts); the PyAV reference (DataLoader processes, seeking to the keyframe before each
+   clip) on the stepped set. DALI's decoded frames are counted from the records and the keyframe interval (its
+   decoder seeks to the keyframe at or before a clip's first frame); the reference counts what it decodes.
+   DALI gets `workers` threads, the reference `workers` processes.
+4. Prints a markdown table and the two ratios the format and the loader are judged by; `--json FILE` writes
+   `{"rows": [{name, clips_per_s, decoded_frames_per_clip, ...}], ...}`.
 """
 
 from __future__ import annotations
@@ -13,75 +25,162 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from benchmarks.bench_shards import make_inputs
 from common.cli import main_for
-from common.config import check
+from common.config import check, load_config
 from common.device import resolve_device
 from pipeline.config import LoaderConfig
 from pipeline.loader import VideoLoader
 from pipeline.reference import ReferenceLoader
-
-
-def timed(batches, n: int) -> tuple[float, int]:
-    it = iter(batches)
-    next(it)  # warm-up: pipeline build, worker start, first decode
-    clips, t0 = 0, time.perf_counter()
-    for _ in range(n):
-        b = next(it)
-        clips += b.clips.shape[0]
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return clips / (time.perf_counter() - t0), clips
+from pipeline.sampling import decoded_frames
+from shards.build import run as make_shards
+from shards.config import ShardsConfig
+from shards.manifest import read_manifest
 
 
 @dataclass
 class BenchLoaderConfig:
-    data: LoaderConfig = field(default_factory=LoaderConfig)  # the loader (data.root: the shard set to read)
-    batches: int = 12  # batches timed, after one warm-up batch
+    data: LoaderConfig = field(default_factory=LoaderConfig)  # the clips (data.root is set to each shard set)
+    videos: int = 8  # generated inputs
+    seconds: float = 8.0
+    size: str = "480x270"
+    fps: int = 30
+    cache: str = "data/bench/loader"  # inputs and shard sets, made once
+    batches: int = 8  # batches timed per row, after one warm-up batch
     workers: int = 0  # DALI threads and reference DataLoader processes; 0 = the cores this process may use
-    skip_reference: bool = False  # GPU hosts: time only the DALI loader
-    out: str = ""  # also write the results as JSON here
+    reference: bool = True  # also time the PyAV reference loader
+    json: str = ""  # also write the rows as JSON here (`--json FILE` works too)
 
     def validate(self) -> None:
+        check(self.videos >= 1 and self.seconds > 0 and self.fps >= 1, "videos", "videos, seconds, fps must be > 0")
+        check("x" in self.size and all(p.isdigit() for p in self.size.split("x")), "size", "must be WxH, e.g. 480x270")
         check(self.batches >= 1, "batches", "must be >= 1")
         check(self.workers >= 0, "workers", "must be >= 0")
 
 
-def bench(args: BenchLoaderConfig) -> None:
-    workers = args.workers or len(os.sched_getaffinity(0))
-    cfg = replace(args.data, threads=workers)
-    grid = (cfg.num_frames // 2, cfg.crop_size // 16, cfg.crop_size // 16)
-    device = resolve_device(cfg.device).type
-    dali_rate, n = timed(VideoLoader(cfg, grid=grid), args.batches)
-    rows = [("DALI loader", f"decoders.video {'mixed (NVDEC)' if device == 'cuda' else 'cpu'}, {workers} threads",
-             dali_rate)]
-    ref_rate = None
-    if not args.skip_reference:
-        ref = ReferenceLoader(cfg, grid=grid, workers=workers).batches(args.batches + 1)
-        ref_rate, _ = timed(ref, args.batches)
-        rows.append(("reference loader", f"PyAV + torch, DataLoader {workers} workers", ref_rate))
+def shard_set(args: BenchLoaderConfig, name: str, inputs: Path, *overrides: str) -> Dict:
+    """The shard set `name` of the inputs (made unless already complete); its format's costs."""
+    out = Path(args.cache) / f"{inputs.name}-{name}"
+    if not (out / "manifest.parquet").exists():
+        cfg = load_config(ShardsConfig, None, [f"inputs.train={inputs}", f"output={out}", "progress=false",
+                                               "transcode.keyframe_interval=16", *overrides])
+        t0 = time.process_time()
+        summary = make_shards(cfg)
+        (out / "bench.json").write_text(json.dumps({"worker_cpu_seconds": summary["worker_cpu_seconds"],
+                                                    "main_cpu_seconds": time.process_time() - t0}))
+    m = read_manifest(str(out))
+    seconds = sum(m.samples.column("duration").to_pylist())
+    fps = m.samples.column("fps").to_pylist()
+    cost = json.loads((out / "bench.json").read_text())
+    t = m.transcode
+    return {"root": str(out), "bytes_per_video_second": m.meta["summary"]["bytes"] / seconds,
+            "transcode_cpu_per_video_second": cost["worker_cpu_seconds"] / seconds,
+            "start_step_seconds": 1 / min(fps), "keyframe_seconds": t["keyframe_interval"] / min(fps),
+            "size": f"{m.samples.column('width')[0]}x{m.samples.column('height')[0]}",
+            "frame_step": t.get("frame_step", 1)}
 
-    clip = f"{cfg.num_frames}x{cfg.crop_size}x{cfg.crop_size}, stride {cfg.frame_stride}, batch {cfg.batch_size}"
-    print(f"\nloader throughput on {cfg.root} ({clip}, {n} clips timed), "
-          f"{platform.node()} {os.cpu_count()} cores, device {device}\n")
-    print("| loader | path | clips/s |\n|---|---|---|")
-    for name, path, rate in rows:
-        print(f"| {name} | {path} | {rate:.1f} |")
-    if ref_rate:
-        print(f"\nDALI / reference: {dali_rate / ref_rate:.2f}x")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"root": cfg.root, "clip": clip, "workers": workers, "device": device,
-                       "dali_clips_per_s": dali_rate, "reference_clips_per_s": ref_rate}, f, indent=2)
+
+def time_loader(batches, n: int, decoded) -> Dict:
+    """clips/s over `n` batches after one warm-up batch; `decoded(batch)` -> frames decoded for it."""
+    it = iter(batches)
+    next(it)
+    clips = frames = 0
+    t0 = time.perf_counter()
+    for _ in range(n):
+        b = next(it)
+        clips += b.clips.shape[0]
+        frames += decoded(b)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return {"clips_per_s": clips / (time.perf_counter() - t0), "decoded_frames_per_clip": frames / clips,
+            "clips": clips}
+
+
+def dali_row(name: str, cfg: LoaderConfig, n: int) -> Dict:
+    loader = VideoLoader(cfg)
+    idx, stride = loader.index, loader.stride
+
+    def decoded(b) -> int:
+        return sum(decoded_frames(rec.start, int(idx.nframes[row]), cfg.num_frames, stride, idx.keyframe_interval)
+                   for rec, row in zip(b.records, b.rows))
+
+    try:
+        return {"name": name, "loader": f"DALI decoders.video {'mixed' if loader.device.type == 'cuda' else 'cpu'}, "
+                                        f"{loader.threads} threads", **time_loader(loader, n, decoded)}
+    finally:
+        loader.close()
+
+
+def reference_row(name: str, cfg: LoaderConfig, n: int, workers: int) -> Dict:
+    ref = ReferenceLoader(cfg, workers=workers)
+    seen = {"frames": 0}
+
+    def decoded(b) -> int:  # the reference counts what its workers decoded, batch by batch
+        frames, seen["frames"] = ref.decoded_frames - seen["frames"], ref.decoded_frames
+        return frames
+
+    return {"name": name, "loader": f"PyAV + torch, DataLoader {workers} processes",
+            **time_loader(ref.batches(n + 1), n, decoded)}
+
+
+def bench(args: BenchLoaderConfig) -> List[Dict]:
+    workers = args.workers or len(os.sched_getaffinity(0))
+    w, h = (int(p) for p in args.size.split("x"))
+    paths = make_inputs(Path(args.cache), args.videos, args.seconds, w, h, args.fps)
+    inputs = paths[0].parent
+    step = args.data.frame_stride
+    print(f"shard sets of {args.videos} x {args.seconds:g} s {args.size} {args.fps} fps in {args.cache}",
+          file=sys.stderr)
+    sets = {"today": shard_set(args, "today", inputs, "transcode.align=2"),
+            "stepped": shard_set(args, f"step{step}", inputs, f"transcode.frame_step={step}", "transcode.align=16")}
+    base = replace(args.data, threads=workers)
+    today, stepped = replace(base, root=sets["today"]["root"]), replace(base, root=sets["stepped"]["root"])
+    rows = [dali_row("today's format, DALI", today, args.batches),
+            dali_row(f"stored every {step}th frame, DALI", stepped, args.batches),
+            dali_row(f"stored every {step}th frame, DALI, starts on keyframes", replace(stepped, align_starts=True),
+                     args.batches)]
+    if args.reference:
+        rows.append(reference_row(f"stored every {step}th frame, PyAV reference", stepped, args.batches, workers))
+    for r, s in zip(rows, ["today", "stepped", "stepped", "stepped"]):
+        r["set"] = s
+
+    c = args.data
+    device = resolve_device(c.device).type
+    print(f"\nloaders on {c.num_frames}x{c.crop_size}x{c.crop_size} clips, stride {c.frame_stride}, batch "
+          f"{c.batch_size}, {c.dtype}; {platform.node()}, {len(os.sched_getaffinity(0))} cores, device {device}, "
+          f"torch {torch.__version__}\n")
+    print("| set | stored size | bytes per video-second | transcode CPU s per video-second | start step | keyframes |")
+    print("|---|---|---|---|---|---|")
+    for name, s in sets.items():
+        print(f"| {name} (frame_step {s['frame_step']}) | {s['size']} | {s['bytes_per_video_second'] / 1e3:.0f} kB | "
+              f"{s['transcode_cpu_per_video_second']:.2f} | {1000 * s['start_step_seconds']:.0f} ms | every "
+              f"{1000 * s['keyframe_seconds']:.0f} ms |")
+    print("\n| loader | path | clips/s | decoded frames per clip |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['loader']} | {r['clips_per_s']:.1f} | {r['decoded_frames_per_clip']:.1f} |")
+    print(f"\nstepped / today (DALI): {rows[1]['clips_per_s'] / rows[0]['clips_per_s']:.2f}x")
+    if args.reference:
+        print(f"DALI / reference (stepped set): {rows[1]['clips_per_s'] / rows[3]['clips_per_s']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"clip": [c.num_frames, c.crop_size, c.crop_size], "stride": c.frame_stride,
+                       "batch": c.batch_size, "workers": workers, "device": device, "sets": sets, "rows": rows}, f,
+                      indent=2)
+        print(f"wrote {args.json}")
+    return rows
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return main_for(BenchLoaderConfig, bench, argv, prog="python -m benchmarks.bench_loader", doc=__doc__)
+    return main_for(BenchLoaderConfig, bench, argv, prog="python -m benchmarks.bench_loader",
+                    doc=__doc__, flags={"--json": "json"})
 
 
 if __name__ == "__main__":

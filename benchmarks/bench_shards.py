@@ -130,7 +130,7 @@ def tubelet_once(path: Path, cfg: TranscodeConfig) -> dict:
 
 def ffmpeg_args(src: Path, dst: Path, cfg: TranscodeConfig, w: int, h: int) -> list:
     """The transcode of shards.transcode with the ffmpeg CLI: same encoder settings, one thread each."""
-    ow, oh = tc._output_size(w, h, cfg.short_side)
+    ow, oh = tc._output_size(w, h, cfg.short_side, cfg.align)
     args = ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-y", "-threads", "1", "-i", str(src),
             "-an", "-sn", "-dn", "-filter_threads", "1", "-vf", f"scale={ow}:{oh}:flags=bicubic",
             "-pix_fmt", "yuv420p", "-g", str(cfg.keyframe_interval), "-threads", "1"]

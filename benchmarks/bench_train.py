@@ -28,7 +28,6 @@ import gc
 import json
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -366,10 +365,8 @@ def signals_seconds(parts, batch, device: torch.device, reps: int = 5) -> float:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args, it = [], iter(sys.argv[1:] if argv is None else argv)
-    for a in it:  # `--json FILE` and `--json=FILE` are the key json
-        args.append(f"json={next(it, '')}" if a == "--json" else "json=" + a[7:] if a.startswith("--json=") else a)
-    return main_for(BenchTrainConfig, bench, args, prog="python -m benchmarks.bench_train", doc=__doc__)
+    return main_for(BenchTrainConfig, bench, argv, prog="python -m benchmarks.bench_train",
+                    doc=__doc__, flags={"--json": "json"})
 
 
 if __name__ == "__main__":

@@ -29,11 +29,17 @@ from common.config import ConfigError, load_config, merged, to_yaml
 
 
 def main_for(schema: Type, run: Callable[[Any], Any], argv: Optional[Sequence[str]] = None, *, prog: str,
-             doc: str = "", errors: Mapping[Type[BaseException], int] = ()) -> int:
+             doc: str = "", errors: Mapping[Type[BaseException], int] = (), flags: Mapping[str, str] = ()) -> int:
     """Parse `argv` in the one style, build the config, call `run(cfg)`; returns the process exit code.
 
-    errors: the entry point's expected failures and their exit codes (printed as one `error:` line)."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    errors: the entry point's expected failures and their exit codes (printed as one `error:` line).
+    flags: options that stand for a key, e.g. {"--json": "json"}: `--json F` and `--json=F` mean `json=F`."""
+    args, given = [], iter(sys.argv[1:] if argv is None else argv)
+    for a in given:
+        flag, eq, value = a.partition("=")
+        if flag in dict(flags):
+            a = f"{dict(flags)[flag]}={value if eq else next(given, '')}"
+        args.append(a)
     path, overrides, show, want_help = None, [], False, False
     debug = os.environ.get("TUBELET_DEBUG", "") not in ("", "0")
     i = 0

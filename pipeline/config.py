@@ -15,7 +15,10 @@ class LoaderConfig:
     split: str = "train"
     batch_size: int = 8  # per rank
     num_frames: int = 16
-    frame_stride: int = 4
+    frame_stride: int = 4  # in source frames; a set stored with transcode.frame_step k decodes every (stride/k)th
+    # start clips on keyframes only (the set's transcode.keyframe_interval): no frame decoded before a clip's
+    # first, at the cost of fewer distinct start times (one per keyframe interval)
+    align_starts: bool = False
     crop_size: int = 224
     crop_scale: List[float] = field(default_factory=lambda: [0.3, 1.0])
     crop_aspect: List[float] = field(default_factory=lambda: [0.75, 1.35])

@@ -1,14 +1,16 @@
 """The streaming stage: a DALI pipeline turns shards into V-JEPA batches (clips + masks), resumable to the sample.
 
 The project samples (pipeline/sampling.py), DALI decodes and augments: per step, the sampler names the
-rows and the sampling record of each clip (start frame, crop window, flip); the encoded videos are read
-from the shards by manifest offset and fed to one DALI graph:
+rows and the sampling record of each clip (start frame, crop window, flip); a feeder thread reads the encoded
+videos from the shards by manifest offset, checks them, draws the masks (pinned memory on a GPU), and queues
+them for one DALI graph, so none of that runs on the training thread:
 
-    external_source -> decoders.video (start, 16 frames, stride 4, edge padding)
+    external_source -> decoders.video (start, 16 frames, the stride in stored frames, edge padding)
                     -> resize (the crop window -> crop_size^2, linear, antialiased)
-                    -> crop_mirror_normalize (flip, ImageNet mean/std, FHWC -> CFHW)
+                    -> crop_mirror_normalize (flip, ImageNet mean/std, FHWC -> CFHW, fp16 or fp32)
 
-with device='mixed' (NVDEC) on a GPU and 'cpu' without one: the same graph. DALI prepares `prefetch`
+with device='mixed' (NVDEC) on a GPU and 'cpu' without one: the same graph. A set stored at the clips'
+sampling rate (transcode.frame_step) is decoded at stride frame_stride / frame_step. DALI prepares `prefetch`
 batches ahead; the loader's state is what the consumer has received, so resuming ignores what was in flight.
 """
 
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -28,7 +32,7 @@ from common.device import resolve_device
 from pipeline.clips import DTYPES, IMAGENET_MEAN, IMAGENET_STD, Batch
 from pipeline.config import LoaderConfig
 from pipeline.sampling import BatchPlan, Plan
-from pipeline.split_index import SplitIndex, open_split
+from pipeline.split_index import SplitIndex, open_split, plan_for
 from pipeline.store import ShardStore
 from shards.manifest import CorruptSample
 
@@ -55,6 +59,60 @@ class LoaderStats:
     corrupt: int = 0  # samples that failed their checksum and were replaced (data.on_corrupt=skip)
 
 
+@dataclass
+class _Fed:
+    """One step's inputs, prepared by the feeder thread; `plan` and what follows are what the batch needs."""
+
+    plan: BatchPlan
+    videos: List[np.ndarray]
+    starts: List[np.ndarray]
+    roi0: List[np.ndarray]
+    roi1: List[np.ndarray]
+    flips: List[np.ndarray]
+    masks: List[Tuple[torch.Tensor, torch.Tensor]]
+    labels: torch.Tensor
+    bytes_read: int
+    feed_seconds: float
+    corrupt: int
+    fed_at: float = 0.0
+
+
+class _Feeder:
+    """A thread that runs the sampling plan ahead and prepares each step's inputs (`VideoLoader._prepare`) into a
+    queue of `depth` steps: reading shards, CRC checks, records and masks never run on the training thread. An
+    error is queued in place of the step it broke, so it surfaces exactly when that step is due; the plan's end
+    (an evaluation pass) as StopIteration."""
+
+    def __init__(self, loader: "VideoLoader", plan: Plan, state: dict, depth: int):
+        self.plan = plan
+        self.plan.load_state_dict(state)
+        self._loader, self._queue, self._stop = loader, queue.Queue(maxsize=depth), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tubelet-feeder", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self._loader._prepare(self.plan, next(self.plan))
+            except BaseException as e:  # StopIteration included: handed to the consumer in order
+                item = e
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def take(self):
+        return self._queue.get()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class VideoLoader:
     """Iterate V-JEPA batches for one rank.
 
@@ -72,25 +130,28 @@ class VideoLoader:
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.dtype = DTYPES[cfg.dtype]
         self.on_batch = on_batch
-        self._plan_args = dict(
-            batch_size=cfg.batch_size, rank=rank, world_size=world_size, seed=cfg.seed, train=train,
-            num_frames=cfg.num_frames, stride=cfg.frame_stride, scale=cfg.crop_scale, ratio=cfg.crop_aspect,
-            flip=cfg.flip, num_clips=cfg.eval_clips, num_crops=cfg.eval_crops)
-        self._state = Plan(self.index.geometry(), **self._plan_args).state_dict()
+        self._plan_args = dict(rank=rank, world_size=world_size, train=train)
+        self.stride = self.index.stride_for(cfg.frame_stride)  # in stored frames
+        self._state = plan_for(self.index, cfg, **self._plan_args).state_dict()
+        # DALI CPU threads: the cores this process may use, shared with the other ranks on this host (torchrun's
+        # LOCAL_WORLD_SIZE); never pinned (set_affinity=False), so ranks do not pile onto the same cores
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        self.threads = cfg.threads or max(1, len(os.sched_getaffinity(0)) // local_ranks)
         self._pipe = None
+        self._feeder: Optional[_Feeder] = None
 
     # -- state -------------------------------------------------------------------------------------
 
     @property
     def steps_per_epoch(self) -> int:
-        return Plan(self.index.geometry(), **self._plan_args).steps_per_epoch
+        return plan_for(self.index, self.cfg, **self._plan_args).steps_per_epoch
 
     def state_dict(self) -> dict:
         """(epoch, position) of what the consumer has received: batches in flight are not counted."""
         return dict(self._state)
 
     def load_state_dict(self, state: dict) -> None:
-        Plan(self.index.geometry(), **self._plan_args).load_state_dict(state)  # validates
+        plan_for(self.index, self.cfg, **self._plan_args).load_state_dict(state)  # validates
         self._state = dict(state)
         self._close_pipe()
 
@@ -101,49 +162,60 @@ class VideoLoader:
 
         cfg = self.cfg
         gpu = self.device.type == "cuda"
-        self._feed_plan = Plan(self.index.geometry(), **self._plan_args)
-        self._feed_plan.load_state_dict(self._state)
-        self._inflight: Deque[tuple] = deque()
+        self._inflight: Deque[_Fed] = deque()
         self._feed_error: Optional[Exception] = None
+        self._feeder = _Feeder(self, plan_for(self.index, cfg, **self._plan_args), self._state, depth=cfg.prefetch + 1)
         mean = [255 * m for m in IMAGENET_MEAN]
         std = [255 * s for s in IMAGENET_STD]
-        threads = cfg.threads or max(1, len(os.sched_getaffinity(0)))
 
-        @pipeline_def(batch_size=cfg.batch_size, num_threads=threads,
+        @pipeline_def(batch_size=cfg.batch_size, num_threads=self.threads,
                       device_id=torch.cuda.current_device() if gpu else None,
-                      prefetch_queue_depth=cfg.prefetch, exec_dynamic=True)
+                      prefetch_queue_depth=cfg.prefetch, exec_dynamic=True, set_affinity=False)
         def graph():
             video, start, roi0, roi1, flip = fn.external_source(
                 source=self._feed, num_outputs=5, batch=True,
                 dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32])
             frames = fn.decoders.video(video, device="mixed" if gpu else "cpu", start_frame=start,
-                                       sequence_length=cfg.num_frames, stride=cfg.frame_stride, pad_mode="edge")
+                                       sequence_length=cfg.num_frames, stride=self.stride, pad_mode="edge")
             frames = fn.resize(frames, size=[cfg.crop_size, cfg.crop_size], roi_start=roi0, roi_end=roi1,
                                roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=True)
+            # DALI has no bfloat16: half precision leaves it for bf16 and fp16 (half the bytes of fp32)
             return fn.crop_mirror_normalize(frames, mirror=flip, mean=mean, std=std, output_layout="CFHW",
-                                            dtype=types.FLOAT16 if cfg.dtype == "fp16" else types.FLOAT)
+                                            dtype=types.FLOAT if cfg.dtype == "fp32" else types.FLOAT16)
 
         self._pipe = graph()
         self._pipe.build()
 
     def _feed(self):
-        """DALI pulls the next batch's inputs (ahead of the consumer, up to `prefetch` batches)."""
+        """DALI pulls the next batch's inputs (ahead of the consumer, up to `prefetch` batches): prepared by the
+        feeder thread, so the training thread only takes them from its queue."""
+        item = self._feeder.take()
+        if isinstance(item, BaseException):
+            if not isinstance(item, StopIteration):  # DALI would wrap it; keep the original (it names the shard)
+                self._feed_error = item
+            raise item
+        item.fed_at = time.perf_counter()
+        self._inflight.append(item)
+        return item.videos, item.starts, item.roi0, item.roi1, item.flips
+
+    def _prepare(self, plan: Plan, bp: BatchPlan) -> _Fed:
+        """Everything DALI and the batch need of one step, on the feeder thread: the encoded videos read from the
+        shards and checked, the sampling records as arrays, the masks (in pinned memory for a GPU)."""
         t0 = time.perf_counter()
-        bp = next(self._feed_plan)  # StopIteration ends an evaluation pass
         before = self.store.bytes_read
-        try:
-            bp, videos, corrupt = self._read_batch(bp)
-        except Exception as e:  # DALI would wrap it; keep the original (it names the shard) for __next__
-            self._feed_error = e
-            raise
-        starts = [np.array(rec.start, np.int32) for rec in bp.records]
-        roi0 = [np.array(rec.crop[:2], np.float32) for rec in bp.records]
-        roi1 = [np.array((rec.crop[0] + rec.crop[2], rec.crop[1] + rec.crop[3]), np.float32) for rec in bp.records]
-        flips = [np.array(int(rec.flip), np.int32) for rec in bp.records]
-        masks = self._feed_plan.masks(bp, self.grid, self.cfg.masks)
-        t1 = time.perf_counter()
-        self._inflight.append((bp, masks, self.store.bytes_read - before, t1 - t0, t1, corrupt))
-        return videos, starts, roi0, roi1, flips
+        bp, videos, corrupt = self._read_batch(bp)
+        recs = bp.records
+        masks = [(self._host(c), self._host(t)) for c, t in plan.masks(bp, self.grid, self.cfg.masks)]
+        return _Fed(bp, videos, [np.array(r.start, np.int32) for r in recs],
+                    [np.array(r.crop[:2], np.float32) for r in recs],
+                    [np.array((r.crop[0] + r.crop[2], r.crop[1] + r.crop[3]), np.float32) for r in recs],
+                    [np.array(int(r.flip), np.int32) for r in recs], masks,
+                    self._host(self.index.labels[bp.rows]), self.store.bytes_read - before,
+                    time.perf_counter() - t0, corrupt)
+
+    def _host(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.pin_memory() if self.device.type == "cuda" else t
 
     def _read_batch(self, bp: BatchPlan) -> Tuple[BatchPlan, List[np.ndarray], int]:
         """The batch's encoded videos, each checked against its CRC-32. A corrupt one (data.on_corrupt=skip) is
@@ -175,6 +247,9 @@ class VideoLoader:
         if self._pipe is not None:
             del self._pipe
             self._pipe = None
+        if self._feeder is not None:
+            self._feeder.stop()
+            self._feeder = None
 
     # -- iteration ---------------------------------------------------------------------------------
 
@@ -194,7 +269,7 @@ class VideoLoader:
             raise
         except Exception as e:
             feed_error = self._feed_error
-            rows = [r for item in self._inflight for r in item[0].rows]  # the batches DALI was working on
+            rows = [r for item in self._inflight for r in item.plan.rows]  # the batches DALI was working on
             self._close_pipe()
             if feed_error is not None:
                 raise feed_error from None
@@ -204,22 +279,23 @@ class VideoLoader:
             raise LoaderError(f"the DALI pipeline failed{what}: {str(e).strip().splitlines()[-1][:300]}. "
                               "Check the set with `python -m shards.verify hashes=true "
                               f"root={self.cfg.root}` and rebuild bad shards with `make shards`.") from None
-        bp, masks, nbytes, feed_s, fed_at, corrupt = self._inflight.popleft()
+        fed = self._inflight.popleft()
+        bp = fed.plan
         clips = self._to_torch(out)
         t1 = time.perf_counter()
         self._state = {**self._state, "epoch": bp.epoch, "position": bp.next_position}
         dev = clips.device
         batch = Batch(
             clips=clips,
-            masks=[(torch.from_numpy(c).to(dev), torch.from_numpy(t).to(dev)) for c, t in masks],
+            masks=[(c.to(dev, non_blocking=True), t.to(dev, non_blocking=True)) for c, t in fed.masks],
             keys=[self.index.keys[r] for r in bp.rows],
-            labels=torch.from_numpy(self.index.labels[bp.rows]).to(dev),
+            labels=fed.labels.to(dev, non_blocking=True),
             records=bp.records, padded=torch.tensor(bp.padded, device=dev), epoch=bp.epoch, step=bp.step,
             rows=bp.rows,
         )
         if self.on_batch is not None:
-            self.on_batch(LoaderStats(t1 - t0, feed_s, t1 - fed_at, nbytes, len(bp.rows), sum(bp.padded),
-                                      len(self._inflight), bp.epoch, bp.next_position, corrupt))
+            self.on_batch(LoaderStats(t1 - t0, fed.feed_seconds, t1 - fed.fed_at, fed.bytes_read, len(bp.rows),
+                                      sum(bp.padded), len(self._inflight), bp.epoch, bp.next_position, fed.corrupt))
         return batch
 
     def _to_torch(self, out) -> torch.Tensor:
@@ -227,7 +303,7 @@ class VideoLoader:
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
             t = out.as_tensor()
-            buf = torch.empty(t.shape(), dtype=torch.float16 if self.cfg.dtype == "fp16" else torch.float32,
+            buf = torch.empty(t.shape(), dtype=torch.float32 if self.cfg.dtype == "fp32" else torch.float16,
                               device="cuda")
             # DALI may reuse its output buffer from the next run on, and the trainer does not wait for the device
             # every step: the copy runs on a stream of its own and is waited for here (only the copy, not the

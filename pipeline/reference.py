@@ -8,7 +8,7 @@ It is the oracle of the loader tests and the baseline of `make bench-loader`; it
 from __future__ import annotations
 
 import io
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import av
 import numpy as np
@@ -18,33 +18,47 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.clips import DTYPES, Batch, cut_clip
 from pipeline.config import LoaderConfig
 from pipeline.sampling import BatchPlan, ClipRecord, Plan, frame_indices
-from pipeline.split_index import open_split
+from pipeline.split_index import open_split, plan_for
 from pipeline.store import ShardStore
 
 
-def decode_frames(video: bytes, indices: List[int]) -> np.ndarray:
-    """Frames at `indices` (ascending, repeats allowed) as [F, H, W, 3] uint8; decodes from the start."""
-    wanted = sorted(set(indices))
-    got = {}
+def decode_frames(video: bytes, indices: List[int], fps: float = 0.0) -> Tuple[np.ndarray, int]:
+    """Frames at `indices` (ascending, repeats allowed) as [F, H, W, 3] uint8, and how many frames were decoded
+    for them. With the video's frame rate `fps`, decoding starts at the keyframe at or before the first index (a
+    seek, as a decoder with a frame index does); without it, at the first frame."""
+    first, last = min(indices), max(indices)
+    got: Dict[int, np.ndarray] = {}
+    decoded = 0
     with av.open(io.BytesIO(video)) as c:
-        for i, frame in enumerate(c.decode(video=0)):
-            if i in wanted:
+        st = c.streams.video[0]
+        if fps and first > 0:
+            # to the middle of the first frame's interval: its timestamp (rounded by the container) is at or before
+            # that, the next frame's after it; backward: the keyframe at or before
+            c.seek(int((first + 0.5) / fps / st.time_base), stream=st, backward=True, any_frame=False)
+        for frame in c.decode(st):
+            i = round(frame.time * fps) if fps else decoded
+            decoded += 1
+            if i > first and not got:  # the seek landed past the first frame wanted: decode from the start
+                return decode_frames(video, indices)
+            if i in indices:
                 got[i] = frame.to_ndarray(format="rgb24")
-            if i >= wanted[-1]:
+            if i >= last:
                 break
-    last = max(got)
-    return np.stack([got.get(i, got[last]) for i in indices])
+    end = max(got)
+    return np.stack([got.get(i, got[end]) for i in indices]), decoded
 
 
-def make_clip(video: bytes, rec: ClipRecord, nframes: int, num_frames: int, stride: int, size: int) -> torch.Tensor:
-    """One clip [3, T, size, size] float32 normalised, decoded with PyAV and cut by `clips.cut_clip`."""
-    frames = decode_frames(video, frame_indices(rec.start, nframes, num_frames, stride))  # [T, H, W, 3]
-    return cut_clip(torch.from_numpy(frames), rec, size)
+def make_clip(video: bytes, rec: ClipRecord, nframes: int, num_frames: int, stride: int, size: int,
+              fps: float = 0.0) -> Tuple[torch.Tensor, int]:
+    """One clip [3, T, size, size] float32 normalised, decoded with PyAV (seeking when `fps` is given) and cut by
+    `clips.cut_clip`; and the number of frames decoded for it."""
+    frames, decoded = decode_frames(video, frame_indices(rec.start, nframes, num_frames, stride), fps)
+    return cut_clip(torch.from_numpy(frames), rec, size), decoded
 
 
 class _Batches(Dataset):
     def __init__(self, cfg: LoaderConfig, plans: List[BatchPlan], grid, mask_plan: Plan):
-        self.cfg, self.plans, self.grid = cfg, plans, grid
+        self.cfg, self.plans, self.grid, self.stride = cfg, plans, grid, mask_plan.stride
         self.masks = [mask_plan.masks(bp, grid, cfg.masks) for bp in plans]
         self.index = None
 
@@ -56,11 +70,10 @@ class _Batches(Dataset):
         if self.index is None:  # opened lazily, once per worker process
             self.index = open_split(cfg.root, cfg.split)
             self.store = ShardStore(cfg.root, cfg.cache_dir)
-        clips = torch.stack([
-            make_clip(self.index.read_video(self.store, r), rec, int(self.index.nframes[r]), cfg.num_frames,
-                      cfg.frame_stride, cfg.crop_size)
-            for r, rec in zip(bp.rows, bp.records)])
-        return clips, i
+        made = [make_clip(self.index.read_video(self.store, r), rec, int(self.index.nframes[r]), cfg.num_frames,
+                          self.stride, cfg.crop_size, float(self.index.fps[r]))
+                 for r, rec in zip(bp.rows, bp.records)]
+        return torch.stack([clip for clip, _ in made]), i, sum(n for _, n in made)
 
 
 class ReferenceLoader:
@@ -70,12 +83,10 @@ class ReferenceLoader:
                  world_size: int = 1, train: bool = True, workers: int = 0, state: Optional[dict] = None):
         self.cfg, self.grid, self.workers = cfg, grid, workers
         self.index = open_split(cfg.root, cfg.split, cfg.verify_hashes)
-        self.plan = Plan(self.index.geometry(), batch_size=cfg.batch_size, rank=rank, world_size=world_size,
-                         seed=cfg.seed, train=train, num_frames=cfg.num_frames, stride=cfg.frame_stride,
-                         scale=cfg.crop_scale, ratio=cfg.crop_aspect, flip=cfg.flip, num_clips=cfg.eval_clips,
-                         num_crops=cfg.eval_crops)
+        self.plan = plan_for(self.index, cfg, rank=rank, world_size=world_size, train=train)
         if state is not None:
             self.plan.load_state_dict(state)
+        self.decoded_frames = 0  # frames decoded for the batches yielded so far
 
     def batches(self, num_batches: Optional[int] = None):
         plans = []
@@ -87,8 +98,9 @@ class ReferenceLoader:
         dl = DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.workers,
                         persistent_workers=False, prefetch_factor=2 if self.workers else None)
         dtype = DTYPES[self.cfg.dtype]
-        for clips, i in dl:
+        for clips, i, decoded in dl:
             bp = plans[i]
+            self.decoded_frames += int(decoded)
             yield Batch(
                 clips=clips.to(dtype),
                 masks=[(torch.from_numpy(c), torch.from_numpy(t)) for c, t in ds.masks[i]],

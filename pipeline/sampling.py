@@ -105,12 +105,22 @@ def frame_indices(start: int, nframes: int, num_frames: int, stride: int) -> Lis
     return [min(start + i * stride, nframes - 1) for i in range(num_frames)]
 
 
+def decoded_frames(start: int, nframes: int, num_frames: int, stride: int, keyframe_interval: int) -> int:
+    """Frames a decoder decodes for a clip: from the keyframe at or before its first frame through its last
+    (keyframes every `keyframe_interval` frames; 0 = only the first frame is one)."""
+    last = frame_indices(start, nframes, num_frames, stride)[-1]
+    keyframe = start - start % keyframe_interval if keyframe_interval else 0
+    return last - keyframe + 1
+
+
 def train_record(seed: int, epoch: int, position: int, nframes: int, height: int, width: int,
                  num_frames: int, stride: int, scale: Sequence[float], ratio: Sequence[float],
-                 flip: bool) -> ClipRecord:
-    """The random choices for the sample at `position` of `epoch`: start frame, crop window, flip."""
+                 flip: bool, start_grid: int = 1) -> ClipRecord:
+    """The random choices for the sample at `position` of `epoch`: start frame (a multiple of `start_grid`: with
+    the set's keyframe interval, a clip decodes no frame before its first), crop window, flip."""
     rng = rng_for(seed, epoch, position, _SAMPLE)
-    start = int(rng.integers(0, max(1, nframes - clip_span(num_frames, stride) + 1)))
+    starts = max(1, nframes - clip_span(num_frames, stride) + 1)
+    start = int(rng.integers(0, (starts - 1) // start_grid + 1)) * start_grid
     crop = random_resized_crop(rng, height, width, scale, ratio)
     return ClipRecord(start, crop, bool(flip and rng.random() < 0.5))
 
@@ -130,20 +140,20 @@ def eval_record(view: int, num_clips: int, num_crops: int, nframes: int, height:
 class Plan:
     """The batches one rank reads, from a resumable (epoch, position) state.
 
-    `samples`: per manifest row, (nframes, height, width). Training: shuffled every epoch, random records,
-    endless. Evaluation: every video expanded into `views` deterministic views, one pass, in order.
+    `samples`: per manifest row, (nframes, height, width). Training: shuffled every epoch, random records
+    (start frames on multiples of `start_grid`), endless. Evaluation: every video expanded into `views` deterministic views, one pass, in order.
     """
 
     def __init__(self, samples: Sequence[Tuple[int, int, int]], *, batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, train: bool = True, num_frames: int = 16,
                  stride: int = 4, scale: Sequence[float] = (0.3, 1.0), ratio: Sequence[float] = (0.75, 1.35),
-                 flip: bool = True, num_clips: int = 1, num_crops: int = 1):
+                 flip: bool = True, num_clips: int = 1, num_crops: int = 1, start_grid: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.samples = list(samples)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.train, self.num_frames, self.stride = train, num_frames, stride
-        self.scale, self.ratio, self.flip = tuple(scale), tuple(ratio), flip
+        self.scale, self.ratio, self.flip, self.start_grid = tuple(scale), tuple(ratio), flip, max(1, start_grid)
         self.views = 1 if train else num_clips * num_crops
         self.num_clips, self.num_crops = num_clips, num_crops
         self.epoch, self.position = 0, 0
@@ -193,7 +203,7 @@ class Plan:
             n, h, w = self.samples[row]
             if self.train:
                 rec = train_record(self.seed, epoch, p, n, h, w, self.num_frames, self.stride, self.scale,
-                                   self.ratio, self.flip)
+                                   self.ratio, self.flip, self.start_grid)
             else:
                 rec = eval_record(view, self.num_clips, self.num_crops, n, h, w, self.num_frames, self.stride)
             rows.append(row)

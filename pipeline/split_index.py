@@ -8,8 +8,10 @@ from typing import List, Tuple
 
 import numpy as np
 
+from pipeline.config import LoaderConfig
+from pipeline.sampling import Plan
 from pipeline.store import ShardStore
-from shards.manifest import CorruptSample, Manifest, read_manifest, verify
+from shards.manifest import CorruptSample, Manifest, ManifestError, read_manifest, verify
 
 @dataclass
 class SplitIndex:
@@ -22,11 +24,14 @@ class SplitIndex:
     sizes: np.ndarray
     crc32: np.ndarray  # of each video's bytes, as the manifest recorded them
     nframes: np.ndarray
+    fps: np.ndarray  # of the stored frames
     heights: np.ndarray
     widths: np.ndarray
     labels: np.ndarray  # -1 when unlabelled
     shard_bytes: dict
     classes: List[str]
+    frame_step: int = 1  # the set stores every frame_step-th frame (1 for sets made before the option)
+    keyframe_interval: int = 0  # stored frames between keyframes (0: not recorded)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -34,6 +39,15 @@ class SplitIndex:
     def geometry(self) -> List[Tuple[int, int, int]]:
         """(nframes, height, width) per row: what the sampler needs."""
         return list(zip(self.nframes.tolist(), self.heights.tolist(), self.widths.tolist()))
+
+    def stride_for(self, frame_stride: int, key: str = "data.frame_stride") -> int:
+        """A clip's stride in stored frames: `frame_stride` counts source frames, the set keeps every
+        frame_step-th. The same 16 frames over the same time span either way."""
+        if frame_stride % self.frame_step:
+            raise ManifestError(f"{key}={frame_stride} is not a multiple of the frame_step {self.frame_step} that "
+                                f"{self.root} was stored with: use a multiple of it, or a set made with "
+                                f"transcode.frame_step dividing {frame_stride}")
+        return frame_stride // self.frame_step
 
     def read_video(self, store: ShardStore, row: int) -> bytes:
         """The encoded video of manifest row `row`, checked against its CRC-32 (CorruptSample when it differs)."""
@@ -55,6 +69,16 @@ def open_split(root: str, split: str, verify_hashes: bool = False) -> SplitIndex
     return SplitIndex(
         root=root, split=split, keys=t.column("key").to_pylist(), shards=t.column("shard").to_pylist(),
         exts=t.column("ext").to_pylist(), offsets=col("video_offset"), sizes=col("video_size"), crc32=col("video_crc32"),
-        nframes=col("nframes"), heights=col("height"), widths=col("width"), labels=labels,
+        nframes=col("nframes"), fps=col("fps"), heights=col("height"), widths=col("width"), labels=labels,
         shard_bytes={s["name"]: s["bytes"] for s in m.shards}, classes=m.classes,
+        frame_step=int(m.transcode.get("frame_step", 1)), keyframe_interval=int(m.transcode.get("keyframe_interval", 0)),
     )
+
+
+def plan_for(index: SplitIndex, cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1, train: bool = True) -> Plan:
+    """The sampling plan of `cfg` over this split, in stored frames: the clip stride divided by the set's
+    frame_step, starts on keyframes with data.align_starts. Both loaders draw from it."""
+    return Plan(index.geometry(), batch_size=cfg.batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
+                train=train, num_frames=cfg.num_frames, stride=index.stride_for(cfg.frame_stride),
+                scale=cfg.crop_scale, ratio=cfg.crop_aspect, flip=cfg.flip, num_clips=cfg.eval_clips,
+                num_crops=cfg.eval_crops, start_grid=index.keyframe_interval if cfg.align_starts else 1)

@@ -12,8 +12,14 @@ from common.config import check
 class TranscodeConfig:
     codec: str = "vp9"  # vp9 (DALI decodes it on CPU and GPU) or h264 (GPU-only in DALI)
     short_side: int = 256  # canonical short side in pixels; 0 keeps the source size
-    keyframe_interval: int = 16  # frames between keyframes: bounds the seek cost of every clip
-    fps: float = 0.0  # output frame rate; 0 keeps the source's (variable rate becomes constant)
+    keyframe_interval: int = 16  # stored frames between keyframes: bounds the seek cost of every clip
+    fps: float = 0.0  # frame rate before frame_step; 0 keeps the source's (variable rate becomes constant)
+    # store every frame_step-th frame: a set stored at the clips' sampling rate (frame_step = the trainer's
+    # data.frame_stride, e.g. 4) decodes only the frames clips use; data.frame_stride must be a multiple of it
+    frame_step: int = 1
+    # width and height are multiples of this (the long side rounded to the nearest, never upscaled): 16 lets a
+    # GPU decoder be reused from video to video (coded size = display size); 2 is the least 4:2:0 needs
+    align: int = 16
     crf: int = 32  # quality (lower is better): libvpx-vp9 and libx264 both take a CRF
     speed: int = 6  # vp9: libvpx cpu-used (0 slow .. 8 fast); h264: 0..8 maps to x264 presets
     max_frames: int = 0  # cut longer videos to this many output frames; 0 = no limit
@@ -24,6 +30,8 @@ class TranscodeConfig:
               "must be 0 (keep) or between 16 and 4096")
         check(self.keyframe_interval >= 1, "keyframe_interval", "must be >= 1")
         check(0 <= self.fps <= 240, "fps", "must be 0 (keep) or a rate up to 240")
+        check(1 <= self.frame_step <= 64, "frame_step", "must be between 1 (every frame) and 64")
+        check(self.align in (2, 4, 8, 16, 32, 64), "align", f"must be 2, 4, 8, 16, 32 or 64, got {self.align!r}")
         check(0 <= self.crf <= 63, "crf", "must be in [0, 63]")
         check(0 <= self.speed <= 8, "speed", "must be in [0, 8]")
         check(self.max_frames >= 0, "max_frames", "must be >= 0")

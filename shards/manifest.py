@@ -95,6 +95,11 @@ class Manifest:
     def classes(self) -> List[str]:
         return list(self.meta.get("classes", []))
 
+    @property
+    def transcode(self) -> Dict[str, Any]:
+        """The transcode settings the set was made with (frame_step, keyframe_interval, align, codec ...)."""
+        return dict(self.meta.get("config", {}).get("transcode", {}))
+
 
 def write_table_atomic(table: pa.Table, url: str, metadata: Optional[Dict[str, Any]] = None) -> None:
     """Write parquet so a reader never sees a partial file (`common.files.atomic_open`)."""

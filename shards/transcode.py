@@ -84,12 +84,16 @@ def _read(url: str, flt: FilterConfig) -> bytes:
     return data
 
 
-def _output_size(w: int, h: int, short_side: int) -> Tuple[int, int]:
-    """Scale so the short side is `short_side` (never upscaling), both sides even (codecs need 4:2:0)."""
-    s = min(w, h)
-    target = min(short_side, s) if short_side else s
-    scale = target / s
-    return max(2, int(round(w * scale / 2)) * 2), max(2, int(round(h * scale / 2)) * 2)
+def _output_size(w: int, h: int, short_side: int, align: int = 2) -> Tuple[int, int]:
+    """Scale so the short side is `short_side` (never upscaling), both sides multiples of `align` (4:2:0 needs 2;
+    16 = whole macroblocks, what hardware decoders allocate): the short side rounded down, the long side to the
+    nearest multiple (aspect within align/2 pixels), never above the source's."""
+    short, long_ = min(w, h), max(w, h)
+    target = min(short_side, short) if short_side else short
+    out_short = max(align, target // align * align)
+    scaled_long = long_ * out_short / short
+    out_long = max(align, min(int(round(scaled_long / align)) * align, max(align, long_ // align * align)))
+    return (out_long, out_short) if w >= h else (out_short, out_long)
 
 
 # How common containers begin: (offset, bytes). mp4/mov (ISO boxes), Matroska/WebM (EBML), AVI/WAV (RIFF), FLV,
@@ -185,26 +189,30 @@ def _transcode(job: Job, data: bytes, container, stream) -> Sample:
     src_rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     if not src_rate or not (0.5 <= float(src_rate) <= 1000):
         src_rate = None  # derive from timestamps below
-    out_rate = Fraction(cfg.fps).limit_denominator(1001) if cfg.fps else None
+    out_rate = Fraction(cfg.fps).limit_denominator(1001) if cfg.fps else None  # before frame_step
+    step = cfg.frame_step
     stream.codec_context.thread_count = 1
 
     enc = None
     resize = av.video.reformatter.VideoReformatter()  # one per video: keeps its scaler set up between frames
     times: List[float] = []
     rotation = 0
-    n_out = 0
+    n_slots = 0  # constant-rate slots at out_rate filled so far
+    n_out = 0  # frames stored: every `step`-th slot
     prev = None  # the latest decoded (and resized) source frame
     limit = cfg.max_frames or math.inf
 
     def emit_until(slot: float) -> None:
-        """Repeat the latest source frame into every output slot before `slot` (constant-rate output)."""
-        nonlocal n_out
-        while n_out < min(slot, limit):
-            prev.pts = n_out
-            prev.time_base = 1 / out_rate
-            for pkt in enc[2].encode(prev):
-                enc[1].mux(pkt)
-            n_out += 1
+        """Repeat the latest source frame into every constant-rate slot before `slot`; store every step-th."""
+        nonlocal n_slots, n_out
+        while n_slots < slot and n_out < limit:
+            if n_slots % step == 0:
+                prev.pts = n_out
+                prev.time_base = step / out_rate
+                for pkt in enc[2].encode(prev):
+                    enc[1].mux(pkt)
+                n_out += 1
+            n_slots += 1
 
     try:
         for frame in container.decode(stream):
@@ -216,11 +224,11 @@ def _transcode(job: Job, data: bytes, container, stream) -> Sample:
                 w, h = frame.width, frame.height
                 if abs(rotation) % 180 == 90:
                     w, h = h, w
-                ow, oh = _output_size(w, h, cfg.short_side)
+                ow, oh = _output_size(w, h, cfg.short_side, cfg.align)
                 if out_rate is None:
                     # a stream without any usable rate gets FFmpeg's default
                     out_rate = Fraction(src_rate).limit_denominator(1001) if src_rate else Fraction(25)
-                enc = _encoder(cfg.codec, cfg, ow, oh, out_rate)
+                enc = _encoder(cfg.codec, cfg, ow, oh, out_rate / step)
             times.append(t)
             # Each source frame owns the output slots from round(its time * rate) to the next frame's:
             # nearest-frame resampling, as FFmpeg's fps filter does (drops or repeats frames as needed).
@@ -238,13 +246,13 @@ def _transcode(job: Job, data: bytes, container, stream) -> Sample:
     intervals = np.diff(times)
     src_fps = float(src_rate) if src_rate else (1.0 / float(np.median(intervals)) if len(intervals) else 25.0)
     end = times[-1] - times[0] + (1.0 / src_fps)
-    emit_until(max(round(end * out_rate), n_out + 1))
+    emit_until(max(round(end * out_rate), n_slots + 1))
     for pkt in enc[2].encode():
         enc[1].mux(pkt)
     enc[1].close()
     video = enc[0].getvalue()
 
-    duration = n_out / float(out_rate)
+    duration = min(n_slots, n_out * step) / float(out_rate)
     if duration < flt.min_duration:
         raise Rejected("too_short", f"{duration:.3f} s < filter.min_duration={flt.min_duration}")
     if declared and not cfg.max_frames and end < 0.9 * declared - 0.5:
@@ -267,7 +275,8 @@ def _transcode(job: Job, data: bytes, container, stream) -> Sample:
         "rotation": rotation,
         "vfr": vfr,
         "duration": round(duration, 4),
-        "fps": round(float(out_rate), 4),
+        "fps": round(float(out_rate / step), 4),  # of the stored frames
+        "frame_step": step,
         "nframes": n_out,
         "width": vw,
         "height": vh,

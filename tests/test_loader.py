@@ -29,8 +29,14 @@ def cfg_for(root: str, *extra: str) -> LoaderConfig:
 
 
 def take(loader, n):
+    """n batches, moved to the CPU: on a GPU host the DALI loader's come from the GPU, the reference's never do."""
     it = iter(loader)
-    return [next(it) for _ in range(n)]
+    return [on_cpu(next(it)) for _ in range(n)]
+
+
+def on_cpu(b):
+    return replace(b, clips=b.clips.cpu(), masks=[(c.cpu(), t.cpu()) for c, t in b.masks], labels=b.labels.cpu(),
+                   padded=b.padded.cpu())
 
 
 def same_batches(a, b) -> None:
@@ -77,8 +83,8 @@ def test_crop_window_is_exact(small_shards):
             if w < ref.index.widths[row] - 4:  # room to shift
                 shifted = replace(rec, crop=(y0, x0 + 4 if x0 + w + 4 <= ref.index.widths[row] else x0 - 4, h, w))
                 video = ref.index.read_video(store, row)
-                good = make_clip(video, rec, int(ref.index.nframes[row]), 8, 3, 48)
-                bad = make_clip(video, shifted, int(ref.index.nframes[row]), 8, 3, 48)
+                good = make_clip(video, rec, int(ref.index.nframes[row]), 8, 3, 48)[0]
+                bad = make_clip(video, shifted, int(ref.index.nframes[row]), 8, 3, 48)[0]
                 assert (batch.clips[i] - good).abs().mean() < 0.5 * (batch.clips[i] - bad).abs().mean()
 
 
@@ -189,6 +195,77 @@ def shard_copy(small_shards, tmp_path):
     dst = tmp_path / "copy"
     shutil.copytree(small_shards, dst)
     return dst
+
+
+@pytest.fixture(scope="module")
+def stepped_shards(tmp_path_factory) -> str:
+    """A set stored at the clips' sampling rate: transcode.frame_step=4, a keyframe every 4 stored frames. Two
+    videos whose grey level counts source frames (10 + 6 i), four with a moving box, 24-30 fps, 40-48 frames."""
+    from shards.build import run
+    from shards.config import ShardsConfig
+    from videos import write_video
+
+    root = tmp_path_factory.mktemp("stepped")
+    for i in range(2):
+        write_video(root / "in" / f"count{i}.webm", "libvpx-vp9", 64 + 16 * i, 48, 30, 40, pattern="counter")
+    for i, (w, h) in enumerate(((96, 64), (80, 64), (64, 80), (112, 64))):
+        write_video(root / "in" / f"box{i}.mp4", "libx264", w, h, 24, 48)
+    cfg = load_config(ShardsConfig, None, [f"inputs.train={root / 'in'}", f"output={root / 'shards'}", "workers=2",
+                                           "progress=false", "transcode.frame_step=4",
+                                           "transcode.keyframe_interval=4", "transcode.crf=8"])
+    run(cfg)
+    return str(root / "shards")
+
+
+def test_a_set_stored_at_the_sampling_rate_gives_the_same_clips(stepped_shards):
+    """frame_stride=4 on a frame_step=4 set decodes consecutive stored frames: the same source frames (start,
+    start+4, ...) as stride 4 over every frame would; DALI still equals the reference. Starts on keyframes
+    (align_starts) decode no frame before the clip's first."""
+    from pipeline.sampling import decoded_frames
+
+    cfg = cfg_for(stepped_shards, "num_frames=4", "frame_stride=4", "batch_size=2", "flip=false")
+    loader = VideoLoader(cfg, grid=(2, 3, 3))
+    assert (loader.index.frame_step, loader.index.keyframe_interval, loader.stride) == (4, 4, 1)
+    dali = take(loader, 6)
+    ref = ReferenceLoader(cfg, grid=(2, 3, 3))
+    for d, r in zip(dali, ref.batches(6), strict=True):
+        assert d.records == r.records
+        assert (d.clips - r.clips).abs().mean() < 1.5 * LEVEL, d.keys
+        for i, key in enumerate(d.keys):
+            if key.startswith("count"):  # grey level of clip frame j = source frame 4 (start + j)
+                level = d.clips[i, 0].mean((1, 2)) * 0.229 * 255 + 0.485 * 255
+                start = d.records[i].start
+                assert torch.allclose(level, torch.tensor([10.0 + 24 * (start + j) for j in range(4)]), atol=3)
+    aligned = replace(cfg, align_starts=True)
+    ref = ReferenceLoader(aligned, grid=(2, 3, 3))
+    batches = list(ref.batches(6))
+    records = [(rec, int(ref.index.nframes[row])) for b in batches for rec, row in zip(b.records, b.rows)]
+    assert all(rec.start % 4 == 0 for rec, _ in records)
+    expected = sum(decoded_frames(rec.start, n, 4, 1, 4) for rec, n in records)
+    assert ref.decoded_frames == expected == 4 * len(records)  # measured by the seeking reference: no waste
+
+
+def test_host_work_runs_off_the_training_thread_and_threads_share_the_cores(small_shards, monkeypatch):
+    """Reading shards, CRC checks, records and masks run on the feeder thread; DALI gets the cores divided by the
+    ranks on this host (torchrun's LOCAL_WORLD_SIZE)."""
+    import threading
+
+    where = set()
+    real = VideoLoader._prepare
+    monkeypatch.setattr(VideoLoader, "_prepare",
+                        lambda self, *a: where.add(threading.current_thread().name) or real(self, *a))
+    loader = VideoLoader(cfg_for(small_shards), grid=GRID)
+    take(loader, 3)
+    loader.close()
+    assert where == {"tubelet-feeder"}
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert VideoLoader(cfg_for(small_shards, "threads=0"), grid=GRID).threads == max(1, cores // 2)
+
+
+def test_a_stride_the_stored_step_does_not_divide_is_refused(stepped_shards):
+    with pytest.raises(ManifestError, match="data.frame_stride=3 is not a multiple of the frame_step 4"):
+        VideoLoader(cfg_for(stepped_shards), grid=GRID)
 
 
 def test_truncated_shard_refused_before_training(shard_copy):

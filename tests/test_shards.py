@@ -403,6 +403,42 @@ def test_unreadable_path_is_rejected_not_raised(tmp_path):
 # transcode settings and shard limits
 
 
+def test_output_sizes_are_whole_macroblocks_never_upscaled():
+    from shards.transcode import _output_size
+
+    assert _output_size(602, 338, 256) == (456, 256)  # align 2 (sets made before align): even sides
+    assert _output_size(602, 338, 256, 16) == (448, 256)  # 455.9 -> 448: 456 is not a multiple of 16
+    assert _output_size(1920, 1080, 256, 16) == (448, 256)
+    assert _output_size(338, 602, 256, 16) == (256, 448)  # portrait
+    assert _output_size(250, 136, 256, 16) == (240, 128)  # small source: rounded down, never up
+    assert _output_size(100, 100, 0, 16) == (96, 96)
+    for w, h in ((640, 360), (720, 480), (1280, 536), (454, 256), (300, 200)):
+        ow, oh = _output_size(w, h, 256, 16)
+        assert ow % 16 == 0 and oh % 16 == 0 and ow <= w and oh <= h
+        assert abs(ow / oh - w / h) <= 8 / min(ow, oh) + 1e-9  # aspect kept within half a macroblock
+
+
+def test_frame_step_stores_every_kth_frame(tmp_path):
+    """transcode.frame_step=4: the set keeps source frames 0, 4, 8, ... (the frame's grey level tells which),
+    at a quarter of the rate, keyframes every keyframe_interval stored frames, sizes in whole macroblocks; the
+    manifest records the step for the loader."""
+    src = tmp_path / "in"
+    videos.write_video(src / "count.mp4", "libx264", 136, 96, 30, 40, pattern="counter")
+    out = tmp_path / "out"
+    shard({"train": src}, out, "transcode.frame_step=4", "transcode.keyframe_interval=4", "transcode.crf=4")
+    m = read_manifest(str(out))
+    assert m.transcode["frame_step"] == 4 and m.transcode["keyframe_interval"] == 4
+    (r,) = m.samples.to_pylist()
+    assert (r["nframes"], r["fps"], r["width"], r["height"]) == (10, 7.5, 128, 96)
+    assert r["duration"] == pytest.approx(40 / 30, abs=0.01)
+    data = video_bytes(out, r)
+    levels = [float(f.mean()) for f in videos.decode_rgb(data)]
+    assert np.allclose(levels, [10 + 6 * 4 * k for k in range(10)], atol=2.5), levels
+    with av.open(io.BytesIO(data)) as c:
+        keys = [i for i, p in enumerate(c.demux(c.streams.video[0])) if p.size and p.is_keyframe]
+    assert keys == [0, 4, 8]
+
+
 @pytest.mark.slow
 def test_h264_fps_keyframes_short_side_and_byte_spill(tmp_path):
     src = tmp_path / "in"
@@ -424,7 +460,8 @@ def test_h264_fps_keyframes_short_side_and_byte_spill(tmp_path):
         assert s["bytes"] <= 65536 or s["samples"] == 1, s
     for r in rows:
         assert r["fps"] == 8 and r["nframes"] == 12 and r["duration"] == 1.5  # 1.5 s * 8 fps
-        expect = (64, 48) if r["source"].endswith("small.webm") else (86, 64)
+        # 128x96 -> short side 64, long side 85.3 rounded to whole 16-pixel macroblocks (transcode.align)
+        expect = (64, 48) if r["source"].endswith("small.webm") else (80, 64)
         assert (r["width"], r["height"]) == expect
         with av.open(io.BytesIO(video_bytes(out, r))) as c:
             st = c.streams.video[0]

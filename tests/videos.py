@@ -34,6 +34,8 @@ def frame_image(i: int, w: int, h: int, pattern: str = "moving box", marker: Opt
     img = np.empty((h, w, 3), np.uint8)
     if pattern == "flat":
         img[:] = 64
+    elif pattern == "counter":  # a flat grey whose level tells the frame: 10 + 6 i (i < 41)
+        img[:] = 10 + 6 * i
     elif pattern == "noise":  # incompressible: for big files and shards
         img[:] = np.random.default_rng(i).integers(0, 256, (h, w, 3), np.uint8)
     else:

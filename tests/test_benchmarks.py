@@ -1,0 +1,43 @@
+"""The loader benchmarks run end to end on this machine: `make bench-loader` (small inputs) and `make bench-gpu`'s
+CPU smoke mode, the same script a GPU session runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_loader_rows(tmp_path):
+    from benchmarks.bench_loader import main
+
+    out = tmp_path / "rows.json"
+    assert main(["videos=2", "seconds=3", "size=192x108", "batches=2", "workers=2", f"cache={tmp_path / 'cache'}",
+                 "data.num_frames=8", "data.crop_size=64", "data.batch_size=2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert len(rows) == 4 and all(r["clips_per_s"] > 0 for r in rows.values())
+    today, stepped, aligned = (r["decoded_frames_per_clip"] for r in result["rows"][:3])
+    # 8 frames at stride 4 over every frame, keyframes every 16: 29 frames spanned, half a GOP more on average;
+    # stored every 4th frame: 8 frames plus up to 15 before the first; starts on keyframes: exactly 8
+    assert today > 2 * stepped and stepped <= 8 + 15 and aligned == 8
+    sets = result["sets"]
+    assert sets["today"]["frame_step"] == 1 and sets["stepped"]["frame_step"] == 4
+    assert sets["stepped"]["bytes_per_video_second"] < sets["today"]["bytes_per_video_second"]
+    assert (sets["today"]["size"], sets["stepped"]["size"]) == ("192x108", "176x96")  # whole macroblocks
+
+
+@pytest.mark.slow
+def test_bench_gpu_smoke_writes_every_row_as_it_goes(tmp_path):
+    from benchmarks.bench_gpu import main
+
+    out = tmp_path / "out"
+    assert main(["smoke=true", f"out={out}", f"cache={tmp_path / 'cache'}", "batches=2", "train_steps=2"]) == 0
+    rows = [json.loads(ln) for ln in (out / "rows.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["decoders.video cpu, VP9",
+                                        "joint loop: decoders.video cpu, VP9 -> ViT-tiny/16 step"]
+    assert all("error" not in r and r["clips_per_s"] > 0 for r in rows)
+    assert rows[0]["decoded_frames_per_s"] > 0 and 0 <= rows[1]["data_wait_share"] < 1
+    assert "| decoders.video cpu, VP9 |" in (out / "table.md").read_text()
+    assert json.loads((out / "versions.json").read_text())["dali"]
