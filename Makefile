@@ -10,11 +10,11 @@ DALI ?= nvidia-dali-cuda130
 STAMP := $(VENV)/.tubelet-setup
 ARGS ?=
 
-.PHONY: setup ffmpeg-tool prometheus-tool sample shards sample-shards train probe proof test test-fast bench-shards bench-loader bench-gpu \
+.PHONY: setup ffmpeg-tool prometheus-tool sample shards sample-shards train probe proof test test-fast bench-shards bench-loader bench-gpu bench-remote \
 	bench-train monitor demo clean help
 
 help:
-	@echo "make setup | demo | test | test-fast | sample | shards | train | probe | proof | monitor | bench-shards | bench-loader | bench-train | bench-gpu   (ARGS='key=value ...'; ARGS=--help lists the keys)"
+	@echo "make setup | demo | test | test-fast | sample | shards | train | probe | proof | monitor | bench-shards | bench-loader | bench-train | bench-gpu | bench-remote   (ARGS='key=value ...'; ARGS=--help lists the keys)"
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]" "$(DALI)"
-	@$(PY) -c "import torch, nvidia.dali, webdataset, av, pyarrow, omegaconf, prometheus_client; print('tubelet setup ok: torch', torch.__version__, 'DALI', nvidia.dali.__version__)"
+	@$(PY) -c "import torch, nvidia.dali, webdataset, av, pyarrow, omegaconf, prometheus_client, s3fs, moto; print('tubelet setup ok: torch', torch.__version__, 'DALI', nvidia.dali.__version__)"
 	@touch $(STAMP)
 
 # Debian tools some targets need (ffmpeg as the benchmark baseline); installed only when missing.
@@ -82,6 +82,11 @@ bench-loader: setup
 # package index: PYTHONPATH=... python -m benchmarks.bench_gpu out=DIR). ARGS=smoke=true runs it on the CPU.
 bench-gpu: setup
 	$(PY) -m benchmarks.bench_gpu $(ARGS)
+
+# One epoch from a local S3 server (moto) through a cache a tenth of the set, against local disk; kill -9 resume;
+# shuffle quality of the window order. A few minutes the first time (inputs and shards are made once).
+bench-remote: setup
+	$(PY) -m benchmarks.bench_remote $(ARGS)
 
 # Prometheus on 127.0.0.1:9090 scraping local training (ranks on 127.0.0.1:19400..19407) and sharding
 # (127.0.0.1:19390), with Alertmanager on 127.0.0.1:9093; data in runs/prometheus and runs/alertmanager.

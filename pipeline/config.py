@@ -28,7 +28,20 @@ class LoaderConfig:
     threads: int = 0  # DALI CPU threads; 0 = all cores
     prefetch: int = 2  # batches DALI prepares ahead of the trainer
     device: str = "auto"  # auto (GPU when present) | cpu | cuda
-    cache_dir: str = ""  # local cache for remote shards; "" = ~/.cache/tubelet/shards
+    # sample order per epoch: global (one permutation of the set: every rank reads every shard), window (shards
+    # permuted, samples shuffled within windows of shuffle_window shards, each node reading its share of the
+    # shards about once per epoch; pipeline/sampling.py), auto = window for a remote set, global for a local one
+    shuffle: str = "auto"
+    shuffle_window: int = 4  # shards per shuffle window (window order)
+    # window order: partitions of the set, fixed for the whole run (kept by resumes, whatever the ranks); nodes
+    # read disjoint partitions when their number divides it. 0 = 8 x the nodes of the first start
+    canonical_nodes: int = 0
+    cache_dir: str = ""  # the node's cache of remote shards, shared by its ranks; "" = ~/.cache/tubelet/shards
+    cache_max_bytes: int = 0  # bytes the cache may hold; 0 = 100 GiB or half the free disk, whichever is less
+    download_threads: int = 8  # parallel shard downloads ahead of the plan (remote sets)
+    prefetch_steps: int = 64  # how far ahead the plan is read for downloads (within 3/4 of the cache)
+    retries: int = 6  # storage calls (downloads, manifest) tried this often on transient errors
+    retry_backoff_s: float = 0.5  # first wait between tries, doubled each time (jittered, at most 30 s)
     verify_hashes: bool = False  # sha256 every shard at start (slow on big sets; sizes are always checked)
     # a sample whose bytes fail their CRC-32: skip (replaced by a repeat of another sample of its batch, flagged
     # padded, counted and logged with its key and shard) or fail (the run stops naming it). Never trained on.
@@ -51,3 +64,14 @@ class LoaderConfig:
         check(self.on_corrupt in ("skip", "fail"), "on_corrupt", f"must be skip or fail, got {self.on_corrupt!r}")
         check(self.prefetch >= 1 and self.threads >= 0, "prefetch", "prefetch >= 1, threads >= 0")
         check(self.eval_clips >= 1 and self.eval_crops >= 1, "eval_clips", "eval_clips/eval_crops >= 1")
+        check(self.shuffle in ("auto", "global", "window"), "shuffle", f"must be auto, global or window, got {self.shuffle!r}")
+        check(self.shuffle_window >= 1 and self.canonical_nodes >= 0, "shuffle_window",
+              "shuffle_window >= 1, canonical_nodes >= 0")
+        check(self.cache_max_bytes >= 0 and self.download_threads >= 1 and self.prefetch_steps >= 0,
+              "cache_max_bytes", "cache_max_bytes >= 0, download_threads >= 1, prefetch_steps >= 0")
+        check(self.retries >= 1 and self.retry_backoff_s >= 0, "retries", "retries >= 1, retry_backoff_s >= 0")
+
+    def retry_policy(self):
+        from common.retry import RetryPolicy
+
+        return RetryPolicy(attempts=self.retries, backoff_s=self.retry_backoff_s)

@@ -30,10 +30,11 @@ import torch
 
 from common.device import resolve_device
 from pipeline.clips import DTYPES, IMAGENET_MEAN, IMAGENET_STD, Batch
+from pipeline.cache import CacheStats
 from pipeline.config import LoaderConfig
 from pipeline.sampling import BatchPlan, Plan
 from pipeline.split_index import SplitIndex, open_split, plan_for
-from pipeline.store import ShardStore
+from pipeline.store import store_for
 from shards.manifest import CorruptSample
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class LoaderStats:
     epoch: int
     position: int
     corrupt: int = 0  # samples that failed their checksum and were replaced (data.on_corrupt=skip)
+    cache: Optional[CacheStats] = None  # remote sets: the shard cache's counters so far (cumulative)
 
 
 @dataclass
@@ -124,8 +126,8 @@ class VideoLoader:
     def __init__(self, cfg: LoaderConfig, *, grid: Optional[Tuple[int, int, int]] = None, rank: int = 0,
                  world_size: int = 1, train: bool = True, on_batch: Optional[Callable[[LoaderStats], None]] = None):
         self.cfg, self.grid, self.train = cfg, grid, train
-        self.index: SplitIndex = open_split(cfg.root, cfg.split, cfg.verify_hashes)
-        self.store = ShardStore(cfg.root, cfg.cache_dir)
+        self.index: SplitIndex = open_split(cfg.root, cfg.split, cfg.verify_hashes, cfg.retry_policy())
+        self.store = store_for(cfg)
         self.device = resolve_device(cfg.device, key="data.device")
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.dtype = DTYPES[cfg.dtype]
@@ -202,6 +204,9 @@ class VideoLoader:
         """Everything DALI and the batch need of one step, on the feeder thread: the encoded videos read from the
         shards and checked, the sampling records as arrays, the masks (in pinned memory for a GPU)."""
         t0 = time.perf_counter()
+        if self.store.cache is not None:  # remote: download what the next steps read, ahead and in parallel
+            self.store.prefetch(bp.rows, plan.upcoming_rows(self.cfg.prefetch_steps), self.index.shards,
+                                self.index.shard_bytes)
         before = self.store.bytes_read
         bp, videos, corrupt = self._read_batch(bp)
         recs = bp.records
@@ -295,7 +300,8 @@ class VideoLoader:
         )
         if self.on_batch is not None:
             self.on_batch(LoaderStats(t1 - t0, fed.feed_seconds, t1 - fed.fed_at, fed.bytes_read, len(bp.rows),
-                                      sum(bp.padded), len(self._inflight), bp.epoch, bp.next_position, fed.corrupt))
+                                      sum(bp.padded), len(self._inflight), bp.epoch, bp.next_position, fed.corrupt,
+                                      self.store.cache_stats))
         return batch
 
     def _to_torch(self, out) -> torch.Tensor:

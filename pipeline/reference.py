@@ -19,7 +19,7 @@ from pipeline.clips import DTYPES, Batch, cut_clip
 from pipeline.config import LoaderConfig
 from pipeline.sampling import BatchPlan, ClipRecord, Plan, frame_indices
 from pipeline.split_index import open_split, plan_for
-from pipeline.store import ShardStore
+from pipeline.store import store_for
 
 
 def decode_frames(video: bytes, indices: List[int], fps: float = 0.0) -> Tuple[np.ndarray, int]:
@@ -68,8 +68,8 @@ class _Batches(Dataset):
     def __getitem__(self, i: int):
         cfg, bp = self.cfg, self.plans[i]
         if self.index is None:  # opened lazily, once per worker process
-            self.index = open_split(cfg.root, cfg.split)
-            self.store = ShardStore(cfg.root, cfg.cache_dir)
+            self.index = open_split(cfg.root, cfg.split, retry=cfg.retry_policy())
+            self.store = store_for(cfg)
         made = [make_clip(self.index.read_video(self.store, r), rec, int(self.index.nframes[r]), cfg.num_frames,
                           self.stride, cfg.crop_size, float(self.index.fps[r]))
                  for r, rec in zip(bp.rows, bp.records)]
@@ -82,7 +82,7 @@ class ReferenceLoader:
     def __init__(self, cfg: LoaderConfig, *, grid: Optional[Tuple[int, int, int]] = None, rank: int = 0,
                  world_size: int = 1, train: bool = True, workers: int = 0, state: Optional[dict] = None):
         self.cfg, self.grid, self.workers = cfg, grid, workers
-        self.index = open_split(cfg.root, cfg.split, cfg.verify_hashes)
+        self.index = open_split(cfg.root, cfg.split, cfg.verify_hashes, cfg.retry_policy())
         self.plan = plan_for(self.index, cfg, rank=rank, world_size=world_size, train=train)
         if state is not None:
             self.plan.load_state_dict(state)

@@ -5,17 +5,27 @@ epoch's global order. A loader's whole state is therefore (epoch, position): res
 stream, with any number of data workers, and with another number of ranks the rest of the epoch is still
 served exactly once. DALI's own checkpointing cannot do this (its video decoder refuses checkpointing).
 
-Order: a global permutation of the dataset per epoch (not a shuffle buffer). Steps: each step takes the next
-`world_size * batch_size` positions; rank r takes a contiguous slice of them. The last step of an epoch may
-be short: its samples are spread evenly over the ranks (sizes differ by at most one), so every sample is
-seen once and every rank takes the same number of steps. Only when that last step holds fewer samples than
-there are ranks, a rank repeats one of them, flagged `padded`.
+Order, two kinds (`data.shuffle`):
+- global: a permutation of the whole dataset per epoch. Every rank reads from every shard: right for a local
+  set, wrong for a remote one far larger than a node's disk.
+- window (the default for remote sets): the shards are permuted per epoch and their samples, in that order, cut
+  into `partitions` equal ranges (the canonical nodes); each range is shuffled within windows of about
+  `window` shards' samples, and the ranges are interleaved: position g is sample g // C of partition g % C.
+  When the number of nodes N divides C, node n takes the positions g = n (mod N) of every step, so it reads
+  only the partitions p = n (mod N): about 1/N of the shards, each about once per epoch, a window at a time.
+  The order depends on (seed, epoch, C, window), never on the number of ranks, so exact and elastic resume hold.
+Steps: each step takes the next `world_size * batch_size` positions (a prefix of the epoch's order is always
+what has been consumed); rank r takes a contiguous slice of them (window order: of its node's share). The last
+step of an epoch may be short: its samples are spread evenly over the ranks (sizes differ by at most one), so
+every sample is seen once and every rank takes the same number of steps. Only when that last step holds fewer
+samples than there are ranks, a rank repeats one of them, flagged `padded`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections import OrderedDict
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -23,7 +33,7 @@ import numpy as np
 from pipeline.masks import sample_masks
 
 # stream ids keep the random draws of different purposes independent
-_ORDER, _SAMPLE, _MASKS = 0, 1, 2
+_ORDER, _SAMPLE, _MASKS, _WINDOW = 0, 1, 2, 3
 
 
 def rng_for(seed: int, epoch: int, position: int, stream: int) -> np.random.Generator:
@@ -56,6 +66,70 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -
     if not shuffle:
         return np.arange(num_samples)
     return rng_for(seed, epoch, 0, _ORDER).permutation(num_samples)
+
+
+class WindowOrder:
+    """The window order of one epoch (module docstring), computed lazily: memory O(shards + one window), so a
+    set of tens of millions of samples costs no per-sample array. `order[g]` is the row at position g."""
+
+    def __init__(self, layout: Tuple[np.ndarray, np.ndarray], seed: int, epoch: int, partitions: int, window: int):
+        self._rows, counts = layout  # shard_layout(): rows grouped by shard, and the rows per shard
+        n, nshards = len(self._rows), len(counts)
+        self.n, self.partitions = n, max(1, min(partitions, n or 1))
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # each shard's first index in _rows
+        perm = rng_for(seed, epoch, 0, _WINDOW).permutation(nshards)
+        self._seq_first = first[perm]  # for shard-permuted sequence index j: its shard's block in _rows
+        self._seq_cum = np.concatenate([[0], np.cumsum(counts[perm])])
+        base, extra = divmod(n, self.partitions)  # partitions p < extra hold one sample more
+        self._lens = np.array([base + (p < extra) for p in range(self.partitions)], np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(self._lens)[:-1]])
+        self.window = max(1, int(round(window * n / max(1, nshards))))  # samples per window
+        self._seed, self._epoch = seed, epoch
+        self._perms: "OrderedDict[Tuple[int, int], np.ndarray]" = OrderedDict()
+
+    def partition_of(self, position: int) -> int:
+        return position % self.partitions
+
+    def _window_perm(self, p: int, m: int) -> np.ndarray:
+        key = (p, m)
+        perm = self._perms.get(key)
+        if perm is None:
+            size = min(self.window, int(self._lens[p]) - m * self.window)
+            perm = np.random.default_rng(np.random.SeedSequence([self._seed, self._epoch, p, m, _WINDOW])).permutation(size)
+            self._perms[key] = perm
+            while len(self._perms) > 4 * self.partitions:
+                self._perms.popitem(last=False)
+        else:
+            self._perms.move_to_end(key)
+        return perm
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, g: int) -> int:
+        p, i = g % self.partitions, g // self.partitions
+        m, k = divmod(i, self.window)
+        j = int(self._starts[p]) + m * self.window + int(self._window_perm(p, m)[k])  # in the shard sequence
+        s = int(np.searchsorted(self._seq_cum, j, side="right")) - 1
+        return int(self._rows[self._seq_first[s] + (j - self._seq_cum[s])])
+
+
+def shard_layout(shard_of_row: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """(rows grouped by shard, manifest order within each; rows per shard) for `WindowOrder`, once per set."""
+    shard_of_row = np.asarray(shard_of_row, np.int64)
+    nshards = int(shard_of_row.max()) + 1 if len(shard_of_row) else 0
+    return np.argsort(shard_of_row, kind="stable"), np.bincount(shard_of_row, minlength=nshards)
+
+
+def node_slice(start: int, count: int, rank: int, world_size: int, ranks_per_node: int) -> List[int]:
+    """Window order, a full step: node n = rank // ranks_per_node takes the positions = n (mod nodes), its ranks
+    contiguous slices of those."""
+    nodes = world_size // ranks_per_node
+    node, local = divmod(rank, ranks_per_node)
+    first = start + (node - start) % nodes
+    mine = list(range(first, start + count, nodes))
+    lo, hi = (local * len(mine)) // ranks_per_node, ((local + 1) * len(mine)) // ranks_per_node
+    return mine[lo:hi]
 
 
 def steps_in_epoch(num_samples: int, batch_size: int, world_size: int, position: int = 0) -> int:
@@ -140,25 +214,37 @@ def eval_record(view: int, num_clips: int, num_crops: int, nframes: int, height:
 class Plan:
     """The batches one rank reads, from a resumable (epoch, position) state.
 
-    `samples`: per manifest row, (nframes, height, width). Training: shuffled every epoch, random records
-    (start frames on multiples of `start_grid`), endless. Evaluation: every video expanded into `views` deterministic views, one pass, in order.
+    `samples`: per manifest row, (nframes, height, width). Training: shuffled every epoch (`shuffle`: global,
+    or window over `shard_of_row` with `partitions` canonical nodes, 0 = 8 per node, and `window` shards;
+    module docstring), random records (start frames on multiples of `start_grid`), endless. Evaluation: every
+    video expanded into `views` deterministic views, one pass, in order.
     """
 
     def __init__(self, samples: Sequence[Tuple[int, int, int]], *, batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, train: bool = True, num_frames: int = 16,
                  stride: int = 4, scale: Sequence[float] = (0.3, 1.0), ratio: Sequence[float] = (0.75, 1.35),
-                 flip: bool = True, num_clips: int = 1, num_crops: int = 1, start_grid: int = 1):
+                 flip: bool = True, num_clips: int = 1, num_crops: int = 1, start_grid: int = 1,
+                 shuffle: str = "global", shard_of_row: Optional[Sequence[int]] = None, partitions: int = 0,
+                 window: int = 16, ranks_per_node: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        if shuffle not in ("global", "window") or (shuffle == "window" and shard_of_row is None):
+            raise ValueError(f"shuffle {shuffle!r}: global, or window with the shard of every row")
         self.samples = list(samples)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.train, self.num_frames, self.stride = train, num_frames, stride
         self.scale, self.ratio, self.flip, self.start_grid = tuple(scale), tuple(ratio), flip, max(1, start_grid)
         self.views = 1 if train else num_clips * num_crops
         self.num_clips, self.num_crops = num_clips, num_crops
+        self.shuffle = shuffle if train else "none"
+        self.ranks_per_node = ranks_per_node if ranks_per_node >= 1 and world_size % ranks_per_node == 0 else 1
+        self.nodes = world_size // self.ranks_per_node
+        self.partitions = partitions or 8 * self.nodes  # 0: fixed at the first start, kept by resumes
+        self._auto_partitions = not partitions
+        self.window = window
+        self._layout = None if shard_of_row is None or not train else shard_layout(shard_of_row)
         self.epoch, self.position = 0, 0
-        self._order: Optional[np.ndarray] = None
-        self._order_epoch = -1
+        self._orders: "OrderedDict[int, object]" = OrderedDict()  # this epoch's and, near its end, the next
 
     @property
     def num_items(self) -> int:
@@ -168,20 +254,62 @@ class Plan:
     def steps_per_epoch(self) -> int:
         return steps_in_epoch(self.num_items, self.batch_size, self.world_size)
 
+    def _order_key(self) -> dict:
+        return {"shuffle": self.shuffle, "partitions": self.partitions, "window": self.window} \
+            if self.shuffle == "window" else {"shuffle": self.shuffle}
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_items": self.num_items}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_items": self.num_items,
+                **self._order_key()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_items"] != self.num_items or state["seed"] != self.seed:
             raise ValueError(f"loader state is for {state['num_items']} items with seed {state['seed']}, this "
                              f"loader has {self.num_items} with seed {self.seed}: wrong dataset or config")
+        if self._auto_partitions and "partitions" in state:
+            self.partitions = int(state["partitions"])  # the canonical nodes of the first start
+        saved = {k: state.get(k, "global" if k == "shuffle" else None) for k in self._order_key()}
+        if saved != self._order_key():
+            raise ValueError(f"loader state was saved with order {saved}, this loader has {self._order_key()}: "
+                             "resuming would serve another order mid-epoch; keep data.shuffle, "
+                             "data.shuffle_window and data.canonical_nodes as they were")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._orders.clear()
 
-    def _item_order(self, epoch: int) -> np.ndarray:
-        if self._order_epoch != epoch:
-            self._order = epoch_order(self.num_items, self.seed, epoch, shuffle=self.train)
-            self._order_epoch = epoch
-        return self._order
+    def _item_order(self, epoch: int):
+        order = self._orders.get(epoch)
+        if order is None:
+            if self.shuffle == "window":
+                order = WindowOrder(self._layout, self.seed, epoch, self.partitions, self.window)
+            else:
+                order = epoch_order(self.num_items, self.seed, epoch, shuffle=self.train)
+            self._orders[epoch] = order
+            while len(self._orders) > 2:
+                self._orders.popitem(last=False)
+        return order
+
+    def _positions(self, epoch: int, start: int, count: int) -> Tuple[List[int], List[bool]]:
+        """This rank's positions of the step [start, start + count), and their padded flags."""
+        full = count == self.batch_size * self.world_size
+        if (self.shuffle == "window" and full and self.nodes > 1
+                and self._item_order(epoch).partitions % self.nodes == 0):
+            positions = node_slice(start, count, self.rank, self.world_size, self.ranks_per_node)
+            return positions, [False] * len(positions)
+        return rank_slice(start, count, self.rank, self.world_size)
+
+    def upcoming_rows(self, steps: int) -> List[int]:
+        """The rows this rank reads in its next `steps` steps, in order (no records drawn): what to prefetch."""
+        epoch, start, rows = self.epoch, self.position, []
+        for _ in range(steps):
+            if start >= self.num_items:
+                if not self.train:
+                    break
+                epoch, start = epoch + 1, 0
+            count = min(self.batch_size * self.world_size, self.num_items - start)
+            order = self._item_order(epoch)
+            rows.extend(int(order[p]) // self.views for p in self._positions(epoch, start, count)[0])
+            start += count
+        return rows
 
     def __iter__(self) -> Iterator[BatchPlan]:
         return self
@@ -194,7 +322,7 @@ class Plan:
             self.epoch, self.position = self.epoch + 1, 0
         epoch, start = self.epoch, self.position
         count = min(self.batch_size * self.world_size, self.num_items - start)
-        positions, padded = rank_slice(start, count, self.rank, self.world_size)
+        positions, padded = self._positions(epoch, start, count)
         order = self._item_order(epoch)
         rows, records = [], []
         for p in positions:

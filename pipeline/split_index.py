@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
+from common.files import is_local, url_to_fs
+from common.retry import RetryPolicy
 from pipeline.config import LoaderConfig
 from pipeline.sampling import Plan
 from pipeline.store import ShardStore
@@ -59,10 +62,12 @@ class SplitIndex:
         return data
 
 
-def open_split(root: str, split: str, verify_hashes: bool = False) -> SplitIndex:
-    """Read and verify the manifest; refuse a set whose files do not match it, naming the shard."""
-    m: Manifest = read_manifest(root)
-    verify(m, check_hashes=verify_hashes)
+def open_split(root: str, split: str, verify_hashes: bool = False, retry: Optional[RetryPolicy] = None) -> SplitIndex:
+    """Read and verify the manifest (transient storage errors retried); refuse a set whose files do not match
+    it, naming the shard."""
+    retry = retry or RetryPolicy()
+    m: Manifest = retry.call(lambda: read_manifest(root), f"reading the manifest of {root}")
+    retry.call(lambda: verify(m, check_hashes=verify_hashes), f"checking the shards of {root}")
     t = m.split(split)
     col = lambda name: t.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
     labels = t.column("label_index").fill_null(-1).to_numpy().astype(np.int64)
@@ -75,10 +80,22 @@ def open_split(root: str, split: str, verify_hashes: bool = False) -> SplitIndex
     )
 
 
+def shuffle_for(cfg: LoaderConfig) -> str:
+    """data.shuffle with auto resolved: window order for a remote set, global for a local one."""
+    if cfg.shuffle != "auto":
+        return cfg.shuffle
+    return "global" if is_local(url_to_fs(cfg.root)[0]) else "window"
+
+
 def plan_for(index: SplitIndex, cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1, train: bool = True) -> Plan:
     """The sampling plan of `cfg` over this split, in stored frames: the clip stride divided by the set's
-    frame_step, starts on keyframes with data.align_starts. Both loaders draw from it."""
+    frame_step, starts on keyframes with data.align_starts, the order of data.shuffle (nodes from torchrun's
+    LOCAL_WORLD_SIZE). Both loaders draw from it."""
+    shard_ids = {name: i for i, name in enumerate(sorted(set(index.shards)))}
     return Plan(index.geometry(), batch_size=cfg.batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
                 train=train, num_frames=cfg.num_frames, stride=index.stride_for(cfg.frame_stride),
                 scale=cfg.crop_scale, ratio=cfg.crop_aspect, flip=cfg.flip, num_clips=cfg.eval_clips,
-                num_crops=cfg.eval_crops, start_grid=index.keyframe_interval if cfg.align_starts else 1)
+                num_crops=cfg.eval_crops, start_grid=index.keyframe_interval if cfg.align_starts else 1,
+                shuffle=shuffle_for(cfg), shard_of_row=[shard_ids[s] for s in index.shards],
+                partitions=cfg.canonical_nodes, window=cfg.shuffle_window,
+                ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -1,16 +1,21 @@
-"""Reading sample members out of shards, local or remote (remote shards are cached locally, whole)."""
+"""Reading sample members out of shards, local or remote (remote shards through the node's bounded cache)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tarfile
 import threading
 from collections import OrderedDict
-from typing import Optional
+from typing import Dict, List, Optional, Sequence
 
-from common.files import atomic_path, is_local, url_to_fs
+from common.files import is_local, url_to_fs
+from common.retry import RetryPolicy
+from pipeline.cache import CacheStats, ShardCache, needed_shards
 from shards.manifest import ManifestError, safe_name
+
+DEFAULT_CACHE_MAX_BYTES = 100 * 2**30  # or half the free space of the cache's disk, whichever is less
 
 
 def default_cache_dir() -> str:
@@ -20,50 +25,73 @@ def default_cache_dir() -> str:
 class ShardStore:
     """Random access to tar members by (shard, offset, size), with the tar header checked on every read.
 
-    Local shards are read in place with pread; remote ones (any fsspec URL) are downloaded once into
-    `cache_dir` (atomically, size-checked) and read from there.
+    Local shards are read in place with pread (file descriptors kept open, LRU). Remote ones (any fsspec URL) are
+    read from the node's `ShardCache` in `cache_dir`, bounded by `cache_max_bytes` (0: the default), opened per
+    read so an evicted shard frees its space at once; `prefetch` downloads what the plan reads next.
     """
 
-    def __init__(self, root: str, cache_dir: str = "", max_open: int = 64):
+    def __init__(self, root: str, cache_dir: str = "", max_open: int = 64, cache_max_bytes: int = 0,
+                 retry: Optional[RetryPolicy] = None, download_threads: int = 8):
         self.root = root.rstrip("/")
         self.fs, self.path = url_to_fs(self.root)
         self.local = is_local(self.fs)
-        tag = hashlib.sha1(self.root.encode()).hexdigest()[:16]
-        self.cache = os.path.join(cache_dir or default_cache_dir(), tag)
         self._files: "OrderedDict[str, int]" = OrderedDict()
         self._max_open = max_open
         self._lock = threading.Lock()
         self.bytes_read = 0
+        self.cache: Optional[ShardCache] = None
+        if not self.local:
+            tag = hashlib.sha1(self.root.encode()).hexdigest()[:16]
+            folder = os.path.join(cache_dir or default_cache_dir(), tag)
+            os.makedirs(folder, exist_ok=True)
+            limit = cache_max_bytes or min(DEFAULT_CACHE_MAX_BYTES, shutil.disk_usage(folder).free // 2)
+            self.cache = ShardCache(self.fs, self.path, folder, limit, retry or RetryPolicy(), download_threads)
 
-    def _local_path(self, shard: str, expected_size: Optional[int]) -> str:
-        safe_name(shard, self.root)  # a shard name never leads outside the set or the cache
-        if self.local:
-            return os.path.join(self.path, shard)
-        dst = os.path.join(self.cache, shard)
-        if not (os.path.exists(dst) and (expected_size is None or os.path.getsize(dst) == expected_size)):
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            with atomic_path(dst) as tmp:
-                self.fs.get_file(f"{self.path}/{shard}", tmp)
-                if expected_size is not None and os.path.getsize(tmp) != expected_size:
-                    raise ManifestError(f"shard {shard} downloaded from {self.root} has the wrong size")
-        return dst
+    @property
+    def cache_stats(self) -> Optional[CacheStats]:
+        return None if self.cache is None else self.cache.stats.snapshot()
+
+    def prefetch(self, now: List[int], ahead: List[int], shards: Sequence[str], shard_bytes: Dict[str, int]) -> None:
+        """Remote sets: keep the shards of rows `now` (read next), and download those of `ahead` (the plan's
+        later reads, in order) while they fit."""
+        if self.cache is not None:
+            current = needed_shards(now, shards, shard_bytes)
+            self.cache.prefetch(current + needed_shards(ahead, shards, shard_bytes), now=len(current))
 
     def _fd(self, shard: str, expected_size: Optional[int]) -> int:
+        safe_name(shard, self.root)  # a shard name never leads outside the set or the cache
         with self._lock:
             fd = self._files.get(shard)
             if fd is not None:
                 self._files.move_to_end(shard)
                 return fd
-            fd = os.open(self._local_path(shard, expected_size), os.O_RDONLY)
+            fd = os.open(os.path.join(self.path, shard), os.O_RDONLY)
             self._files[shard] = fd
             while len(self._files) > self._max_open:
                 os.close(self._files.popitem(last=False)[1])
             return fd
 
+    def _pread(self, shard: str, size: int, offset: int, shard_size: Optional[int]) -> bytes:
+        if self.cache is None:
+            return os.pread(self._fd(shard, shard_size), size, offset)
+        safe_name(shard, self.root)
+        if shard_size is None:
+            raise ManifestError(f"shard {shard} of {self.root}: no size in the manifest, needed to cache it")
+        for attempt in range(3):  # another process of the node may evict it between download and open
+            try:
+                fd = os.open(self.cache.path(shard, shard_size), os.O_RDONLY)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        try:
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+
     def read(self, shard: str, offset: int, size: int, name: str, shard_size: Optional[int] = None) -> bytes:
         """The data of member `name`; its tar header must precede it (else the shard does not match)."""
-        fd = self._fd(shard, shard_size)
-        blob = os.pread(fd, size + tarfile.BLOCKSIZE, offset - tarfile.BLOCKSIZE)
+        blob = self._pread(shard, size + tarfile.BLOCKSIZE, offset - tarfile.BLOCKSIZE, shard_size)
         header = blob[:100].rstrip(b"\0").decode(errors="replace")
         if header != name or len(blob) != size + tarfile.BLOCKSIZE:
             raise ManifestError(f"shard {shard}: expected member {name} at offset {offset}, found "
@@ -77,3 +105,11 @@ class ShardStore:
             for fd in self._files.values():
                 os.close(fd)
             self._files.clear()
+        if self.cache is not None:
+            self.cache.close()
+
+
+def store_for(cfg) -> ShardStore:
+    """The store of a loader's `data` config (pipeline.config.LoaderConfig)."""
+    return ShardStore(cfg.root, cfg.cache_dir, cache_max_bytes=cfg.cache_max_bytes, retry=cfg.retry_policy(),
+                      download_threads=cfg.download_threads)

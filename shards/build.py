@@ -28,7 +28,8 @@ from shards.manifest import MANIFEST, REJECTS, check_shards, write_manifest
 from shards.metrics import ShardsMetrics
 from shards.output import Output, ShardsError
 from shards.plan import PARTS, Group, fingerprint, plan
-from shards.transcode import Job, Reject
+from shards.transcode import Job, Reject, Unavailable, process_local, read_input
+from shards.validate import Rejected
 from shards.workers import run_jobs
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def run(cfg: ShardsConfig) -> Optional[dict]:
     t_start = time.time()
     logs.console()
     groups, labels = plan(cfg)
-    out = Output(cfg.output)
+    out = Output(cfg.output, cfg.retry_policy())
     part = cfg.partition
     owner = "merge" if cfg.merge else f"{part.index}-of-{part.count}"
     out.lock(owner)
@@ -112,18 +113,28 @@ def _shard_groups(cfg: ShardsConfig, out: Output, todo: List[Group], done: int, 
         return work
     tmpdir = out.tmpdir(owner)
     writers = {g.name: GroupWriter(g, out, cfg, tmpdir) for g in todo}
-    jobs = []
+    jobs, early = [], []
     for g in todo:
         for pos, (s, key, label_index) in enumerate(zip(g.sources, g.keys, g.label_index)):
-            jobs.append(((g.name, pos), Job(key, s.url, s.label, label_index, cfg.transcode, cfg.filter)))
+            job = Job(key, s.url, s.label, label_index, cfg.transcode, cfg.filter, cfg.retries, cfg.retry_backoff_s)
+            if process_local(s.url):  # memory://: only this process sees it; the worker gets its bytes
+                try:
+                    job.data = read_input(s.url, cfg.filter, cfg.retry_policy())
+                except Rejected as r:
+                    early.append(((g.name, pos), Reject(key, s.url, r.reason, r.detail)))
+                    continue
+            jobs.append(((g.name, pos), job))
     workers = cfg.workers or os.cpu_count() or 1
-    bar = logs.Progress(len(jobs), f"shards ({done} groups already done)" if done else "shards", "video",
+    bar = logs.Progress(len(jobs) + len(early), f"shards ({done} groups already done)" if done else "shards", "video",
                         enabled=cfg.progress, logger=log)
-    stats = ShardsMetrics(cfg.metrics_port, run=posixpath.basename(out.path.rstrip("/")), videos=len(jobs),
+    stats = ShardsMetrics(cfg.metrics_port, run=posixpath.basename(out.path.rstrip("/")), videos=len(jobs) + len(early),
                           groups=len(todo))
 
     def on_result(tag, result) -> None:
         gname, pos = tag
+        if isinstance(result, Unavailable):  # storage trouble, not the video's: never a permanent reject
+            raise ShardsError(f"input {result.source} could not be read: {result.detail}. Finished groups are "
+                              "kept: run the same command again to resume")
         work.videos += 1
         work.cpu_seconds += result.seconds
         if isinstance(result, Reject):
@@ -138,6 +149,8 @@ def _shard_groups(cfg: ShardsConfig, out: Output, todo: List[Group], done: int, 
             stats.group()
 
     try:
+        for tag, result in early:
+            on_result(tag, result)
         run_jobs(jobs, workers, on_result)
     finally:
         bar.close()
@@ -181,8 +194,9 @@ def _merge(cfg: ShardsConfig, out: Output, groups: List[Group], labels: Dict[str
     meta = {"created_by": "tubelet make_shards", "classes": classes, "summary": summary,
             "config": {k: v for k, v in to_dict(cfg).items() if k not in ("workers", "progress", "merge",
                                                                            "partition", "metrics_port",
-                                                                           "check_outputs")}}
-    write_manifest(out.url, rows, shards, rejects, meta)
+                                                                           "check_outputs", "retries",
+                                                                           "retry_backoff_s")}}
+    out.retry.call(lambda: write_manifest(out.url, rows, shards, rejects, meta), f"writing the manifest of {out.url}")
     speed = {"wall_seconds": round(wall, 2), "videos_processed": work.videos,
              "worker_cpu_seconds": round(work.cpu_seconds, 2),
              "videos_per_second": round(work.videos / wall, 2) if wall > 0 else None,

@@ -100,6 +100,16 @@ class ShardsConfig:
     shard: ShardLimits = field(default_factory=ShardLimits)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     metrics_port: int = 0  # serve Prometheus progress on 127.0.0.1:<port> while running (make monitor: 19390); 0 = off
+    # storage calls (reading inputs, writing shards and records) are tried this often on transient errors
+    # (timeouts, resets, 5xx), waiting retry_backoff_s, doubled each time; an input still failing stops the run
+    # (rerun to resume) instead of being rejected for good
+    retries: int = 6
+    retry_backoff_s: float = 0.5
+
+    def retry_policy(self):
+        from common.retry import RetryPolicy
+
+        return RetryPolicy(attempts=self.retries, backoff_s=self.retry_backoff_s)
 
     def validate(self) -> None:
         for name, spec in self.inputs.items():
@@ -108,4 +118,5 @@ class ShardsConfig:
             check(bool(spec.strip()), f"inputs.{name}", "is empty: name a folder, a glob or a list file (.csv/.parquet)")
         check(bool(self.output), "output", "must name a folder or URL")
         check(self.workers >= 0, "workers", "must be >= 0 (0 = all cores)")
+        check(self.retries >= 1 and self.retry_backoff_s >= 0, "retries", "retries >= 1, retry_backoff_s >= 0")
         check(self.check_outputs in ("hash", "size"), "check_outputs", f"must be hash or size, got {self.check_outputs!r}")

@@ -11,6 +11,7 @@ import time
 from typing import Optional
 
 from common.files import Locked, atomic_write, is_local, join, lock_file, publish, unlock_file, url_to_fs
+from common.retry import RetryPolicy
 from shards.plan import PARTS
 
 
@@ -19,8 +20,9 @@ class ShardsError(RuntimeError):
 
 
 class Output:
-    def __init__(self, url: str):
+    def __init__(self, url: str, retry: Optional[RetryPolicy] = None):
         self.url = url.rstrip("/")
+        self.retry = retry or RetryPolicy()
         self.fs, self.path = url_to_fs(self.url)
         self.local = is_local(self.fs)
         try:
@@ -36,15 +38,21 @@ class Output:
         """Where `name` (relative to the set) lives: a local path or a URL."""
         return join(self.path if self.local else self.url, name)
 
+    def _call(self, fn, what: str, name: str):
+        """A storage call on `name`, retried on transient errors (an object store's 5xx, a reset)."""
+        return self.retry.call(fn, f"{what} {self.url_of(name)}")
+
     def exists(self, name: str) -> bool:
-        return self.fs.exists(join(self.path, name))
+        return self._call(lambda: self.fs.exists(join(self.path, name)), "checking", name)
 
     def read_json(self, name: str) -> dict:
-        with self.fs.open(join(self.path, name), "r") as f:
-            return json.load(f)
+        def read():
+            with self.fs.open(join(self.path, name), "r") as f:
+                return json.load(f)
+        return self._call(read, "reading", name)
 
     def remove(self, name: str) -> None:
-        self.fs.rm(join(self.path, name))
+        self._call(lambda: self.fs.rm(join(self.path, name)), "removing", name)
 
     def log_path(self, name: str) -> str:
         """Where this run's log file is written: in the set, or a local temp file for a remote set."""
@@ -61,10 +69,17 @@ class Output:
 
     def put(self, name: str, src_local: str) -> None:
         """Give a finished local file its final name in the output; readers never see it partial."""
-        publish(src_local, self.url_of(name))
+        if self.local:
+            publish(src_local, self.url_of(name))
+        else:  # an object store's put is all or nothing: retried whole
+            self._call(lambda: self.fs.put_file(src_local, join(self.path, name)), "writing", name)
+            os.unlink(src_local)
 
     def write(self, name: str, data: bytes, tmpdir: str) -> None:
-        atomic_write(self.url_of(name), data, tmp_dir=tmpdir)
+        if self.local:
+            atomic_write(self.url_of(name), data, tmp_dir=tmpdir)
+        else:
+            self._call(lambda: self.fs.pipe_file(join(self.path, name), data), "writing", name)
 
     def tmpdir(self, owner: str) -> str:
         """Where shards are assembled: inside the output (same filesystem, so rename is atomic) if local.

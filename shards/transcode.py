@@ -21,6 +21,7 @@ import av
 import numpy as np
 
 from common.files import url_to_fs
+from common.retry import RetryPolicy, StorageError
 from shards.config import FilterConfig, TranscodeConfig
 from shards.validate import Rejected, validate_video
 
@@ -45,6 +46,17 @@ class Reject:
 
 
 @dataclass
+class Unavailable:
+    """The input could not be read because of transient storage errors, every try: not a property of the video,
+    so never recorded as a reject; the run stops and a rerun resumes."""
+
+    key: str
+    source: str
+    detail: str
+    seconds: float = 0.0
+
+
+@dataclass
 class Job:
     key: str
     url: str
@@ -52,9 +64,18 @@ class Job:
     label_index: Optional[int]
     transcode: TranscodeConfig = field(default_factory=TranscodeConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
+    retries: int = 6  # tries on transient storage errors, and the first wait (ShardsConfig.retries)
+    retry_backoff_s: float = 0.5
+    data: Optional[bytes] = None  # the input's bytes, read by the parent: inputs a worker cannot open (memory://)
 
 
-def process(job: Job) -> Sample | Reject:
+def process_local(url: str) -> bool:
+    """True for inputs that exist only in the process that lists them (fsspec's memory://): the parent reads
+    them for the worker processes."""
+    return "memory" in url_to_fs(url)[0].protocol
+
+
+def process(job: Job) -> Sample | Reject | Unavailable:
     """Read, check, transcode and validate one video. Never raises for bad input."""
     t0 = time.process_time()  # CPU, not wall: the summary reports source-seconds per worker CPU-second
     try:
@@ -63,24 +84,28 @@ def process(job: Job) -> Sample | Reject:
         return sample
     except Rejected as r:
         return Reject(job.key, job.url, r.reason, r.detail, time.process_time() - t0)
+    except StorageError as e:
+        return Unavailable(job.key, job.url, str(e), time.process_time() - t0)
     except Exception as e:  # a bug or an unforeseen input must cost one video, not the run
         return Reject(job.key, job.url, "internal_error", f"{type(e).__name__}: {e}", time.process_time() - t0)
 
 
-def _read(url: str, flt: FilterConfig) -> bytes:
-    try:
+def read_input(url: str, flt: FilterConfig, retry: RetryPolicy) -> bytes:
+    """The bytes of input `url`, transient storage errors retried (StorageError once they persist)."""
+    def read() -> bytes:
         fs, path = url_to_fs(url)
         size = fs.size(path)
         if size is not None and size > flt.max_file_bytes:
             raise Rejected("file_too_large", f"{size} bytes > filter.max_file_bytes={flt.max_file_bytes}")
         with fs.open(path, "rb") as f:
-            data = f.read()
-    except Rejected:
+            return f.read()
+
+    try:
+        data = retry.call(read, f"reading {url}")
+    except (Rejected, StorageError):
         raise
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # missing, access denied, not a file: the input's fault
         raise Rejected("unreadable", f"{type(e).__name__}: {e}") from None
-    if not data:
-        raise Rejected("empty_file", "the file has 0 bytes")
     return data
 
 
@@ -171,7 +196,10 @@ def _encoder(codec: str, cfg: TranscodeConfig, width: int, height: int, rate: Fr
 
 
 def _process(job: Job) -> Sample:
-    data = _read(job.url, job.filter)
+    data = job.data if job.data is not None else read_input(
+        job.url, job.filter, RetryPolicy(attempts=job.retries, backoff_s=job.retry_backoff_s))
+    if not data:
+        raise Rejected("empty_file", "the file has 0 bytes")
     container, stream = _open_video(data, job.url, job.filter)
     try:
         return _transcode(job, data, container, stream)

@@ -41,3 +41,21 @@ def test_bench_gpu_smoke_writes_every_row_as_it_goes(tmp_path):
     assert rows[0]["decoded_frames_per_s"] > 0 and 0 <= rows[1]["data_wait_share"] < 1
     assert "| decoders.video cpu, VP9 |" in (out / "table.md").read_text()
     assert json.loads((out / "versions.json").read_text())["dali"]
+
+
+@pytest.mark.slow
+def test_bench_remote_small(tmp_path):
+    """`make bench-remote` end to end on a small set: an epoch from the local S3 server through a cache smaller
+    than the set, within the download and cache limits, and exact after kill -9."""
+    from benchmarks.bench_remote import main
+
+    out = tmp_path / "remote.json"
+    assert main(["videos=16", "seconds=2", "size=192x108", "shard_samples=2", "cache_fraction=0.4", "kill_after=2",
+                 "data.num_frames=8", "data.crop_size=64", "data.batch_size=2", f"cache={tmp_path / 'cache'}",
+                 "quality_samples=2048", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["shards"] == 8 and r["resume_exact"] and r["killed_after_batches"] >= 2
+    assert 0 < r["peak_cache_bytes"] <= r["cache_max_bytes"] < r["set_bytes"]
+    assert r["downloaded_over_set"] <= 1.1 and r["cache"]["evictions"] > 0
+    quality = {q["order"]: q for q in r["shuffle_quality"]}
+    assert quality["global"]["distinct_labels"] > quality["window 1, canonical nodes 1"]["distinct_labels"]

@@ -163,6 +163,77 @@ def test_resume_with_another_world_size_serves_the_rest_once():
     assert sorted(served) == list(range(23))
 
 
+def window_plans(n, shards, world, per_node, **kw):
+    shard_of_row = np.arange(n) * shards // n  # contiguous shards of about n / shards samples
+    return shard_of_row, [Plan([(20, 64, 64)] * n, batch_size=4, rank=r, world_size=world, seed=7, shuffle="window",
+                               shard_of_row=shard_of_row, ranks_per_node=per_node, **kw) for r in range(world)]
+
+
+@pytest.mark.parametrize("world,per_node,partitions", [(1, 1, 0), (4, 2, 0), (8, 4, 8), (6, 2, 8), (3, 1, 3)])
+def test_window_order_serves_every_sample_once_and_nodes_read_their_share(world, per_node, partitions):
+    """The window order (data.shuffle=window): every sample once per epoch whatever the ranks; when the node
+    count divides the canonical partitions, each node reads only its partitions' shards (about 1/nodes of them:
+    a partition may share a shard with its neighbours at its two ends)."""
+    n, shards = 997, 40
+    shard_of_row, plans = window_plans(n, shards, world, per_node, partitions=partitions, window=2)
+    nodes = world // per_node
+    rows, read = [], {}
+    for rank, p in enumerate(plans):
+        for _ in range(p.steps_per_epoch):
+            b = next(p)
+            assert b.epoch == 0
+            rows += [r for r, pad in zip(b.rows, b.padded) if not pad]
+            read.setdefault(rank // per_node, set()).update(shard_of_row[b.rows].tolist())
+    assert sorted(rows) == list(range(n))
+    parts = plans[0].partitions
+    if parts % nodes == 0:
+        # a partition spans shards / parts shards, plus at most one cut shard at its ends; the epoch's short last
+        # step is split over the ranks as in the global order (at most a batch per rank from elsewhere)
+        bound = parts // nodes * (-(-shards // parts) + 1) + per_node * 4
+        for node_shards in read.values():
+            assert len(node_shards) <= bound and (nodes == 1 or len(node_shards) < shards), (len(node_shards), bound)
+    else:  # not a multiple: every node reads everything (still exact)
+        assert all(len(s) == shards for s in read.values())
+
+
+def test_window_order_is_a_shuffle_within_windows_and_resumes_elastically():
+    n = 500
+    shard_of_row, (one,) = window_plans(n, 50, 1, 1, partitions=2, window=3)
+    first = [next(one) for _ in range(20)]
+    rows = [r for b in first for r in b.rows]
+    assert rows != sorted(rows)  # shuffled
+    # consecutive positions of a partition stay within a window of ~3 shards, so the first 80 samples come
+    # from at most 2 partitions x a few windows, not from all 50 shards
+    assert len(set(shard_of_row[rows].tolist())) <= 2 * 3 * 3
+    state = one.state_dict()
+    assert state["shuffle"] == "window" and state["partitions"] == 2
+    # resume with 4 ranks on 2 nodes, canonical partitions taken from the state (0 = auto): the rest once
+    _, four = window_plans(n, 50, 4, 2, window=3)
+    for p in four:
+        p.load_state_dict(state)
+        assert p.partitions == 2
+    rest = []
+    while four[0].epoch == 0 and four[0].position < n:
+        for p in four:
+            b = next(p)
+            rest += [r for r, pad in zip(b.rows, b.padded) if not pad]
+    assert sorted(rows + rest) == list(range(n))
+    # the order is part of the state: another window or the global order is refused, naming the keys
+    _, (other,) = window_plans(n, 50, 1, 1, partitions=2, window=4)
+    with pytest.raises(ValueError, match="data.shuffle_window"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="data.shuffle"):
+        Plan([(20, 64, 64)] * n, batch_size=4, seed=7).load_state_dict(state)
+
+
+def test_upcoming_rows_are_the_rows_the_plan_reads_next():
+    _, (p,) = window_plans(100, 10, 1, 1, partitions=2, window=2)
+    for _ in range(3):
+        next(p)
+    ahead = p.upcoming_rows(30)  # crosses into the next epoch (25 steps per epoch)
+    assert ahead == [r for _ in range(30) for r in next(p).rows]
+
+
 def test_eval_views_one_pass(small_shards):
     cfg = cfg_for(small_shards, "split=val", "eval_clips=2", "eval_crops=3", "batch_size=4")
     loader = VideoLoader(cfg, grid=None, train=False)
@@ -374,8 +445,8 @@ def test_remote_shards_through_fsspec_with_local_cache(small_shards, tmp_path):
     root = f"memory://tubelet-test-{os.getpid()}/shards"
     mem.put(small_shards, root.removeprefix("memory://"), recursive=True)
     cache = tmp_path / "cache"
-    remote = take(VideoLoader(cfg_for(root, f"cache_dir={cache}"), grid=GRID), 3)
-    same_batches(take(VideoLoader(cfg_for(small_shards), grid=GRID), 3), remote)
+    remote = take(VideoLoader(cfg_for(root, f"cache_dir={cache}"), grid=GRID), 3)  # window order: remote default
+    same_batches(take(VideoLoader(cfg_for(small_shards, "shuffle=window"), grid=GRID), 3), remote)
     cached = sorted(p.name for p in cache.rglob("*.tar"))
     assert cached and set(cached) <= {s["name"] for s in read_manifest(small_shards).shards}
 

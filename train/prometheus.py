@@ -101,6 +101,18 @@ class PrometheusMetrics:
         self.loader_bytes = counter("tubelet_loader_read_bytes_total", "Bytes of encoded video read from shards")
         self.loader_corrupt = counter("tubelet_loader_corrupt_samples_total",
                                       "Samples whose bytes failed their checksum, skipped (never trained on)")
+        # the node's shard cache (remote sets), as counted by this rank
+        self.cache = {field: counter(f"tubelet_loader_cache_{name}", doc) for field, name, doc in (
+            ("hits", "hits_total", "Shard opens served from the node's local cache"),
+            ("misses", "misses_total", "Shards this rank downloaded into the node's cache"),
+            ("bytes_downloaded", "downloaded_bytes_total", "Bytes of shards downloaded by this rank"),
+            ("download_seconds", "download_seconds_total", "Seconds spent downloading shards (summed over "
+                                                             "parallel downloads)"),
+            ("wait_seconds", "wait_seconds_total", "Seconds the loader blocked on a shard download (0 when "
+                                                     "prefetch keeps ahead)"),
+            ("evictions", "evictions_total", "Shards this rank evicted from the node's cache to make room"),
+            ("retries", "retries_total", "Storage calls retried after a transient error"))}
+        self._cache_seen = None
         # trainer, per step
         self.step_seconds = hist("tubelet_train_step_seconds", "Wall time of a training step, data wait included")
         self.data_wait = hist("tubelet_train_data_wait_seconds", "Time a training step waited for its batch")
@@ -121,6 +133,8 @@ class PrometheusMetrics:
             "tubelet_loader_queue_depth": "Batches in flight after the last one was taken",
             "tubelet_loader_epoch": "Epoch of the last batch delivered",
             "tubelet_loader_position": "Global sample position in the epoch after the last batch",
+            "tubelet_loader_cache_bytes": "Bytes in the node's shard cache (complete shards and reserved downloads) "
+                                          "at this rank's last download",
             "tubelet_train_step": "Last finished step (continues across resumes)",
             "tubelet_train_progress_timestamp_seconds": "Unix time of the last finished step (or of the start)",
             "tubelet_train_dist_timeout_seconds": "How long a collective waits for a peer before failing "
@@ -156,6 +170,12 @@ class PrometheusMetrics:
         self.loader_corrupt.inc(stats.corrupt)
         self.last.set(tubelet_loader_queue_depth=stats.queue_depth, tubelet_loader_epoch=stats.epoch,
                       tubelet_loader_position=stats.position)
+        if stats.cache is not None:
+            seen = self._cache_seen
+            for field, c in self.cache.items():
+                c.inc(getattr(stats.cache, field) - (getattr(seen, field) if seen is not None else 0))
+            self._cache_seen = stats.cache
+            self.last.set(tubelet_loader_cache_bytes=stats.cache.bytes_on_disk)
 
     def started(self, step: int, checkpoint_step: int, dist_timeout_s: float) -> None:
         self.running.set(1)
