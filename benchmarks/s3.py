@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import http.client
 import http.server
-import logging
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -21,19 +23,34 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "tubelet-test", "AWS_SECRET_ACCESS_KEY": "tu
 
 
 class S3Server:
-    """moto's S3 server in a thread of this process, on a free port."""
+    """moto's S3 server in a process of its own on a free port of 127.0.0.1 (its own interpreter: serving never
+    competes with the client for this process's GIL, as a real endpoint would not)."""
 
-    def __init__(self):
-        from moto.server import ThreadedMotoServer
-
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self._server.start()
-        host, port = self._server.get_host_and_port()
-        self.endpoint = f"http://{host}:{port}"
+    def __init__(self, timeout: float = 30.0):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self._proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + timeout
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return
+            except OSError:
+                if self._proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"moto's S3 server did not start on 127.0.0.1:{port} (is moto[server] "
+                                       "installed? `make setup`)") from None
+                time.sleep(0.1)
 
     def stop(self) -> None:
-        self._server.stop()
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
 
 
 # fault(method, path, n) -> None (forward), "503" (SlowDown), "cut" (half the body, then close), "stall" (half the
