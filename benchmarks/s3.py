@@ -53,8 +53,8 @@ class S3Server:
             self._proc.kill()
 
 
-# fault(method, path, n) -> None (forward), "503" (SlowDown), "cut" (half the body, then close), "stall" (half the
-# body, then the rest after stall_s); n counts the proxy's requests from 1
+# fault(method, path, n) -> None (forward), "503" (SlowDown), "403" (AccessDenied), "cut" (half the body, then
+# close), "stall" (half the body, then the rest after stall_s); n counts the proxy's requests from 1
 Fault = Callable[[str, str, int], Optional[str]]
 
 
@@ -85,10 +85,12 @@ class FaultyProxy:
                 if kind is not None:
                     with proxy._lock:
                         proxy.faults[kind] = proxy.faults.get(kind, 0) + 1
-                if kind == "503":
-                    msg = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-                           b"<Message>Please reduce your request rate.</Message></Error>")
-                    self.send_response(503)
+                if kind in ("503", "403"):
+                    code, text = (b"SlowDown", b"Please reduce your request rate.") if kind == "503" else \
+                        (b"AccessDenied", b"Access Denied")
+                    msg = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>' + code + b"</Code><Message>"
+                           + text + b"</Message></Error>")
+                    self.send_response(int(kind))
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(msg)))
                     self.end_headers()

@@ -63,6 +63,12 @@ class RetryPolicy:
                 return fn()
             except Exception as e:  # noqa: BLE001 - classified below
                 if not is_transient(e):
+                    if isinstance(e, OSError) and what not in str(e):  # name the URL, keep the type
+                        try:
+                            named = type(e)(e.errno, f"{what}: {e.strerror or e}")
+                        except TypeError:
+                            raise e from None
+                        raise named from e
                     raise
                 if attempt == self.attempts:
                     raise StorageError(errno.EIO, f"{what} failed {attempt} times, the last with "

@@ -24,8 +24,8 @@ samples than there are ranks, a rank repeats one of them, flagged `padded`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -87,15 +87,13 @@ class WindowOrder:
         self._seed, self._epoch = seed, epoch
         self._perms: "OrderedDict[Tuple[int, int], np.ndarray]" = OrderedDict()
 
-    def partition_of(self, position: int) -> int:
-        return position % self.partitions
-
     def _window_perm(self, p: int, m: int) -> np.ndarray:
         key = (p, m)
         perm = self._perms.get(key)
         if perm is None:
             size = min(self.window, int(self._lens[p]) - m * self.window)
-            perm = np.random.default_rng(np.random.SeedSequence([self._seed, self._epoch, p, m, _WINDOW])).permutation(size)
+            rng = np.random.default_rng(np.random.SeedSequence([self._seed, self._epoch, p, m, _WINDOW]))
+            perm = rng.permutation(size)
             self._perms[key] = perm
             while len(self._perms) > 4 * self.partitions:
                 self._perms.popitem(last=False)

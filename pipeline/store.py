@@ -58,7 +58,7 @@ class ShardStore:
             current = needed_shards(now, shards, shard_bytes)
             self.cache.prefetch(current + needed_shards(ahead, shards, shard_bytes), now=len(current))
 
-    def _fd(self, shard: str, expected_size: Optional[int]) -> int:
+    def _fd(self, shard: str) -> int:
         safe_name(shard, self.root)  # a shard name never leads outside the set or the cache
         with self._lock:
             fd = self._files.get(shard)
@@ -73,7 +73,7 @@ class ShardStore:
 
     def _pread(self, shard: str, size: int, offset: int, shard_size: Optional[int]) -> bytes:
         if self.cache is None:
-            return os.pread(self._fd(shard, shard_size), size, offset)
+            return os.pread(self._fd(shard), size, offset)
         safe_name(shard, self.root)
         if shard_size is None:
             raise ManifestError(f"shard {shard} of {self.root}: no size in the manifest, needed to cache it")

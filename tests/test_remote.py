@@ -28,7 +28,7 @@ from pipeline.split_index import open_split, plan_for
 from pipeline.store import store_for
 from shards.build import run as shard_run
 from shards.config import ShardsConfig
-from shards.manifest import read_manifest, read_rejects
+from shards.manifest import read_manifest, read_rejects, verify
 from shards.output import ShardsError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,20 +236,29 @@ def test_transient_faults_are_retried_and_the_bytes_are_right(s3_set, small_shar
     assert remote_keys == read_epoch(loader_cfg(small_shards, tmp_path / "unused", "shuffle=global"))[0]
 
 
-def test_permanent_errors_fail_at_once_naming_the_url(s3, tmp_path):
+def test_permanent_errors_fail_at_once_naming_the_url(s3_set, no_faults, tmp_path):
+    """A missing bucket, a missing object, access denied: no retry (a 5 s backoff would show), the URL named."""
     t0 = time.time()
     with pytest.raises(Exception, match="s3://no-such-bucket/set"):
         open_split("s3://no-such-bucket/set", "train", retry=RetryPolicy(backoff_s=5.0))
-    assert time.time() - t0 < 5  # not retried
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=f"reading s3://{BUCKET}/missing-object"):
         RetryPolicy(backoff_s=5.0).call(lambda: __import__("fsspec").filesystem("s3").cat_file(
-            f"{BUCKET}/missing-object"), "reading")
+            f"{BUCKET}/missing-object"), f"reading s3://{BUCKET}/missing-object")
+    shard = read_manifest(s3_set).shards[0]
+    no_faults.fault = lambda method, path, n: "403" if object_get(method, path) and ".tar" in path else None
+    store = store_for(loader_cfg(s3_set, tmp_path / "cache", "retry_backoff_s=5"))
+    try:
+        with pytest.raises(PermissionError, match=f"downloading {s3_set}/{shard['name']}"):
+            store.cache.path(shard["name"], shard["bytes"])
+    finally:
+        store.close()
+    assert time.time() - t0 < 5 and no_faults.faults == {"403": 1}
 
 
 def test_make_shards_stops_on_an_unreadable_input_and_resumes_without_rejecting_it(s3, no_faults, small_shards,
                                                                                   tmp_path):
     """Inputs in s3://: one whose reads fail transiently on every try stops the run naming it (not a reject);
-    healed, the rerun finishes with every video sharded."""
+    healed, the rerun finishes with every video sharded, through failing writes."""
     import fsspec
 
     fs = fsspec.filesystem("s3")
@@ -263,9 +272,13 @@ def test_make_shards_stops_on_an_unreadable_input_and_resumes_without_rejecting_
     with pytest.raises(ShardsError, match=bad):
         make_shards({"val": f"s3://{BUCKET}/inputs"}, out, "retries=2", "shard.max_samples=1")
     assert no_faults.faults.get("503", 0) >= 2
-    no_faults.fault = lambda method, path, n: None
-    summary = make_shards({"val": f"s3://{BUCKET}/inputs"}, out, "retries=2", "shard.max_samples=1")
+    # healed inputs; writing the outputs now fails now and then (every third PUT): retried, the run completes
+    no_faults.fault = lambda method, path, n: "503" if method == "PUT" and n % 3 == 0 else None
+    no_faults.faults.clear()
+    summary = make_shards({"val": f"s3://{BUCKET}/inputs"}, out, "retries=4", "shard.max_samples=1")
     assert summary["sharded"] == len(names) and summary["rejected"] == {}
+    assert no_faults.faults.get("503", 0) >= 1
+    verify(read_manifest(out), check_hashes=True)
 
 
 def test_cache_metrics_reach_the_loaders_endpoint(s3_set, tmp_path):
