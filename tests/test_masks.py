@@ -219,3 +219,57 @@ def test_statistics_match_reference(name, spec):
         assert stats["redraw_rate"] < 0.001  # 8 blocks of about 29 cells very rarely cover all 196
     else:
         assert 0.005 < stats["redraw_rate"] < 0.05, stats  # reference: about 1.8%
+
+
+# ----------------------------------------------------------------------------------------------------
+# I-JEPA masks (pipeline/image_masks.py)
+
+# Statistics of the official collator (facebookresearch/ijepa src/masks/multiblock.py, MaskCollator with the
+# IN-1k ViT-H/14 recipe: enc 0.85-1.0, pred 0.15-0.2, aspect 0.75-1.5, 4 targets, min_keep 10, no overlap),
+# measured over 3000 batches of 16 with torch.manual_seed(0): per grid side, the mean and std over batches of
+# the context length and of the target length after the batch cut, the share of target blocks covering the
+# central 4x4 cells and the corner cell, and the last row (never a target: the reference's exclusive bound).
+IJEPA_REFERENCE = {
+    16: {"ctx_mean": 81.19, "ctx_std": 11.17, "tgt_mean": 44.23, "tgt_std": 4.39, "center": 0.4751, "corner": 0.01145},
+    14: {"ctx_mean": 59.64, "ctx_std": 8.09, "tgt_mean": 33.40, "tgt_std": 2.85, "center": 0.4549, "corner": 0.01551},
+}
+
+
+@pytest.mark.parametrize("side", [16, 14])  # 224 px at patch 14 and 16
+def test_ijepa_masks_match_the_official_collators_statistics(side):
+    from pipeline.image_masks import ImageMaskConfig, sample_image_masks
+
+    cfg, batches, batch = ImageMaskConfig(), 1500, 16
+    rng = np.random.default_rng(0)
+    ctx_len, tgt_len, cover = [], [], np.zeros(side * side)
+    for _ in range(batches):
+        context, targets = sample_image_masks(rng, batch, (side, side), cfg)
+        assert len(targets) == 4 and all(t.shape == targets[0].shape for t in targets)
+        ctx_len.append(context.shape[1])
+        tgt_len.append(targets[0].shape[1])
+        for b in range(batch):
+            for t in targets:
+                assert not set(t[b].tolist()) & set(context[b].tolist())  # the context never sees a target
+                cover[t[b]] += 1
+        assert context.shape[1] > cfg.min_keep and np.all(np.diff(context, axis=1) > 0)  # sorted, unique
+    cover = (cover / (batches * batch * 4)).reshape(side, side)
+    ref = IJEPA_REFERENCE[side]
+    # standard errors of the means: std / sqrt(batches) ~ 0.29 (context) and 0.11 (targets); 4 of them allowed
+    assert abs(np.mean(ctx_len) - ref["ctx_mean"]) < 4 * ref["ctx_std"] / np.sqrt(batches) + 0.3
+    assert abs(np.mean(tgt_len) - ref["tgt_mean"]) < 4 * ref["tgt_std"] / np.sqrt(batches) + 0.1
+    assert abs(np.std(ctx_len) - ref["ctx_std"]) < 0.1 * ref["ctx_std"]
+    assert abs(np.std(tgt_len) - ref["tgt_std"]) < 0.1 * ref["tgt_std"]
+    c = side // 2
+    assert abs(cover[c - 2:c + 2, c - 2:c + 2].mean() - ref["center"]) < 0.02
+    assert abs(cover[0, 0] - ref["corner"]) < 0.006
+    assert cover[-1].sum() == 0 and cover[:, -1].sum() == 0
+
+
+def test_ijepa_block_size_reuses_one_draw_for_scale_and_aspect():
+    """The reference draws one number for both the scale and the aspect ratio of a block: the smallest blocks
+    are the widest, the largest the tallest. Values are the official `_sample_block_size`'s for the same draw."""
+    from pipeline.image_masks import block_size
+
+    assert block_size(0.0, (16, 16), (0.15, 0.2), (0.75, 1.5)) == (5, 7)  # 38 cells, aspect h/w 0.75
+    assert block_size(1.0, (16, 16), (0.15, 0.2), (0.75, 1.5)) == (9, 6)  # 51 cells, aspect 1.5
+    assert block_size(1.0, (16, 16), (0.85, 1.0), (1.0, 1.0)) == (15, 15)  # 256 cells, clipped below the side
