@@ -1,4 +1,5 @@
-"""Fixed 3D sin-cos position embedding, as in the V-JEPA reference.
+"""Fixed 3D sin-cos position embedding, as in the V-JEPA reference; for a grid of one temporal slot (an image:
+one frame, tubelet size 1) I-JEPA's 2D table, so the image model is I-JEPA's.
 
 Token order is t-major: index = t * grid_h * grid_w + h * grid_w + w. This is the order of
 `Conv3d(...)(x).flatten(2)` and the order the mask generator's indices use, so the two must change
@@ -54,6 +55,8 @@ def sincos_pos_embed_3d(
         raise ValueError(
             f"dim and grid sizes must be positive, got dim={dim}, grid=({grid_t}, {grid_h}, {grid_w})"
         )
+    if grid_t == 1:
+        return sincos_pos_embed_2d(dim, grid_h, grid_w)
     t, h, w = np.meshgrid(
         np.arange(grid_t, dtype=np.float64),
         np.arange(grid_h, dtype=np.float64),
@@ -66,3 +69,14 @@ def sincos_pos_embed_3d(
     )
     # Computed in float64 like the reference, stored as float32 like the model.
     return table[:, :dim].astype(np.float32)
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """I-JEPA's (and MAE's) 2D sin-cos table: [grid_h * grid_w, dim] float32, rows in row-major token order,
+    columns [embedding of the column index | embedding of the row index], dim / 2 each (the reference builds
+    its grid with meshgrid(w, h), so its first half encodes w)."""
+    if dim % 4:
+        raise ValueError(f"2D sin-cos embedding width must be divisible by 4, got {dim}")
+    h, w = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij")
+    table = np.concatenate([sincos_1d(dim // 2, w.ravel()), sincos_1d(dim // 2, h.ravel())], axis=1)
+    return table.astype(np.float32)

@@ -134,6 +134,40 @@ def test_parameter_counts(size):
     assert all("pos_embed" not in name for name, _ in model.named_parameters())
 
 
+# I-JEPA's models as images (one frame, tubelet 1, one mask token): the trainable parameters of the official
+# code's vit_* encoders and vit_predictor (384 wide, 12 deep, the encoder's heads) at 224 px, counted from
+# facebookresearch/ijepa src/models/vision_transformer.py (it also counts its frozen position table as a
+# parameter: 327,680 more for ViT-H/14's encoder, 98,304 for its predictor).
+IJEPA_PARAMS = {
+    ("huge", 14): (630_434_560, 22_279_424),
+    ("huge", 16): (630_664_960, 22_279_424),
+    ("large", 16): (303_098_880, 22_082_560),
+    ("base", 16): (85_646_592, 21_885_696),
+}
+
+
+@pytest.mark.parametrize("size,patch", list(IJEPA_PARAMS))
+def test_image_models_have_ijepas_parameter_counts(size, patch):
+    cfg = ModelConfig(size=size, patch_size=patch, num_frames=1, tubelet_size=1, num_mask_types=1)
+    with torch.device("meta"):
+        model = VJEPA.from_config(cfg)
+    assert (trainable(model.encoder), trainable(model.predictor)) == IJEPA_PARAMS[(size, patch)]
+    assert model.encoder.grid == (1, 224 // patch, 224 // patch)
+
+
+def test_one_frame_grids_use_ijepas_2d_position_table():
+    """A grid of one temporal slot gets I-JEPA's 2D table (values of the official get_2d_sincos_pos_embed,
+    equal to float32 rounding): [sin-cos of the column | sin-cos of the row], half the width each."""
+    from model.pos_embed import sincos_pos_embed_3d
+
+    table = sincos_pos_embed_3d(1280, 1, 16, 16)
+    assert table.shape == (256, 1280)
+    # token 37 = row 2, column 5
+    np.testing.assert_allclose(table[37, [0, 5, 640, 647, 1279]],
+                               [-0.9589242935, -0.9277092814, 0.9092974066, 0.9979366660, 1.0], atol=1e-7)
+    assert np.array_equal(table[37, :640], table[5, :640]) and np.array_equal(table[37, 640:], table[32, 640:])
+
+
 # ---------------------------------------------------------------- position table
 
 
