@@ -48,7 +48,8 @@ class ModelConfig:
     predictor_width: int = 384
     predictor_depth: int = 12
     predictor_heads: int = 0  # 0 = the encoder's head count, as the reference builds its predictor
-    num_mask_types: int = 2
+    num_mask_types: int = 2  # mask tokens of the predictor, one per mask type; 1 = one shared token (I-JEPA)
+    loss: str = "l1"  # l1 (V-JEPA) | smooth_l1 (I-JEPA)
     uniform_power: bool = True
     # reference: what the official code trains with (its init_video_model re-initialises every Linear and
     # LayerNorm after building the model, so all Linear weights are N(0, 0.02)); depth_scaled: the residual
@@ -74,6 +75,7 @@ class ModelConfig:
         check(isinstance(self.activation_checkpointing, bool), "activation_checkpointing",
               f"expected a bool, got {self.activation_checkpointing!r}")
         check(isinstance(self.uniform_power, bool), "uniform_power", f"expected a bool, got {self.uniform_power!r}")
+        check(self.loss in ("l1", "smooth_l1"), "loss", f"expected l1 or smooth_l1, got {self.loss!r}")
         check(self.img_size % self.patch_size == 0, "img_size",
               f"{self.img_size} is not divisible by patch_size={self.patch_size}")
         check(self.num_frames % self.tubelet_size == 0, "num_frames",

@@ -17,12 +17,22 @@ from model.vit import VisionTransformer, gather_tokens
 Masks = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
-def l1_loss(preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The objective: L1 between predicted and target features per mask type, averaged over mask types.
+LOSSES = ("l1", "smooth_l1")
+
+
+def jepa_loss(preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], kind: str = "l1") -> torch.Tensor:
+    """The objective per mask type, averaged over mask types: L1 (V-JEPA) or smooth L1 with beta 1 (I-JEPA's
+    F.smooth_l1_loss over its target blocks, which have equal sizes after the batch cut: the same mean).
 
     The mean reduces over B * Nt * D values (~1.3M at ViT-L scale): accumulated in fp32.
     """
-    return torch.stack([torch.mean(torch.abs(p.float() - t)) for p, t in zip(preds, targets)]).mean()
+    if kind == "l1":
+        per = [torch.mean(torch.abs(p.float() - t)) for p, t in zip(preds, targets)]
+    elif kind == "smooth_l1":
+        per = [F.smooth_l1_loss(p.float(), t.float()) for p, t in zip(preds, targets)]
+    else:
+        raise ValueError(f"loss {kind!r}: one of {LOSSES}")
+    return torch.stack(per).mean()
 
 
 class VJEPA(nn.Module):
@@ -34,8 +44,11 @@ class VJEPA(nn.Module):
     depend on the trainer's train/eval switches.
     """
 
-    def __init__(self, encoder: VisionTransformer, predictor: Predictor):
+    def __init__(self, encoder: VisionTransformer, predictor: Predictor, loss: str = "l1"):
         super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss {loss!r}: one of {LOSSES}")
+        self.loss = loss
         if predictor.embed_dim != encoder.embed_dim or predictor.grid != encoder.grid:
             raise ValueError(
                 f"predictor (width {predictor.embed_dim}, grid {predictor.grid}) does not match "
@@ -50,7 +63,7 @@ class VJEPA(nn.Module):
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "VJEPA":
         cfg = as_model_config(cfg)
-        return cls(VisionTransformer.from_config(cfg), Predictor.from_config(cfg))
+        return cls(VisionTransformer.from_config(cfg), Predictor.from_config(cfg), cfg.loss)
 
     def train(self, mode: bool = True) -> "VJEPA":
         super().train(mode)
@@ -82,23 +95,26 @@ class VJEPA(nn.Module):
     def forward_context(self, clips: torch.Tensor, masks: Masks) -> list[torch.Tensor]:
         """clips: [B, 3, T, H, W] -> one [B, Nt_i, D] prediction per mask type.
 
-        Encoder and predictor run once per mask type: the encoder on the context tokens only, the
-        predictor on those features plus mask tokens at the target positions.
+        The encoder runs once per distinct context (on the context tokens only; I-JEPA's target blocks share
+        one context tensor), the predictor once per mask type on those features plus mask tokens at the target
+        positions: mask type i's token, or the one token of a predictor that has one (I-JEPA's).
         """
-        preds = []
+        preds, encoded = [], {}
         for mask_type, (ctx_idx, tgt_idx) in enumerate(masks):
-            z = self.encoder(clips, keep=ctx_idx)  # [B, Nc, D]
-            preds.append(self.predictor(z, ctx_idx, tgt_idx, mask_type))
+            if id(ctx_idx) not in encoded:
+                encoded[id(ctx_idx)] = self.encoder(clips, keep=ctx_idx)  # [B, Nc, D]
+            token = mask_type if self.predictor.num_mask_types > 1 else 0
+            preds.append(self.predictor(encoded[id(ctx_idx)], ctx_idx, tgt_idx, token))
         return preds
 
     def forward(self, clips: torch.Tensor, masks: Masks) -> torch.Tensor:
         """clips: [B, 3, T, H, W]; masks: [(ctx_idx [B, Nc], tgt_idx [B, Nt]), ...] one pair per mask
-        type. Returns the scalar loss: L1 per mask type, averaged over mask types."""
-        if not 1 <= len(masks) <= self.predictor.num_mask_types:
+        type. Returns the scalar loss (`self.loss`) per mask type, averaged over mask types."""
+        if not masks or (self.predictor.num_mask_types > 1 and len(masks) > self.predictor.num_mask_types):
             raise ValueError(
                 f"got {len(masks)} mask types, the predictor has {self.predictor.num_mask_types} mask tokens"
             )
-        return l1_loss(self.forward_context(clips, masks), self.forward_target(clips, masks))
+        return jepa_loss(self.forward_context(clips, masks), self.forward_target(clips, masks), self.loss)
 
     @torch.no_grad()
     def ema_update(self, momentum: float, skip: torch.Tensor | None = None) -> None:

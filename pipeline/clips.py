@@ -34,6 +34,24 @@ class Batch:
     rows: List[int] = field(default_factory=list)
 
 
+def map_masks(masks, fn):
+    """`fn` applied to every mask tensor (or array) once per distinct object: mask types that share a context
+    (I-JEPA's target blocks) keep sharing one, so the model encodes that context once."""
+    done = {}
+
+    def one(t):
+        if id(t) not in done:
+            done[id(t)] = fn(t)
+        return done[id(t)]
+
+    return [(one(c), one(t)) for c, t in masks]
+
+
+def masks_to(masks: List[Tuple[torch.Tensor, torch.Tensor]], device, non_blocking: bool = True):
+    """The batch's masks on `device` (`map_masks`: a shared context stays shared)."""
+    return map_masks(masks, lambda t: t.to(device, non_blocking=non_blocking))
+
+
 def cut_clip(frames: torch.Tensor, rec: ClipRecord, size: int) -> torch.Tensor:
     """frames [T, H, W, 3] uint8 (the clip's frames, any device) -> [3, T, size, size] float32, normalised."""
     y0, x0, h, w = rec.crop

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import List
 
 from common.config import check
+from pipeline.image_masks import ImageMaskConfig
 from pipeline.masks import MaskBlockConfig, default_masks
 
 
@@ -47,6 +48,7 @@ class LoaderConfig:
     # padded, counted and logged with its key and shard) or fail (the run stops naming it). Never trained on.
     on_corrupt: str = "skip"
     masks: List[MaskBlockConfig] = field(default_factory=default_masks)  # V-JEPA mask types (pipeline/masks.py)
+    image_masks: ImageMaskConfig = field(default_factory=ImageMaskConfig)  # I-JEPA's (pipeline/image_masks.py)
     eval_clips: int = 1  # evaluation views per video: clips evenly spaced in time x crops
     eval_crops: int = 1
 
@@ -70,6 +72,10 @@ class LoaderConfig:
         check(self.cache_max_bytes >= 0 and self.download_threads >= 1 and self.prefetch_steps >= 0,
               "cache_max_bytes", "cache_max_bytes >= 0, download_threads >= 1, prefetch_steps >= 0")
         check(self.retries >= 1 and self.retry_backoff_s >= 0, "retries", "retries >= 1, retry_backoff_s >= 0")
+
+    def mask_specs(self, grid):
+        """The masks of a model with token `grid` (T', H', W'): I-JEPA's for images (T' = 1), else V-JEPA's."""
+        return self.image_masks if grid is not None and grid[0] == 1 else self.masks
 
     def retry_policy(self):
         from common.retry import RetryPolicy

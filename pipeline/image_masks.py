@@ -69,9 +69,9 @@ def _block(rng: np.random.Generator, size: Tuple[int, int], grid: Tuple[int, int
            regions: Sequence[np.ndarray] = ()) -> Tuple[np.ndarray, np.ndarray]:
     """One block's cell indices (restricted to `regions`) and the complement of the unrestricted block."""
     (h, w), (height, width) = size, grid
-    if h < 1 or w < 1:
-        raise ValueError(f"a mask block of {h}x{w} cells on a {height}x{width} grid: the scales are too small "
-                         "for this grid")
+    if h * w <= min_keep:  # the reference would draw forever
+        raise ValueError(f"a mask block of {h}x{w} cells on a {height}x{width} patch grid never keeps more than "
+                         f"data.image_masks.min_keep={min_keep}: lower min_keep or raise the scales")
     tries, timeout = 0, _TIMEOUT
     while True:
         top, left = int(rng.integers(0, height - h)), int(rng.integers(0, width - w))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from common.device import resolve_device
-from pipeline.clips import DTYPES, IMAGENET_MEAN, IMAGENET_STD, Batch
+from pipeline.clips import DTYPES, IMAGENET_MEAN, IMAGENET_STD, Batch, map_masks, masks_to
 from pipeline.cache import CacheStats
 from pipeline.config import LoaderConfig
 from pipeline.sampling import BatchPlan, Plan
@@ -210,7 +210,7 @@ class VideoLoader:
         before = self.store.bytes_read
         bp, videos, corrupt = self._read_batch(bp)
         recs = bp.records
-        masks = [(self._host(c), self._host(t)) for c, t in plan.masks(bp, self.grid, self.cfg.masks)]
+        masks = map_masks(plan.masks(bp, self.grid, self.cfg.mask_specs(self.grid)), self._host)
         return _Fed(bp, videos, [np.array(r.start, np.int32) for r in recs],
                     [np.array(r.crop[:2], np.float32) for r in recs],
                     [np.array((r.crop[0] + r.crop[2], r.crop[1] + r.crop[3]), np.float32) for r in recs],
@@ -292,7 +292,7 @@ class VideoLoader:
         dev = clips.device
         batch = Batch(
             clips=clips,
-            masks=[(c.to(dev, non_blocking=True), t.to(dev, non_blocking=True)) for c, t in fed.masks],
+            masks=masks_to(fed.masks, dev),
             keys=[self.index.keys[r] for r in bp.rows],
             labels=fed.labels.to(dev, non_blocking=True),
             records=bp.records, padded=torch.tensor(bp.padded, device=dev), epoch=bp.epoch, step=bp.step,

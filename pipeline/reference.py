@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.clips import DTYPES, Batch, cut_clip
+from pipeline.clips import DTYPES, Batch, cut_clip, map_masks
 from pipeline.config import LoaderConfig
 from pipeline.sampling import BatchPlan, ClipRecord, Plan, frame_indices
 from pipeline.split_index import open_split, plan_for
@@ -59,7 +59,7 @@ def make_clip(video: bytes, rec: ClipRecord, nframes: int, num_frames: int, stri
 class _Batches(Dataset):
     def __init__(self, cfg: LoaderConfig, plans: List[BatchPlan], grid, mask_plan: Plan):
         self.cfg, self.plans, self.grid, self.stride = cfg, plans, grid, mask_plan.stride
-        self.masks = [mask_plan.masks(bp, grid, cfg.masks) for bp in plans]
+        self.masks = [mask_plan.masks(bp, grid, cfg.mask_specs(grid)) for bp in plans]
         self.index = None
 
     def __len__(self) -> int:
@@ -103,7 +103,7 @@ class ReferenceLoader:
             self.decoded_frames += int(decoded)
             yield Batch(
                 clips=clips.to(dtype),
-                masks=[(torch.from_numpy(c), torch.from_numpy(t)) for c, t in ds.masks[i]],
+                masks=map_masks(ds.masks[i], torch.from_numpy),
                 keys=[self.index.keys[r] for r in bp.rows],
                 labels=torch.from_numpy(self.index.labels[bp.rows]),
                 records=bp.records, padded=torch.tensor(bp.padded), epoch=bp.epoch, step=bp.step, rows=bp.rows,

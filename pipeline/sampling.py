@@ -30,6 +30,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from pipeline.image_masks import ImageMaskConfig, sample_image_masks
 from pipeline.masks import sample_masks
 
 # stream ids keep the random draws of different purposes independent
@@ -339,10 +340,16 @@ class Plan:
         return BatchPlan(epoch, step, start, self.position, rows, records, padded,
                          mask_seed=(self.seed, epoch, positions[0]))
 
-    def masks(self, plan: BatchPlan, grid: Optional[Sequence[int]], specs: Sequence) -> List[Tuple[np.ndarray, np.ndarray]]:
-        """The V-JEPA masks of a step's batch, one (context, target) index pair per mask type in `specs`, drawn
-        on the token `grid` (none without a grid or specs): a pure function of the step's first position."""
+    def masks(self, plan: BatchPlan, grid: Optional[Sequence[int]], specs) -> List[Tuple[np.ndarray, np.ndarray]]:
+        """The masks of a step's batch, drawn on the token `grid` (none without a grid or specs), a pure function
+        of the step's first position: V-JEPA's, one (context, target) index pair per mask type in `specs`; or,
+        with an `ImageMaskConfig`, I-JEPA's, one pair per target block, every pair holding the same context
+        array (so the context is encoded once)."""
         if grid is None or not specs:
             return []
         seed, epoch, pos = plan.mask_seed
-        return sample_masks(rng_for(seed, epoch, pos, _MASKS), len(plan.rows), grid, specs)
+        rng = rng_for(seed, epoch, pos, _MASKS)
+        if isinstance(specs, ImageMaskConfig):
+            context, targets = sample_image_masks(rng, len(plan.rows), grid, specs)
+            return [(context, t) for t in targets]
+        return sample_masks(rng, len(plan.rows), grid, specs)

@@ -273,3 +273,12 @@ def test_ijepa_block_size_reuses_one_draw_for_scale_and_aspect():
     assert block_size(0.0, (16, 16), (0.15, 0.2), (0.75, 1.5)) == (5, 7)  # 38 cells, aspect h/w 0.75
     assert block_size(1.0, (16, 16), (0.15, 0.2), (0.75, 1.5)) == (9, 6)  # 51 cells, aspect 1.5
     assert block_size(1.0, (16, 16), (0.85, 1.0), (1.0, 1.0)) == (15, 15)  # 256 cells, clipped below the side
+
+
+def test_ijepa_blocks_that_can_never_keep_enough_cells_are_an_error_not_a_hang():
+    from pipeline.image_masks import ImageMaskConfig, sample_image_masks
+
+    with pytest.raises(ValueError, match="min_keep=10"):
+        sample_image_masks(np.random.default_rng(0), 2, (1, 4, 4), ImageMaskConfig())  # 2-cell target blocks
+    context, targets = sample_image_masks(np.random.default_rng(0), 2, (1, 8, 8), ImageMaskConfig(min_keep=4))
+    assert context.shape[0] == 2 and len(targets) == 4

@@ -168,6 +168,37 @@ def test_one_frame_grids_use_ijepas_2d_position_table():
     assert np.array_equal(table[37, :640], table[5, :640]) and np.array_equal(table[37, 640:], table[32, 640:])
 
 
+def test_ijepa_objective_encodes_the_context_once_and_is_smooth_l1_over_the_target_blocks():
+    """I-JEPA's forward (src/train.py): the target encoder's layer-normed features at each target block; the
+    context encoded once; the predictor run per target block with the one mask token; smooth L1 over all blocks
+    (equal sizes, so the mean of the per-block means)."""
+    import torch.nn.functional as F
+
+    from pipeline.image_masks import ImageMaskConfig, sample_image_masks
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(img_size=64, num_frames=1, tubelet_size=1, patch_size=8, predictor_width=96,
+                      predictor_depth=2, predictor_heads=4, num_mask_types=1, loss="smooth_l1")
+    model = VJEPA.from_config(cfg)
+    context, targets = sample_image_masks(np.random.default_rng(0), 3, cfg.grid, ImageMaskConfig())
+    ctx = torch.from_numpy(context)
+    masks = [(ctx, torch.from_numpy(t)) for t in targets]
+    images = torch.randn(3, 3, 1, 64, 64)
+    calls = []
+    hook = model.encoder.register_forward_hook(lambda m, args, out: calls.append(out.shape))
+    loss = model(images, masks)
+    hook.remove()
+    assert calls == [(3, context.shape[1], cfg.encoder_shape[0])]  # one context pass, 4 target blocks
+    with torch.no_grad():
+        h = F.layer_norm(model.target_encoder(images), (cfg.encoder_shape[0],))
+        z = model.encoder(images, keep=ctx)
+        preds = torch.cat([model.predictor(z, ctx, torch.from_numpy(t), 0) for t in targets])
+        tgts = torch.cat([torch.gather(h, 1, torch.from_numpy(t)[..., None].expand(-1, -1, h.size(-1)))
+                          for t in targets])
+        assert torch.allclose(loss, F.smooth_l1_loss(preds, tgts), rtol=1e-5, atol=1e-7)
+    assert model.predictor.mask_tokens.shape[0] == 1
+
+
 # ---------------------------------------------------------------- position table
 
 

@@ -9,6 +9,7 @@ predictor, batch 2, one thread (torch and DALI), deterministic mode: runs are co
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import os
 import re
@@ -22,7 +23,7 @@ import pytest
 import torch
 
 from model.vit import VisionTransformer
-from model.vjepa import l1_loss
+from model.vjepa import jepa_loss
 from common.config import load_config, to_dict
 from train import checkpoint, dist, schedules
 from train.config import TrainConfig
@@ -115,6 +116,26 @@ def test_config_defaults_are_the_published_recipe_and_yamls_load():
         c = load_config(TrainConfig, REPO / "configs" / "train" / f"{name}.yaml", [])
         assert (c.model.size, c.data.batch_size) == (size, batch)
         assert c.data.num_frames == c.model.num_frames and c.data.crop_size == c.model.img_size
+
+
+def test_ijepa_vith14_yaml_is_the_official_in1k_recipe():
+    """configs/train/ijepa_vith14.yaml against facebookresearch/ijepa configs/in1k_vith14_ep300.yaml: lr 1e-3
+    from 2e-4 over 40 warm-up epochs to 1e-6, weight decay 0.04 -> 0.4, EMA 0.996 -> 1.0, 300 epochs at batch
+    2048 (625 iterations an epoch), ipe_scale 1.0, no clipping; ViT-H/14, predictor 12 x 384, 4 target blocks of
+    0.15-0.2 with aspect 0.75-1.5, a context block of 0.85-1.0, min_keep 10; crops of 0.3-1.0, no flip."""
+    c = load_config(TrainConfig, REPO / "configs" / "train" / "ijepa_vith14.yaml", [])
+    ipe, epochs, warmup = 1_281_167 // 2048, 300, 40
+    o = c.optim
+    assert (o.lr, o.start_lr, o.final_lr, o.warmup_steps) == (1e-3, 2e-4, 1e-6, warmup * ipe)
+    assert (o.weight_decay, o.final_weight_decay, o.ema_start, o.ema_end, o.clip_grad) == (0.04, 0.4, 0.996, 1.0, 0)
+    assert (c.schedule.total_steps, c.schedule.horizon_scale) == (epochs * ipe, 1.0)
+    m = c.model
+    assert (m.size, m.patch_size, m.img_size, m.num_frames, m.tubelet_size) == ("huge", 14, 224, 1, 1)
+    assert (m.predictor_width, m.predictor_depth, m.num_mask_types, m.loss) == (384, 12, 1, "smooth_l1")
+    d, k = c.data, c.data.image_masks
+    assert d.batch_size * 16 == 2048 and d.num_frames == 1 and not d.flip and list(d.crop_scale) == [0.3, 1.0]
+    assert (list(k.enc_scale), list(k.pred_scale), list(k.aspect_ratio)) == ([0.85, 1.0], [0.15, 0.2], [0.75, 1.5])
+    assert (k.num_pred, k.min_keep, k.allow_overlap) == (4, 10, False)
 
 
 def test_cli_overrides_keep_yaml11_words_as_strings():
@@ -355,7 +376,7 @@ def test_student_loss_is_the_models_loss():
     clips = torch.randn(3, 3, 4, 32, 32)
     masks = [(torch.from_numpy(c), torch.from_numpy(t))
              for c, t in sample_masks(np.random.default_rng(0), 3, cfg.grid, default_masks())]
-    ours = l1_loss(Student(model)(clips, masks), model.forward_target(clips, masks))
+    ours = jepa_loss(Student(model)(clips, masks), model.forward_target(clips, masks))
     assert torch.equal(ours, model(clips, masks))
 
 
@@ -421,6 +442,36 @@ def tiny_parts(*extra: str):
         (torch.from_numpy(c), torch.from_numpy(t)) for c, t in sample_masks(rng, 2, cfg.model.grid, cfg.data.masks)])
         for _ in range(3)]
     return parts, batches
+
+
+def test_an_ijepa_step_on_images_learns_through_the_same_trainer_step():
+    """An image model (one frame, tubelet 1, one mask token, smooth L1) with I-JEPA's masks from the plan: the
+    same train_step; the loss falls on a fixed batch, and the context is encoded once for its 4 target blocks."""
+    from pipeline.image_masks import ImageMaskConfig
+    from pipeline.clips import map_masks
+    from pipeline.sampling import Plan
+    from train.step import build, read_stats, train_step
+
+    cfg = load_config(TrainConfig, None, TINY + [
+        "model.num_frames=1", "model.tubelet_size=1", "model.img_size=64", "model.num_mask_types=1",
+        "model.loss=smooth_l1", "data.num_frames=1", "data.crop_size=64", "data.image_masks.min_keep=4",
+        "optim.lr=1e-3", "optim.start_lr=1e-3"])
+    parts = build(cfg, dist.init("cpu"))
+    plan = Plan([(1, 64, 64)] * 4, batch_size=2, seed=0)
+    bp = next(plan)
+    masks = map_masks(plan.masks(bp, cfg.model.grid, cfg.data.mask_specs(cfg.model.grid)), torch.from_numpy)
+    assert isinstance(cfg.data.mask_specs(cfg.model.grid), ImageMaskConfig) and len(masks) == 4
+    assert all(c is masks[0][0] for c, _ in masks)
+    torch.manual_seed(0)
+    from types import SimpleNamespace
+
+    batch = SimpleNamespace(clips=torch.randn(2, 3, 1, 64, 64), masks=masks)
+    calls = []
+    parts.model.encoder.register_forward_hook(lambda m, args, out: calls.append(1))
+    results = [train_step(parts, batch, step) for step in range(1, 9)]
+    assert len(calls) == 8  # one context pass per step, not one per target block
+    losses = [loss for loss, _, _ in read_stats(results)]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
 
 
 def test_the_step_never_waits_for_the_device(monkeypatch):

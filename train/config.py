@@ -130,8 +130,9 @@ class TrainConfig:
               f"{d.num_frames} != model.num_frames {m.num_frames}: the clips must have the model's frame count")
         check(d.crop_size == m.img_size, "data.crop_size",
               f"{d.crop_size} != model.img_size {m.img_size}: the clips must have the model's image size")
-        check(1 <= len(d.masks) <= m.num_mask_types, "data.masks",
-              f"{len(d.masks)} mask types, the predictor has model.num_mask_types={m.num_mask_types}")
+        if m.num_frames // m.tubelet_size > 1:  # video: V-JEPA's mask types (images: I-JEPA's data.image_masks)
+            check(1 <= len(d.masks) <= m.num_mask_types, "data.masks",
+                  f"{len(d.masks)} mask types, the predictor has model.num_mask_types={m.num_mask_types}")
         check(self.optim.warmup_steps < self.schedule.total_steps, "optim.warmup_steps",
               f"{self.optim.warmup_steps} must be < schedule.total_steps {self.schedule.total_steps}")
         check(self.nonfinite in ("stop", "skip"), "nonfinite", f"must be stop or skip, got {self.nonfinite!r}")

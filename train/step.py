@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model.vjepa import VJEPA, l1_loss
-from pipeline.clips import Batch
+from model.vjepa import VJEPA, jepa_loss
+from pipeline.clips import Batch, masks_to
 from train import dist, schedules
 from train.config import OptimConfig, TrainConfig
 from train.signals import SIGNAL_CLIPS, feature_signals
@@ -115,12 +115,12 @@ def train_step(p: Parts, batch: Batch, step: int, force_nan: bool = False, signa
     dev = p.env.device
     clips = batch.clips.to(dev, non_blocking=True)  # [B, 3, T, H, W]
     clips = clips if p.amp else clips.float()
-    masks = [(c.to(dev, non_blocking=True), t.to(dev, non_blocking=True)) for c, t in batch.masks]
+    masks = masks_to(batch.masks, dev)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=p.amp):
         features = p.target_features(clips)  # [B, N, D], no grad
         targets = p.model.gather_targets(features, masks)  # [B, Nt, D] per mask type
         preds = p.student(clips, masks)  # [B, Nt, D] per mask type; DDP all-reduces grads in backward
-        loss = l1_loss(preds, targets)
+        loss = jepa_loss(preds, targets, p.model.loss)
     if force_nan:
         loss = loss * float("nan")
     p.optimizer.zero_grad(set_to_none=True)
