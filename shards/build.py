@@ -116,7 +116,8 @@ def _shard_groups(cfg: ShardsConfig, out: Output, todo: List[Group], done: int, 
     jobs, early = [], []
     for g in todo:
         for pos, (s, key, label_index) in enumerate(zip(g.sources, g.keys, g.label_index)):
-            job = Job(key, s.url, s.label, label_index, cfg.transcode, cfg.filter, cfg.retries, cfg.retry_backoff_s)
+            job = Job(key, s.url, s.label, label_index, cfg.transcode, cfg.filter, cfg.kind, cfg.image, cfg.retries,
+                      cfg.retry_backoff_s)
             if process_local(s.url):  # memory://: only this process sees it; the worker gets its bytes
                 try:
                     job.data = read_input(s.url, cfg.filter, cfg.retry_policy())
@@ -191,7 +192,7 @@ def _merge(cfg: ShardsConfig, out: Output, groups: List[Group], labels: Dict[str
         "shards": len(shards),
         "splits": dict(sorted(Counter(r["split"] for r in rows).items())),
     }
-    meta = {"created_by": "tubelet make_shards", "classes": classes, "summary": summary,
+    meta = {"created_by": "tubelet make_shards", "kind": cfg.kind, "classes": classes, "summary": summary,
             "config": {k: v for k, v in to_dict(cfg).items() if k not in ("workers", "progress", "merge",
                                                                            "partition", "metrics_port",
                                                                            "check_outputs", "retries",

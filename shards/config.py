@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Dict
 
 from common.config import check
+from shards.images import ImageConfig
 
 
 @dataclass
@@ -95,7 +96,10 @@ class ShardsConfig:
     # every shard once) or size (sizes and index files only: faster on huge sets). Damaged groups are rebuilt.
     check_outputs: str = "hash"
     progress: bool = True  # a progress bar on stderr
+    # video, or image: folders list image files, each stored as a JPEG (`image`), a clip of one frame
+    kind: str = "video"
     transcode: TranscodeConfig = field(default_factory=TranscodeConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     shard: ShardLimits = field(default_factory=ShardLimits)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
@@ -118,5 +122,6 @@ class ShardsConfig:
             check(bool(spec.strip()), f"inputs.{name}", "is empty: name a folder, a glob or a list file (.csv/.parquet)")
         check(bool(self.output), "output", "must name a folder or URL")
         check(self.workers >= 0, "workers", "must be >= 0 (0 = all cores)")
+        check(self.kind in ("video", "image"), "kind", f"must be video or image, got {self.kind!r}")
         check(self.retries >= 1 and self.retry_backoff_s >= 0, "retries", "retries >= 1, retry_backoff_s >= 0")
         check(self.check_outputs in ("hash", "size"), "check_outputs", f"must be hash or size, got {self.check_outputs!r}")

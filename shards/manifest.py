@@ -96,6 +96,11 @@ class Manifest:
         return list(self.meta.get("classes", []))
 
     @property
+    def kind(self) -> str:
+        """video or image (sets made before images are video)."""
+        return str(self.meta.get("kind", "video"))
+
+    @property
     def transcode(self) -> Dict[str, Any]:
         """The transcode settings the set was made with (frame_step, keyframe_interval, align, codec ...)."""
         return dict(self.meta.get("config", {}).get("transcode", {}))

@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Tuple
 from common.config import to_dict
 from shards.config import ShardsConfig
 from shards.manifest import FORMAT_VERSION
-from shards.sources import InputError, Source, check_unique_keys, label_map, list_split
+from shards.images import IMAGE_EXTENSIONS
+from shards.sources import VIDEO_EXTENSIONS, InputError, Source, check_unique_keys, label_map, list_split
 
 PARTS = "_parts"  # the folder of group records in a shard set
 
@@ -41,7 +42,8 @@ class Group:
 
 def plan(cfg: ShardsConfig) -> Tuple[List[Group], Dict[str, int]]:
     """List every split's inputs and cut them into groups (deterministic, identical in every partition)."""
-    listed = {split: list_split(spec, cfg.labels_from_dirs) for split, spec in sorted(cfg.inputs.items())}
+    extensions = IMAGE_EXTENSIONS if cfg.kind == "image" else VIDEO_EXTENSIONS
+    listed = {split: list_split(spec, cfg.labels_from_dirs, extensions) for split, spec in sorted(cfg.inputs.items())}
     labels = label_map(listed)
     groups = []
     for split, sources in listed.items():
@@ -59,8 +61,10 @@ def fingerprint(cfg: ShardsConfig, group: Group) -> str:
     """What a group's output depends on: its inputs, their class indices, the transcode/filter settings, and the
     manifest format its record's rows are written in."""
     h = hashlib.sha256()
-    h.update(json.dumps([to_dict(cfg.transcode), to_dict(cfg.filter), cfg.shard.max_bytes, FORMAT_VERSION],
-                        sort_keys=True).encode())
+    settings = [to_dict(cfg.transcode), to_dict(cfg.filter), cfg.shard.max_bytes, FORMAT_VERSION]
+    if cfg.kind == "image":  # video sets keep the fingerprints they had before images
+        settings += ["image", to_dict(cfg.image)]
+    h.update(json.dumps(settings, sort_keys=True).encode())
     for s, k, i in zip(group.sources, group.keys, group.label_index):
         h.update(f"\0{s.url}\0{s.label}\0{i}\0{k}".encode())
     return h.hexdigest()

@@ -56,8 +56,9 @@ def _url(fs, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
-def list_split(spec: str, labels_from_dirs: bool = False) -> List[Source]:
-    """All videos named by `spec` (folder, glob or list file), in a deterministic order."""
+def list_split(spec: str, labels_from_dirs: bool = False, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> List[Source]:
+    """All inputs named by `spec` (folder, glob or list file), in a deterministic order; a folder lists the files
+    with one of `extensions` (videos by default)."""
     fs, path = url_to_fs(spec)
     lower = path.lower()
     if lower.endswith(LIST_EXTENSIONS):
@@ -68,7 +69,7 @@ def list_split(spec: str, labels_from_dirs: bool = False) -> List[Source]:
         files = sorted(p for p in fs.glob(path) if fs.isfile(p))
         root = path[: _GLOB_CHARS.search(path).start()].rsplit("/", 1)[0]
     elif fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if p.lower().endswith(VIDEO_EXTENSIONS))
+        files = sorted(p for p in fs.find(path) if p.lower().endswith(tuple(extensions)))
         root = path.rstrip("/")
     elif fs.isfile(path):
         files, root = [path], posixpath.dirname(path)

@@ -23,6 +23,7 @@ import numpy as np
 from common.files import url_to_fs
 from common.retry import RetryPolicy, StorageError
 from shards.config import FilterConfig, TranscodeConfig
+from shards.images import ImageConfig, process_image
 from shards.validate import Rejected, validate_video
 
 CONTAINER = {"vp9": ("webm", "libvpx-vp9"), "h264": ("mp4", "libx264")}
@@ -64,6 +65,8 @@ class Job:
     label_index: Optional[int]
     transcode: TranscodeConfig = field(default_factory=TranscodeConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
+    kind: str = "video"  # video | image (ShardsConfig.kind)
+    image: ImageConfig = field(default_factory=ImageConfig)
     retries: int = 6  # tries on transient storage errors, and the first wait (ShardsConfig.retries)
     retry_backoff_s: float = 0.5
     data: Optional[bytes] = None  # the input's bytes, read by the parent: inputs a worker cannot open (memory://)
@@ -200,6 +203,8 @@ def _process(job: Job) -> Sample:
         job.url, job.filter, RetryPolicy(attempts=job.retries, backoff_s=job.retry_backoff_s))
     if not data:
         raise Rejected("empty_file", "the file has 0 bytes")
+    if job.kind == "image":
+        return _image_sample(job, data)
     container, stream = _open_video(data, job.url, job.filter)
     try:
         return _transcode(job, data, container, stream)
@@ -314,6 +319,15 @@ def _transcode(job: Job, data: bytes, container, stream) -> Sample:
         "label_index": job.label_index,
     }
     return Sample(job.key, video, ext, meta)
+
+
+def _image_sample(job: Job, data: bytes) -> Sample:
+    """An image is a clip of one frame: the same sample fields, nframes 1, no duration."""
+    jpeg, info = process_image(data, job.image, job.filter)
+    meta = {"key": job.key, "source": job.url, "source_fps": 0.0, "source_duration": 0.0, "vfr": False,
+            "duration": 0.0, "fps": 0.0, "frame_step": 1, "nframes": 1, "keyframe_interval": 1,
+            "label": job.label, "label_index": job.label_index, **info}
+    return Sample(job.key, jpeg, "jpg", meta)
 
 
 def meta_json(meta: Dict) -> bytes:

@@ -17,7 +17,7 @@ import numpy as np
 REASONS = (
     "empty_file", "file_too_large", "unreadable", "not_a_video", "no_video_stream", "bad_dimensions",
     "too_short", "too_long", "decode_error", "truncated", "validation_failed", "decoder_crash",
-    "internal_error",
+    "internal_error", "not_an_image",
 )
 # DALI and FFmpeg upsample chroma and convert YUV to RGB differently: on sharp textures single pixels differ
 # by 10+ levels. Compared on 4x4-averaged frames they agree within ~2.5 levels, while the neighbouring frame
