@@ -9,6 +9,9 @@ them for one DALI graph, so none of that runs on the training thread:
                     -> resize (the crop window -> crop_size^2, linear, antialiased)
                     -> crop_mirror_normalize (flip, ImageNet mean/std, FHWC -> CFHW, fp16 or fp32)
 
+and for an image set (`make shards kind=image`) decoders.image_slice (only the crop window: nvJPEG's ROI
+decode on a GPU) -> resize -> crop_mirror_normalize to [B, 3, 1, H, W], a clip of one frame.
+
 with device='mixed' (NVDEC) on a GPU and 'cpu' without one: the same graph. A set stored at the clips'
 sampling rate (transcode.frame_step) is decoded at stride frame_stride / frame_step. DALI prepares `prefetch`
 batches ahead; the loader's state is what the consumer has received, so resuming ignores what was in flight.
@@ -115,6 +118,16 @@ class _Feeder:
         self._thread.join()
 
 
+def _dali_reason(e: BaseException) -> str:
+    """The line of a DALI error that says what went wrong (not its traceback, C++ context or the follow-up
+    'pipeline object is no longer valid')."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not (ln.startswith(("C++ context", "File ", "Critical error", "Error in",
+                                                        "which was used", "encountered"))
+                                         or "no longer valid" in ln)]
+    return (useful or lines or [type(e).__name__])[-1]
+
+
 class VideoLoader:
     """Iterate V-JEPA batches for one rank.
 
@@ -134,6 +147,10 @@ class VideoLoader:
         self.on_batch = on_batch
         self._plan_args = dict(rank=rank, world_size=world_size, train=train)
         self.stride = self.index.stride_for(cfg.frame_stride)  # in stored frames
+        self.images = self.index.kind == "image"  # an image set: clips of one frame, decoded as JPEG
+        if self.images and cfg.num_frames != 1:
+            raise LoaderError(f"{cfg.root} is an image set: clips have one frame, set data.num_frames=1 (the "
+                              "model: num_frames=1 tubelet_size=1)")
         self._state = plan_for(self.index, cfg, **self._plan_args).state_dict()
         # DALI CPU threads: the cores this process may use, shared with the other ranks on this host (torchrun's
         # LOCAL_WORLD_SIZE); never pinned (set_affinity=False), so ranks do not pile onto the same cores
@@ -174,15 +191,30 @@ class VideoLoader:
                       device_id=torch.cuda.current_device() if gpu else None,
                       prefetch_queue_depth=cfg.prefetch, exec_dynamic=True, set_affinity=False)
         def graph():
-            video, start, roi0, roi1, flip = fn.external_source(
-                source=self._feed, num_outputs=5, batch=True,
-                dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32])
-            frames = fn.decoders.video(video, device="mixed" if gpu else "cpu", start_frame=start,
-                                       sequence_length=cfg.num_frames, stride=self.stride, pad_mode="edge")
-            frames = fn.resize(frames, size=[cfg.crop_size, cfg.crop_size], roi_start=roi0, roi_end=roi1,
-                               roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=True)
+            if self.images:  # no start frame
+                data, roi0, roi1, flip = fn.external_source(source=self._feed, num_outputs=4, batch=True,
+                                                            dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32])
+            else:
+                data, start, roi0, roi1, flip = fn.external_source(
+                    source=self._feed, num_outputs=5, batch=True,
+                    dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32])
+            if self.images:
+                # the crop window decoded alone (nvJPEG's ROI decode on a GPU: the crop fused into the decode),
+                # then resized like a clip's frames; anchor and shape in (x, y)
+                frames = fn.decoders.image_slice(data, roi0, roi1, device="mixed" if gpu else "cpu",
+                                                 output_type=types.RGB, axis_names="WH",  # (x, y), (w, h)
+                                                 normalized_anchor=False, normalized_shape=False)
+                size = [cfg.crop_size, cfg.crop_size]
+                frames = fn.resize(frames, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
+                layout = "CHW"
+            else:
+                frames = fn.decoders.video(data, device="mixed" if gpu else "cpu", start_frame=start,
+                                           sequence_length=cfg.num_frames, stride=self.stride, pad_mode="edge")
+                frames = fn.resize(frames, size=[cfg.crop_size, cfg.crop_size], roi_start=roi0, roi_end=roi1,
+                                   roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=True)
+                layout = "CFHW"
             # DALI has no bfloat16: half precision leaves it for bf16 and fp16 (half the bytes of fp32)
-            return fn.crop_mirror_normalize(frames, mirror=flip, mean=mean, std=std, output_layout="CFHW",
+            return fn.crop_mirror_normalize(frames, mirror=flip, mean=mean, std=std, output_layout=layout,
                                             dtype=types.FLOAT if cfg.dtype == "fp32" else types.FLOAT16)
 
         self._pipe = graph()
@@ -198,6 +230,8 @@ class VideoLoader:
             raise item
         item.fed_at = time.perf_counter()
         self._inflight.append(item)
+        if self.images:
+            return item.videos, item.roi0, item.roi1, item.flips
         return item.videos, item.starts, item.roi0, item.roi1, item.flips
 
     def _prepare(self, plan: Plan, bp: BatchPlan) -> _Fed:
@@ -211,9 +245,13 @@ class VideoLoader:
         bp, videos, corrupt = self._read_batch(bp)
         recs = bp.records
         masks = map_masks(plan.masks(bp, self.grid, self.cfg.mask_specs(self.grid)), self._host)
-        return _Fed(bp, videos, [np.array(r.start, np.int32) for r in recs],
-                    [np.array(r.crop[:2], np.float32) for r in recs],
-                    [np.array((r.crop[0] + r.crop[2], r.crop[1] + r.crop[3]), np.float32) for r in recs],
+        if self.images:  # the slice's anchor (x0, y0) and shape (w, h)
+            roi0 = [np.array((r.crop[1], r.crop[0]), np.float32) for r in recs]
+            roi1 = [np.array((r.crop[3], r.crop[2]), np.float32) for r in recs]
+        else:  # the resize's window corners (y0, x0), (y1, x1)
+            roi0 = [np.array(r.crop[:2], np.float32) for r in recs]
+            roi1 = [np.array((r.crop[0] + r.crop[2], r.crop[1] + r.crop[3]), np.float32) for r in recs]
+        return _Fed(bp, videos, [np.array(r.start, np.int32) for r in recs], roi0, roi1,
                     [np.array(int(r.flip), np.int32) for r in recs], masks,
                     self._host(self.index.labels[bp.rows]), self.store.bytes_read - before,
                     time.perf_counter() - t0, corrupt)
@@ -281,7 +319,7 @@ class VideoLoader:
             shards = sorted({self.index.shards[r] for r in rows})
             what = (f" while decoding one of the samples {[self.index.keys[r] for r in rows][:12]} from shards "
                     f"{shards} of {self.cfg.root}")
-            raise LoaderError(f"the DALI pipeline failed{what}: {str(e).strip().splitlines()[-1][:300]}. "
+            raise LoaderError(f"the DALI pipeline failed{what}: {_dali_reason(e)[:300]}. "
                               "Check the set with `python -m shards.verify hashes=true "
                               f"root={self.cfg.root}` and rebuild bad shards with `make shards`.") from None
         fed = self._inflight.popleft()
@@ -317,8 +355,10 @@ class VideoLoader:
             feed_ndarray(t, buf, cuda_stream=self._copy_stream)
             self._copy_stream.synchronize()
             torch.cuda.current_stream().wait_stream(self._copy_stream)
-            return buf.to(self.dtype)
-        return torch.from_numpy(out.as_array()).to(self.dtype)
+            clips = buf.to(self.dtype)
+        else:
+            clips = torch.from_numpy(out.as_array()).to(self.dtype)
+        return clips.unsqueeze(2) if self.images else clips  # images: [B, 3, 1, H, W], a clip of one frame
 
     def close(self) -> None:
         self._close_pipe()

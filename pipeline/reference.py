@@ -1,4 +1,5 @@
-"""The reference loader: the same batches as `VideoLoader`, written plainly with a PyTorch DataLoader and PyAV.
+"""The reference loader: the same batches as `VideoLoader`, written plainly with a PyTorch DataLoader and PyAV
+(PIL for image sets).
 
 It shares only the sampling (pipeline/sampling.py, masks included) and the definition of a clip
 (pipeline/clips.py) with the loader it checks, and decodes with FFmpeg instead of DALI.
@@ -56,6 +57,15 @@ def make_clip(video: bytes, rec: ClipRecord, nframes: int, num_frames: int, stri
     return cut_clip(torch.from_numpy(frames), rec, size), decoded
 
 
+def make_image_clip(data: bytes, rec: ClipRecord, size: int) -> torch.Tensor:
+    """An image as a clip of one frame [3, 1, size, size], decoded with PIL and cut by `clips.cut_clip`."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        frame = np.asarray(img.convert("RGB"))
+    return cut_clip(torch.from_numpy(frame)[None], rec, size)
+
+
 class _Batches(Dataset):
     def __init__(self, cfg: LoaderConfig, plans: List[BatchPlan], grid, mask_plan: Plan):
         self.cfg, self.plans, self.grid, self.stride = cfg, plans, grid, mask_plan.stride
@@ -70,9 +80,13 @@ class _Batches(Dataset):
         if self.index is None:  # opened lazily, once per worker process
             self.index = open_split(cfg.root, cfg.split, retry=cfg.retry_policy())
             self.store = store_for(cfg)
-        made = [make_clip(self.index.read_video(self.store, r), rec, int(self.index.nframes[r]), cfg.num_frames,
-                          self.stride, cfg.crop_size, float(self.index.fps[r]))
-                 for r, rec in zip(bp.rows, bp.records)]
+        if self.index.kind == "image":
+            made = [(make_image_clip(self.index.read_video(self.store, r), rec, cfg.crop_size), 1)
+                    for r, rec in zip(bp.rows, bp.records)]
+        else:
+            made = [make_clip(self.index.read_video(self.store, r), rec, int(self.index.nframes[r]),
+                              cfg.num_frames, self.stride, cfg.crop_size, float(self.index.fps[r]))
+                    for r, rec in zip(bp.rows, bp.records)]
         return torch.stack([clip for clip, _ in made]), i, sum(n for _, n in made)
 
 

@@ -35,6 +35,7 @@ class SplitIndex:
     classes: List[str]
     frame_step: int = 1  # the set stores every frame_step-th frame (1 for sets made before the option)
     keyframe_interval: int = 0  # stored frames between keyframes (0: not recorded)
+    kind: str = "video"  # video | image (the manifest's)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -77,6 +78,7 @@ def open_split(root: str, split: str, verify_hashes: bool = False, retry: Option
         nframes=col("nframes"), fps=col("fps"), heights=col("height"), widths=col("width"), labels=labels,
         shard_bytes={s["name"]: s["bytes"] for s in m.shards}, classes=m.classes,
         frame_step=int(m.transcode.get("frame_step", 1)), keyframe_interval=int(m.transcode.get("keyframe_interval", 0)),
+        kind=m.kind,
     )
 
 
@@ -95,7 +97,8 @@ def plan_for(index: SplitIndex, cfg: LoaderConfig, *, rank: int = 0, world_size:
     return Plan(index.geometry(), batch_size=cfg.batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
                 train=train, num_frames=cfg.num_frames, stride=index.stride_for(cfg.frame_stride),
                 scale=cfg.crop_scale, ratio=cfg.crop_aspect, flip=cfg.flip, num_clips=cfg.eval_clips,
-                num_crops=cfg.eval_crops, start_grid=index.keyframe_interval if cfg.align_starts else 1,
+                num_crops=cfg.eval_crops,
+                start_grid=index.keyframe_interval if cfg.align_starts and index.kind == "video" else 1,
                 shuffle=shuffle_for(cfg), shard_of_row=[shard_ids[s] for s in index.shards],
                 partitions=cfg.canonical_nodes, window=cfg.shuffle_window,
                 ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -101,3 +101,94 @@ def test_image_short_side_and_a_rerun_resumes(tmp_path):
     assert again["videos_processed"] == 0  # finished groups are not redone
     with pytest.raises(Exception, match="other inputs or settings"):
         run(load_config(ShardsConfig, None, args[:-3] + ["image.short_side=120", "workers=1", "progress=false"]))
+
+
+@pytest.fixture(scope="module")
+def image_set(tmp_path_factory) -> str:
+    """12 labelled images of mixed sizes and formats, sharded by `make shards kind=image` (3 shards)."""
+    root = tmp_path_factory.mktemp("images")
+    sizes = [(96, 64), (128, 96), (80, 112), (100, 100)]
+    for i in range(12):
+        cls = ("cat", "dog", "fox")[i % 3]
+        (root / "in" / cls).mkdir(parents=True, exist_ok=True)
+        w, h = sizes[i % 4]
+        img = Image.fromarray(_gradient(w, h, seed=i))
+        img.save(root / "in" / cls / f"img{i}.{('jpg', 'png')[i % 2]}")
+    out = root / "shards"
+    run(load_config(ShardsConfig, None, [f"inputs.train={root / 'in'}", f"output={out}", "kind=image",
+                                         "labels_from_dirs=true", "shard.max_samples=4", "workers=2",
+                                         "progress=false"]))
+    return str(out)
+
+
+def image_cfg(root: str, *extra: str):
+    from pipeline.config import LoaderConfig
+
+    return load_config(LoaderConfig, None, [f"root={root}", "batch_size=4", "num_frames=1", "frame_stride=1",
+                                            "crop_size=48", "dtype=fp32", "threads=2", "image_masks.min_keep=2",
+                                            *extra])
+
+
+def test_the_dali_image_loader_matches_the_pil_reference_and_resumes_exactly(image_set):
+    from dataclasses import replace
+
+    import torch
+
+    from pipeline.loader import VideoLoader
+    from pipeline.reference import ReferenceLoader
+
+    grid = (1, 6, 6)  # 48 px at patch 8
+    cfg = image_cfg(image_set)
+    loader = VideoLoader(cfg, grid=grid)
+    it = iter(loader)
+    dali = [next(it) for _ in range(4)]  # 12 images, batch 4: crosses an epoch
+    ref = list(ReferenceLoader(cfg, grid=grid).batches(4))
+    for d, r in zip(dali, ref, strict=True):
+        assert d.keys == r.keys and d.records == r.records
+        assert d.clips.shape == (4, 3, 1, 48, 48) and r.clips.shape == d.clips.shape
+        diff = (d.clips.cpu() - r.clips).abs()
+        # libjpeg-turbo (DALI) and PIL decode the same JPEG alike; the resize filters round differently
+        assert diff.mean() < 0.05 and diff.max() < 1.0, (diff.mean(), diff.max())
+        assert len(d.masks) == 4 and all(c is d.masks[0][0] for c, _ in d.masks)  # I-JEPA: one shared context
+        for (c1, t1), (c2, t2) in zip(d.masks, r.masks, strict=True):
+            assert torch.equal(c1.cpu(), c2) and torch.equal(t1.cpu(), t2)
+    state = {**loader.state_dict()}
+    later = [next(it) for _ in range(2)]
+    loader.close()
+    resumed = VideoLoader(cfg, grid=grid)
+    resumed.load_state_dict(state)
+    again = iter(resumed)
+    for a, b in zip(later, [next(again) for _ in range(2)], strict=True):
+        assert a.keys == b.keys and torch.equal(a.clips, b.clips)
+    resumed.close()
+    with pytest.raises(Exception, match="data.num_frames=1"):
+        VideoLoader(replace(cfg, num_frames=8), grid=grid)
+
+
+def test_ijepa_pretraining_on_an_image_set_through_the_trainer(image_set, tmp_path):
+    """The trainer as it is (checkpoints, resume, metrics off) on an image set: an image model, I-JEPA's masks
+    and loss; a resumed run continues with the same losses as an uninterrupted one."""
+    import json
+
+    from train.config import TrainConfig
+    from train.trainer import run as train_run
+
+    def cfg(run_dir, *extra):
+        return load_config(TrainConfig, None, [
+            "model.size=tiny", "model.img_size=48", "model.patch_size=8", "model.num_frames=1",
+            "model.tubelet_size=1", "model.num_mask_types=1", "model.loss=smooth_l1", "model.predictor_width=96",
+            "model.predictor_depth=2", "model.predictor_heads=4", f"data.root={image_set}", "data.batch_size=4",
+            "data.num_frames=1", "data.frame_stride=1", "data.crop_size=48", "data.threads=1", "data.dtype=fp32",
+            "data.device=cpu", "data.image_masks.min_keep=2", "device=cpu", "metrics.enabled=false",
+            "optim.warmup_steps=1", "deterministic=true", "log_every=1", "checkpoint.keep_last=0",
+            "checkpoint.every_steps=2", "schedule.total_steps=4", f"run_dir={run_dir}", *extra])
+
+    def losses(run_dir):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "losses.jsonl").read_text().splitlines())]
+
+    whole = tmp_path / "whole"
+    assert train_run(cfg(whole))["step"] == 4
+    parts = tmp_path / "parts"
+    train_run(cfg(parts, "schedule.stop_at=2"))
+    assert train_run(cfg(parts))["first_step"] == 2
+    assert losses(parts) == losses(whole) and all(loss == loss for _, loss in losses(whole))
