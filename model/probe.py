@@ -1,4 +1,5 @@
-"""The frozen-evaluation head of the method: an attentive probe over all of an encoder's output tokens.
+"""The frozen-evaluation heads: an attentive probe over all of an encoder's output tokens (V-JEPA's), and a
+linear probe on their average (I-JEPA's, `LinearProbe`, at the end).
 
 One cross-attention block whose single learnable query attends to the (frozen) tokens, then a linear
 classifier. tokens: [B, N, D] -> logits [B, C].
@@ -75,3 +76,21 @@ class AttentiveProbe(nn.Module):
         q = q + self.attn(q, self.norm1(tokens))
         q = q + self.mlp(self.norm2(q))
         return self.head(q[:, 0])
+
+
+class LinearProbe(nn.Module):
+    """I-JEPA's linear evaluation head: the tokens average-pooled, batch-normalised without affine parameters
+    (MAE's linear-probe recipe, which I-JEPA's evaluation follows), then one linear layer. tokens [B, N, D] ->
+    logits [B, C]."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"a probe needs at least 2 classes, got {num_classes}")
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(tokens.mean(1)))

@@ -105,7 +105,8 @@ def test_image_short_side_and_a_rerun_resumes(tmp_path):
 
 @pytest.fixture(scope="module")
 def image_set(tmp_path_factory) -> str:
-    """12 labelled images of mixed sizes and formats, sharded by `make shards kind=image` (3 shards)."""
+    """12 labelled training images of mixed sizes and formats (3 shards) and 6 validation images, sharded by
+    `make shards kind=image`."""
     root = tmp_path_factory.mktemp("images")
     sizes = [(96, 64), (128, 96), (80, 112), (100, 100)]
     for i in range(12):
@@ -114,8 +115,13 @@ def image_set(tmp_path_factory) -> str:
         w, h = sizes[i % 4]
         img = Image.fromarray(_gradient(w, h, seed=i))
         img.save(root / "in" / cls / f"img{i}.{('jpg', 'png')[i % 2]}")
+    for i in range(6):
+        cls = ("cat", "dog", "fox")[i % 3]
+        (root / "val" / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_gradient(90, 70, seed=100 + i)).save(root / "val" / cls / f"v{i}.jpg")
     out = root / "shards"
-    run(load_config(ShardsConfig, None, [f"inputs.train={root / 'in'}", f"output={out}", "kind=image",
+    run(load_config(ShardsConfig, None, [f"inputs.train={root / 'in'}", f"inputs.val={root / 'val'}",
+                                         f"output={out}", "kind=image",
                                          "labels_from_dirs=true", "shard.max_samples=4", "workers=2",
                                          "progress=false"]))
     return str(out)
@@ -188,7 +194,55 @@ def test_ijepa_pretraining_on_an_image_set_through_the_trainer(image_set, tmp_pa
 
     whole = tmp_path / "whole"
     assert train_run(cfg(whole))["step"] == 4
+    _probe_image_checkpoint(image_set, whole)
     parts = tmp_path / "parts"
     train_run(cfg(parts, "schedule.stop_at=2"))
     assert train_run(cfg(parts))["first_step"] == 2
     assert losses(parts) == losses(whole) and all(loss == loss for _, loss in losses(whole))
+
+
+def _probe_image_checkpoint(image_set: str, run_dir: Path) -> None:
+    """`make probe` on an image set: I-JEPA's linear probe on the average-pooled tokens of the image model."""
+    from train.probe import ProbeConfig, run as probe_run
+
+    ckpt = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1]
+    result = probe_run(load_config(ProbeConfig, None, [
+        f"checkpoint={ckpt}", f"data.root={image_set}", "head=linear", "epochs=2", "batch_size=4", "cached_passes=1",
+        "data.batch_size=4", "data.threads=1", "data.dtype=fp32", "data.device=cpu", "device=cpu"]))
+    assert result["head"] == "linear" and result["videos"] == 6 and 0 <= result["top1"] <= 1
+    assert len(result["history"]) == 2 and all(h["loss"] > 0 for h in result["history"])
+
+
+def test_a_video_encoder_is_probed_on_images_by_repeating_each_image(small_shards, image_set, tmp_path):
+    """The paper's protocol for video models on image tasks: each image repeated to the encoder's frames."""
+    from train.config import TrainConfig
+    from train.probe import ProbeConfig, extract, run as probe_run
+    from train.trainer import run as train_run
+
+    run_dir = tmp_path / "video"
+    train_run(load_config(TrainConfig, None, [
+        "model.size=tiny", "model.img_size=48", "model.patch_size=8", "model.num_frames=4",
+        "model.predictor_width=96", "model.predictor_depth=2", "model.predictor_heads=4", f"data.root={small_shards}",
+        "data.crop_size=48", "data.num_frames=4", "data.frame_stride=1", "data.batch_size=2", "data.threads=1",
+        "data.dtype=fp32", "data.device=cpu", "device=cpu", "metrics.enabled=false", "optim.warmup_steps=1",
+        "checkpoint.keep_last=0", "checkpoint.every_steps=2", "schedule.total_steps=2", f"run_dir={run_dir}"]))
+    ckpt = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1]
+    seen = []
+    real = extract
+
+    def spy(encoder, loader, steps, device, frames):
+        out = real(encoder, loader, steps, device, frames)
+        seen.append((frames, out["tokens"].shape[1]))
+        return out
+
+    import train.probe as probe_module
+
+    probe_module.extract = spy
+    try:
+        result = probe_run(load_config(ProbeConfig, None, [
+            f"checkpoint={ckpt}", f"data.root={image_set}", "epochs=1", "batch_size=4", "cached_passes=1",
+            "data.batch_size=4", "data.threads=1", "data.dtype=fp32", "data.device=cpu", "device=cpu"]))
+    finally:
+        probe_module.extract = real
+    assert result["videos"] == 6 and result["head"] == "attentive"
+    assert seen and all(s == (4, 2 * 6 * 6) for s in seen)  # 4 frames / tubelet 2 x a 6 x 6 grid

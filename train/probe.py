@@ -1,8 +1,9 @@
 """Frozen attentive-probe evaluation: `python -m train.probe checkpoint=RUN/checkpoints/ckpt-N.pt [key=value ...]`.
 
-The checkpoint's target encoder is frozen; an attentive probe (model/probe.py) is trained on the train split's
-encoder features and scored on the val split: every video is seen as `eval_clips x eval_crops` views whose
-logits are averaged. `random_init=true` probes the same architecture with random weights, the same way
+The checkpoint's target encoder is frozen; an attentive probe (model/probe.py; `head=linear`: I-JEPA's linear
+probe on the average-pooled tokens) is trained on the train split's encoder features and scored on the val
+split: every video is seen as `eval_clips x eval_crops` views whose logits are averaged. On an image set
+(`make shards kind=image`) every image is a clip of one frame, repeated to a video encoder's frame count. `random_init=true` probes the same architecture with random weights, the same way
 (the baseline a pretraining must beat).
 
 Features are extracted in *passes*: one pass runs every training video once through the loader's training
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model.features import encoder_from_state, model_config_of, read_training_checkpoint
-from model.probe import VARIANTS, AttentiveProbe
+from model.probe import VARIANTS, AttentiveProbe, LinearProbe
 from model.vit import VisionTransformer
 from common import logs
 from common.cli import main_for
@@ -42,7 +43,7 @@ from common.torch_file import CheckpointError, read_torch_file
 from common.files import atomic_write
 from pipeline.config import LoaderConfig
 from pipeline.loader import LoaderError, VideoLoader
-from shards.manifest import ManifestError
+from shards.manifest import ManifestError, read_manifest
 from train import dist
 from train.checkpoint import save_atomic
 from train.plots import plot_probe
@@ -67,6 +68,8 @@ class ProbeConfig:
     # reference: exactly the official evaluation's probe (numbers comparable with the paper's: no output projection
     # in its cross-attention, LayerNorm eps 1e-5); tubelet: with the projection (model/probe.py)
     variant: str = "reference"
+    # attentive (V-JEPA's protocol) or linear (I-JEPA's: a linear layer on the average-pooled tokens)
+    head: str = "attentive"
     cache: bool = True
     cached_passes: int = 4
     seed: int = 0
@@ -80,6 +83,7 @@ class ProbeConfig:
             check(getattr(self, key) > 0, key, "must be positive")
         check(self.heads >= 0, "heads", "must be >= 0 (0 = the encoder's)")
         check(self.variant in VARIANTS, "variant", f"must be one of {VARIANTS}, got {self.variant!r}")
+        check(self.head in ("attentive", "linear"), "head", f"must be attentive or linear, got {self.head!r}")
 
 
 def build_encoder(cfg: ProbeConfig, device: torch.device) -> Tuple[VisionTransformer, dict]:
@@ -97,21 +101,26 @@ def build_encoder(cfg: ProbeConfig, device: torch.device) -> Tuple[VisionTransfo
 
 
 def data_config(cfg: ProbeConfig, train_cfg: dict, split: str) -> LoaderConfig:
-    """Clips shaped like the pretraining's (frames, stride, size), from the probe's own data root and split."""
+    """Clips shaped like the pretraining's (frames, stride, size), from the probe's own data root and split; of an
+    image set, images (one frame: `extract` repeats it to the encoder's frames, the paper's protocol for video
+    encoders on images)."""
     m, d = train_cfg["model"], train_cfg["data"]
-    return replace(cfg.data, split=split, num_frames=m["num_frames"], crop_size=m["img_size"],
-                   frame_stride=d["frame_stride"], masks=[], seed=cfg.seed)
+    images = read_manifest(cfg.data.root).kind == "image"
+    return replace(cfg.data, split=split, num_frames=1 if images else m["num_frames"], crop_size=m["img_size"],
+                   frame_stride=1 if images else d["frame_stride"], masks=[], seed=cfg.seed)
 
 
 @torch.no_grad()
-def extract(encoder, loader: VideoLoader, steps: Optional[int], device) -> Dict[str, torch.Tensor]:
-    """Tokens [n, N, D] (fp16 to halve the cache), labels [n] and manifest rows [n] of this rank's clips."""
+def extract(encoder, loader: VideoLoader, steps: Optional[int], device, frames: int) -> Dict[str, torch.Tensor]:
+    """Tokens [n, N, D] (fp16 to halve the cache), labels [n] and manifest rows [n] of this rank's clips; an image
+    (a clip of one frame) is repeated to the encoder's `frames`."""
     feats, labels, rows = [], [], []
     amp = device.type == "cuda"
     for b in loader if steps is None else itertools.islice(loader, steps):
         keep = ~b.padded
+        clips = b.clips if b.clips.shape[2] == frames else b.clips.expand(-1, -1, frames, -1, -1)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            tokens = encoder(b.clips.to(device, torch.float32 if not amp else b.clips.dtype))
+            tokens = encoder(clips.to(device, torch.float32 if not amp else clips.dtype))
         feats.append(tokens[keep.to(tokens.device)].half().cpu())
         labels.append(b.labels[keep.to(b.labels.device)].cpu())
         rows.append(torch.tensor(b.rows)[keep.cpu()])
@@ -161,7 +170,7 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: Dict[s
 
 
 @torch.no_grad()
-def video_scores(probe: AttentiveProbe, views: Dict[str, torch.Tensor], num_videos: int, num_classes: int,
+def video_scores(probe: torch.nn.Module, views: Dict[str, torch.Tensor], num_videos: int, num_classes: int,
                  batch_size: int, device) -> torch.Tensor:
     """[num_videos, num_classes]: the softmax of every view (tokens, rows) summed into its video's row."""
     probe.eval()
@@ -184,7 +193,8 @@ def run(cfg: ProbeConfig) -> Optional[dict]:
 def _run(cfg: ProbeConfig, env) -> Optional[dict]:
     device = env.device
     encoder, train_cfg = build_encoder(cfg, device)
-    tag = "probe-random" if cfg.random_init else "probe"
+    frames = train_cfg["model"]["num_frames"]
+    tag = ("probe-random" if cfg.random_init else "probe") + ("-linear" if cfg.head == "linear" else "")
     ckpt_dir = Path(cfg.checkpoint).parent
     state_dir = ckpt_dir / f"{tag}-{Path(cfg.checkpoint).stem}-s{cfg.seed}"
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -205,14 +215,17 @@ def _run(cfg: ProbeConfig, env) -> Optional[dict]:
         if p not in passes:
             def make():
                 train_loader.load_state_dict({**train_loader.state_dict(), "epoch": p, "position": 0})
-                return extract(encoder, train_loader, steps, device)
+                return extract(encoder, train_loader, steps, device, frames)
             passes.clear()
             passes[p] = cached(state_dir / f"train-pass{p}-rank{env.rank}.pt", make) if cfg.cache else make()
         return passes[p]
 
-    probe = AttentiveProbe(encoder.embed_dim, len(classes), cfg.heads or encoder.blocks[0].attn.num_heads,
-                           variant=cfg.variant).to(device)
-    model = DDP(probe) if env.distributed else probe
+    if cfg.head == "linear":
+        probe = LinearProbe(encoder.embed_dim, len(classes)).to(device)
+    else:
+        probe = AttentiveProbe(encoder.embed_dim, len(classes), cfg.heads or encoder.blocks[0].attn.num_heads,
+                               variant=cfg.variant).to(device)
+    model = DDP(torch.nn.SyncBatchNorm.convert_sync_batchnorm(probe)) if env.distributed else probe
     opt = torch.optim.AdamW(probe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: List[dict] = []
     start_epoch = 0
@@ -235,7 +248,7 @@ def _run(cfg: ProbeConfig, env) -> Optional[dict]:
     val_cfg = replace(data_config(cfg, train_cfg, cfg.val_split), eval_clips=cfg.data.eval_clips,
                       eval_crops=cfg.data.eval_crops)
     val_loader = VideoLoader(val_cfg, rank=env.rank, world_size=env.world_size, train=False)
-    val = cached(state_dir / f"val-rank{env.rank}.pt", lambda: extract(encoder, val_loader, None, device))
+    val = cached(state_dir / f"val-rank{env.rank}.pt", lambda: extract(encoder, val_loader, None, device, frames))
     nvid = len(val_loader.index)
     logits = video_scores(probe, val, nvid, len(classes), cfg.batch_size, device)
     dist.all_reduce(logits)  # every view's probabilities, summed per video over all ranks
@@ -246,7 +259,7 @@ def _run(cfg: ProbeConfig, env) -> Optional[dict]:
     result = {
         "checkpoint": str(cfg.checkpoint), "random_init": cfg.random_init, "seed": cfg.seed,
         "split": cfg.val_split, "videos": nvid, "classes": classes, "chance": 1 / len(classes),
-        "views": cfg.data.eval_clips * cfg.data.eval_crops, "top1": top1, "top5": top5,
+        "views": cfg.data.eval_clips * cfg.data.eval_crops, "head": cfg.head, "top1": top1, "top5": top5,
         "epochs": cfg.epochs, "history": history, "seconds": round(time.time() - t0, 1),
         "config": to_dict(cfg),
     }
