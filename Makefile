@@ -10,11 +10,11 @@ DALI ?= nvidia-dali-cuda130
 STAMP := $(VENV)/.tubelet-setup
 ARGS ?=
 
-.PHONY: setup ffmpeg-tool prometheus-tool sample shards sample-shards train probe proof test test-fast bench-shards bench-loader bench-gpu bench-remote \
+.PHONY: setup ffmpeg-tool prometheus-tool sample shards sample-shards train probe proof test test-fast demo-images bench-shards bench-loader bench-gpu bench-remote \
 	bench-train monitor demo clean help
 
 help:
-	@echo "make setup | demo | test | test-fast | sample | shards | train | probe | proof | monitor | bench-shards | bench-loader | bench-train | bench-gpu | bench-remote   (ARGS='key=value ...'; ARGS=--help lists the keys)"
+	@echo "make setup | demo | demo-images | test | test-fast | sample | shards | train | probe | proof | monitor | bench-shards | bench-loader | bench-train | bench-gpu | bench-remote   (ARGS='key=value ...'; ARGS=--help lists the keys)"
 
 setup: $(STAMP)
 
@@ -98,5 +98,13 @@ demo: sample-shards
 	$(PY) -m train.trainer --config configs/train/cpu.yaml run_dir=runs/demo schedule.total_steps=60 \
 		optim.warmup_steps=10 checkpoint.every_steps=30 $(ARGS)
 
+# I-JEPA on the built-in image sample (generated and sharded on first use), then I-JEPA's linear probe of it.
+demo-images: setup
+	$(PY) -m shards.make_shards --config configs/shards_images.yaml
+	$(PY) -m train.trainer --config configs/train/ijepa_cpu.yaml run_dir=runs/demo-images schedule.total_steps=100 \
+		optim.warmup_steps=10 checkpoint.every_steps=50 $(ARGS)
+	$(PY) -m train.probe checkpoint=runs/demo-images/checkpoints/ckpt-00000100.pt data.root=data/shards/sample_images \
+		head=linear epochs=10 device=cpu data.device=cpu data.dtype=fp32
+
 clean:
-	rm -rf data/sample data/shards/sample runs
+	rm -rf data/sample data/shards/sample data/sample_images data/shards/sample_images runs

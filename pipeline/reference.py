@@ -62,7 +62,7 @@ def make_image_clip(data: bytes, rec: ClipRecord, size: int) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
-        frame = np.asarray(img.convert("RGB"))
+        frame = np.array(img.convert("RGB"))  # a writable copy
     return cut_clip(torch.from_numpy(frame)[None], rec, size)
 
 

@@ -2,8 +2,8 @@
 
     python -m shards.make_shards [--config configs/shards.yaml] [key=value ...]    (or tubelet-shards)
 
-With no `inputs`, the built-in sample is generated into `sample_dir` (when absent) and sharded. The work itself
-is `shards.build.run`.
+With no `inputs`, the built-in sample is generated into `sample_dir` (when absent) and sharded (with `kind=image`,
+the built-in image sample, `configs/shards_images.yaml`). The work itself is `shards.build.run`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ from shards.sources import InputError
 
 
 def make_shards(cfg: ShardsConfig) -> Optional[dict]:
-    if not cfg.inputs:
+    if not cfg.inputs and cfg.kind == "image":  # the built-in image sample: class folders
+        from shards.synthetic.images import generate_images
+
+        root = generate_images(cfg.sample_dir)
+        cfg = dataclasses.replace(cfg, inputs={"train": str(root / "train"), "val": str(root / "val")},
+                                  labels_from_dirs=True)
+    elif not cfg.inputs:
         from shards.synthetic.generate import generate
 
         root = generate(cfg.sample_dir)

@@ -246,3 +246,27 @@ def test_a_video_encoder_is_probed_on_images_by_repeating_each_image(small_shard
         probe_module.extract = real
     assert result["videos"] == 6 and result["head"] == "attentive"
     assert seen and all(s == (4, 2 * 6 * 6) for s in seen)  # 4 frames / tubelet 2 x a 6 x 6 grid
+
+
+def test_the_built_in_image_sample_is_deterministic_labelled_and_mixed(tmp_path):
+    from shards.synthetic.images import IMAGE_CLASSES, MARKER, generate_images
+
+    a = generate_images(str(tmp_path / "a"), train_per_class=6, val_per_class=2)
+    b = generate_images(str(tmp_path / "b"), train_per_class=6, val_per_class=2)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name != MARKER)
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.name != MARKER)
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert len(files) == 8 * len(IMAGE_CLASSES)
+    assert {f.parts[1] for f in files} == set(IMAGE_CLASSES)
+    modes = {Image.open(a / f).mode for f in files}
+    assert {"RGB", "L", "RGBA", "CMYK"} <= modes and {f.suffix for f in files} == {".jpg", ".png", ".webp"}
+
+
+def test_image_configs_load():
+    from train.config import TrainConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    c = load_config(TrainConfig, repo / "configs" / "train" / "ijepa_cpu.yaml", [])
+    assert c.model.grid == (1, 8, 8) and c.model.loss == "smooth_l1" and c.data.image_masks.min_keep == 4
+    s = load_config(ShardsConfig, repo / "configs" / "shards_images.yaml", [])
+    assert s.kind == "image" and s.labels_from_dirs

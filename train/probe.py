@@ -267,7 +267,8 @@ def _run(cfg: ProbeConfig, env) -> Optional[dict]:
         atomic_write(out, json.dumps(result, indent=2))
         plot_probe(result, out.with_suffix(".png"))
         log.info(f"probe {'(random weights) ' if cfg.random_init else ''}top-1 {100 * top1:.1f}% on "
-                    f"{nvid} {cfg.val_split} videos (chance {100 / len(classes):.1f}%) -> {out}")
+                    f"{nvid} {cfg.val_split} {'images' if val_loader.images else 'videos'} (chance "
+                    f"{100 / len(classes):.1f}%) -> {out}")
     return result
 
 
