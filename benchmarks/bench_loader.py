@@ -16,7 +16,9 @@ the clips' sampling rate, and the DALI loader against the PyAV reference, all in
    clip) on the stepped set. DALI's decoded frames are counted from the records and the keyframe interval (its
    decoder seeks to the keyframe at or before a clip's first frame); the reference counts what it decodes.
    DALI gets `workers` threads, the reference `workers` processes.
-4. Prints a markdown table and the two ratios the format and the loader are judged by; `--json FILE` writes
+4. Images (`images` > 0): generated JPEGs of `image_size`, sharded with `kind=image`; the DALI loader (the crop
+   window decoded alone, then resized) against the PIL reference, same records, 1-frame clips.
+5. Prints a markdown table and the ratios the format and the loaders are judged by; `--json FILE` writes
    `{"rows": [{name, clips_per_s, decoded_frames_per_clip, ...}], ...}`.
 """
 
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from benchmarks.bench_shards import make_inputs
@@ -57,6 +60,9 @@ class BenchLoaderConfig:
     batches: int = 8  # batches timed per row, after one warm-up batch
     workers: int = 0  # DALI threads and reference DataLoader processes; 0 = the cores this process may use
     reference: bool = True  # also time the PyAV reference loader
+    images: int = 96  # generated JPEGs for the image rows (0 = no image rows)
+    image_size: str = "500x375"  # ImageNet's typical size
+    image_batch: int = 32  # images per batch (I-JEPA trains with 128 per GPU)
     json: str = ""  # also write the rows as JSON here (`--json FILE` works too)
 
     def validate(self) -> None:
@@ -88,10 +94,33 @@ def shard_set(args: BenchLoaderConfig, name: str, inputs: Path, *overrides: str)
             "frame_step": t.get("frame_step", 1)}
 
 
+def image_set(args: "BenchLoaderConfig") -> Dict:
+    """`args.images` generated JPEGs of `args.image_size` (ImageNet's typical size), sharded with kind=image."""
+    from PIL import Image
+
+    from shards.synthetic.images import IMAGE_CLASSES, render_image
+
+    w, h = (int(p) for p in args.image_size.split("x"))
+    folder = Path(args.cache) / f"images-v1-{w}x{h}-x{args.images}"
+    for i in range(args.images):
+        path = folder / IMAGE_CLASSES[i % len(IMAGE_CLASSES)] / f"img{i:04d}.jpg"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(render_image(IMAGE_CLASSES[i % len(IMAGE_CLASSES)], h, w,
+                                         np.random.default_rng(i))).save(path, quality=90)
+    out = Path(args.cache) / f"{folder.name}-shards"
+    if not (out / "manifest.parquet").exists():
+        make_shards(load_config(ShardsConfig, None, [f"inputs.train={folder}", f"output={out}", "kind=image",
+                                                     "labels_from_dirs=true", "progress=false"]))
+    m = read_manifest(str(out))
+    return {"root": str(out), "size": f"{w}x{h}", "images": len(m.samples),
+            "bytes_per_image": m.meta["summary"]["bytes"] / len(m.samples)}
+
+
 def time_loader(batches, n: int, decoded) -> Dict:
     """clips/s over `n` batches after one warm-up batch; `decoded(batch)` -> frames decoded for it."""
     it = iter(batches)
-    next(it)
+    decoded(next(it))  # the warm-up batch: counted apart (the reference's counter is cumulative)
     clips = frames = 0
     t0 = time.perf_counter()
     for _ in range(n):
@@ -113,7 +142,8 @@ def dali_row(name: str, cfg: LoaderConfig, n: int) -> Dict:
                    for rec, row in zip(b.records, b.rows))
 
     try:
-        return {"name": name, "loader": f"DALI decoders.video {'mixed' if loader.device.type == 'cuda' else 'cpu'}, "
+        op = "image_slice" if loader.images else "video"
+        return {"name": name, "loader": f"DALI decoders.{op} {'mixed' if loader.device.type == 'cuda' else 'cpu'}, "
                                         f"{loader.threads} threads", **time_loader(loader, n, decoded)}
     finally:
         loader.close()
@@ -127,7 +157,8 @@ def reference_row(name: str, cfg: LoaderConfig, n: int, workers: int) -> Dict:
         frames, seen["frames"] = ref.decoded_frames - seen["frames"], ref.decoded_frames
         return frames
 
-    return {"name": name, "loader": f"PyAV + torch, DataLoader {workers} processes",
+    what = "PIL" if ref.index.kind == "image" else "PyAV"
+    return {"name": name, "loader": f"{what} + torch, DataLoader {workers} processes",
             **time_loader(ref.batches(n + 1), n, decoded)}
 
 
@@ -151,6 +182,13 @@ def bench(args: BenchLoaderConfig) -> List[Dict]:
         rows.append(reference_row(f"stored every {step}th frame, PyAV reference", stepped, args.batches, workers))
     for r, s in zip(rows, ["today", "stepped", "stepped", "stepped"]):
         r["set"] = s
+    if args.images:
+        sets["images"] = image_set(args)
+        images = replace(base, root=sets["images"]["root"], num_frames=1, frame_stride=1, batch_size=args.image_batch)
+        rows.append(dict(dali_row("images (JPEG), DALI", images, args.batches), set="images"))
+        if args.reference:
+            rows.append(dict(reference_row("images (JPEG), PIL reference", images, args.batches, workers),
+                             set="images"))
 
     c = args.data
     device = resolve_device(c.device).type
@@ -159,7 +197,7 @@ def bench(args: BenchLoaderConfig) -> List[Dict]:
           f"torch {torch.__version__}\n")
     print("| set | stored size | bytes per video-second | transcode CPU s per video-second | start step | keyframes |")
     print("|---|---|---|---|---|---|")
-    for name, s in sets.items():
+    for name, s in ((k, sets[k]) for k in ("today", "stepped")):
         print(f"| {name} (frame_step {s['frame_step']}) | {s['size']} | {s['bytes_per_video_second'] / 1e3:.0f} kB | "
               f"{s['transcode_cpu_per_video_second']:.2f} | {1000 * s['start_step_seconds']:.0f} ms | every "
               f"{1000 * s['keyframe_seconds']:.0f} ms |")
@@ -169,6 +207,12 @@ def bench(args: BenchLoaderConfig) -> List[Dict]:
     print(f"\nstepped / today (DALI): {rows[1]['clips_per_s'] / rows[0]['clips_per_s']:.2f}x")
     if args.reference:
         print(f"DALI / reference (stepped set): {rows[1]['clips_per_s'] / rows[3]['clips_per_s']:.2f}x")
+    if args.images and args.reference:
+        img = {r["name"]: r for r in rows if r["set"] == "images"}
+        dali_img, ref_img = img["images (JPEG), DALI"], img["images (JPEG), PIL reference"]
+        print(f"DALI / reference (images, {sets['images']['size']}, {sets['images']['bytes_per_image'] / 1e3:.0f} kB "
+              f"each, 1x{c.crop_size}x{c.crop_size}, batch {args.image_batch}): "
+              f"{dali_img['clips_per_s'] / ref_img['clips_per_s']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"clip": [c.num_frames, c.crop_size, c.crop_size], "stride": c.frame_stride,

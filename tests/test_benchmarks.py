@@ -14,10 +14,12 @@ def test_bench_loader_rows(tmp_path):
 
     out = tmp_path / "rows.json"
     assert main(["videos=2", "seconds=3", "size=192x108", "batches=2", "workers=2", f"cache={tmp_path / 'cache'}",
-                 "data.num_frames=8", "data.crop_size=64", "data.batch_size=2", "--json", str(out)]) == 0
+                 "data.num_frames=8", "data.crop_size=64", "data.batch_size=2", "images=6", "image_size=160x120", "image_batch=2",
+                 "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = {r["name"]: r for r in result["rows"]}
-    assert len(rows) == 4 and all(r["clips_per_s"] > 0 for r in rows.values())
+    assert len(rows) == 6 and all(r["clips_per_s"] > 0 for r in rows.values())
+    assert rows["images (JPEG), DALI"]["decoded_frames_per_clip"] == 1 and result["sets"]["images"]["images"] == 6
     today, stepped, aligned = (r["decoded_frames_per_clip"] for r in result["rows"][:3])
     # 8 frames at stride 4 over every frame, keyframes every 16: 29 frames spanned, half a GOP more on average;
     # stored every 4th frame: 8 frames plus up to 15 before the first; starts on keyframes: exactly 8
