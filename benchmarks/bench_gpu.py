@@ -13,10 +13,14 @@ OUT/rows.jsonl the moment it is measured (a timeout still leaves what was done):
                                            listed from the project's sampling records (start frames), with the
                                            records' crops and flips applied after it
 
+    decoders.image_slice mixed, JPEG      the image loader (nvJPEG, the crop window decoded alone), 256
+                                           generated 500x375 JPEGs, 1x224x224, batch 128
+
 with clips/s (16x224x224, stride 4, batch 24), ms per clip, decoded frames/s (counted from the records and the
 keyframe interval), NVDEC and SM utilisation (NVML, sampled every 0.2 s), and this process's CPU use. Then the
-best GPU row's loader feeds `train.step.train_step` (ViT-L/16, batch 24, bf16) in one loop: clips/s against
-the step alone on a resident batch, and the share of time the step waited for data.
+image loader feeds an I-JEPA ViT-H/14 step (batch 128, bf16), and the best GPU video row's loader feeds
+`train.step.train_step` (ViT-L/16, batch 24, bf16), each in one loop: clips/s against the step alone on a
+resident batch, and the share of time the step waited for data.
 
 smoke=true: the same script on the CPU with tiny inputs, a tiny model and only the CPU decode row (what
 `make test` runs).
@@ -39,6 +43,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from benchmarks.bench_loader import image_set
 from benchmarks.bench_shards import make_inputs
 from common.cli import main_for
 from common.config import check, load_config
@@ -54,6 +59,12 @@ from train import dist
 from train.config import TrainConfig
 from train.step import build, read_stats, train_step
 
+# an image model: one frame, tubelet 1, one mask token, smooth L1 (I-JEPA through the one model code)
+IMAGE_MODEL = ["model.num_frames=1", "model.tubelet_size=1", "model.num_mask_types=1", "model.loss=smooth_l1",
+               "data.num_frames=1", "data.frame_stride=1"]
+SMOKE_IMAGE_MODEL = ["model.size=tiny", "model.img_size=64", "model.patch_size=8", "model.predictor_width=96",
+                     "model.predictor_depth=2", "model.predictor_heads=4", "data.crop_size=64",
+                     "data.image_masks.min_keep=4", "device=cpu", "amp=off", *IMAGE_MODEL]
 # the smoke run's clips and model: small enough for two CPU cores in seconds
 SMOKE_DATA = ["num_frames=4", "crop_size=32", "batch_size=4", "dtype=fp32", "device=cpu"]
 SMOKE_MODEL = ["model.size=tiny", "model.img_size=32", "model.patch_size=8", "model.num_frames=4",
@@ -328,6 +339,21 @@ def bench(args: BenchGpuConfig) -> List[Dict]:
         attempt(joint_row, f"joint loop: {best['name']} -> ViT-{'tiny' if args.smoke else args.size}/16 step",
                 cfg, model, args.train_steps)
 
+    # images: the JPEG path (nvJPEG ROI decode on the GPU) and I-JEPA's ViT-H/14 step
+    image_size = "160x120" if args.smoke else "500x375"
+    images = replace(base, root=image_set(args.cache, 32 if args.smoke else 256, image_size)["root"],
+                     num_frames=1, frame_stride=1,
+                     batch_size=8 if args.smoke else 128, crop_size=64 if args.smoke else 224,
+                     device="cuda" if gpu else "cpu")
+    if args.smoke:
+        images = replace(images, image_masks=replace(images.image_masks, min_keep=4))  # 8 x 8 patches
+    image_row = attempt(loader_row, f"decoders.image_slice {'mixed' if gpu else 'cpu'}, JPEG {image_size}, batch "
+                                    f"{images.batch_size}", images, args.batches)
+    if "error" not in image_row:
+        model = (SMOKE_IMAGE_MODEL if args.smoke else
+                 ["model.size=huge", "model.patch_size=14", "amp=bf16", "device=cuda", *IMAGE_MODEL])
+        attempt(joint_row, f"joint loop: {image_row['name']} -> I-JEPA ViT-{'tiny/8' if args.smoke else 'H/14'} step",
+                images, model, args.train_steps)
     lines = [f"{info.get('gpu', 'CPU')}, driver {info.get('driver', '-')}, DALI {info['dali']}, torch {info['torch']}"
              f", CUDA {info['cuda']}, {info['cores']} cores",
              "", "| path | clips/s | ms per clip | decoded frames/s | NVDEC % | SM % | CPU % |",

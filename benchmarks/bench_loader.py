@@ -94,21 +94,21 @@ def shard_set(args: BenchLoaderConfig, name: str, inputs: Path, *overrides: str)
             "frame_step": t.get("frame_step", 1)}
 
 
-def image_set(args: "BenchLoaderConfig") -> Dict:
-    """`args.images` generated JPEGs of `args.image_size` (ImageNet's typical size), sharded with kind=image."""
+def image_set(cache: str, count: int, size: str) -> Dict:
+    """`count` generated JPEGs of `size` (WxH; ImageNet's typical 500x375), sharded with kind=image, in `cache`."""
     from PIL import Image
 
     from shards.synthetic.images import IMAGE_CLASSES, render_image
 
-    w, h = (int(p) for p in args.image_size.split("x"))
-    folder = Path(args.cache) / f"images-v1-{w}x{h}-x{args.images}"
-    for i in range(args.images):
+    w, h = (int(p) for p in size.split("x"))
+    folder = Path(cache) / f"images-v1-{w}x{h}-x{count}"
+    for i in range(count):
         path = folder / IMAGE_CLASSES[i % len(IMAGE_CLASSES)] / f"img{i:04d}.jpg"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(render_image(IMAGE_CLASSES[i % len(IMAGE_CLASSES)], h, w,
                                          np.random.default_rng(i))).save(path, quality=90)
-    out = Path(args.cache) / f"{folder.name}-shards"
+    out = Path(cache) / f"{folder.name}-shards"
     if not (out / "manifest.parquet").exists():
         make_shards(load_config(ShardsConfig, None, [f"inputs.train={folder}", f"output={out}", "kind=image",
                                                      "labels_from_dirs=true", "progress=false"]))
@@ -183,7 +183,7 @@ def bench(args: BenchLoaderConfig) -> List[Dict]:
     for r, s in zip(rows, ["today", "stepped", "stepped", "stepped"]):
         r["set"] = s
     if args.images:
-        sets["images"] = image_set(args)
+        sets["images"] = image_set(args.cache, args.images, args.image_size)
         images = replace(base, root=sets["images"]["root"], num_frames=1, frame_stride=1, batch_size=args.image_batch)
         rows.append(dict(dali_row("images (JPEG), DALI", images, args.batches), set="images"))
         if args.reference:

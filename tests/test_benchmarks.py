@@ -37,8 +37,10 @@ def test_bench_gpu_smoke_writes_every_row_as_it_goes(tmp_path):
     out = tmp_path / "out"
     assert main(["smoke=true", f"out={out}", f"cache={tmp_path / 'cache'}", "batches=2", "train_steps=2"]) == 0
     rows = [json.loads(ln) for ln in (out / "rows.jsonl").read_text().splitlines()]
-    assert [r["name"] for r in rows] == ["decoders.video cpu, VP9",
-                                        "joint loop: decoders.video cpu, VP9 -> ViT-tiny/16 step"]
+    assert [r["name"] for r in rows] == [
+        "decoders.video cpu, VP9", "joint loop: decoders.video cpu, VP9 -> ViT-tiny/16 step",
+        "decoders.image_slice cpu, JPEG 160x120, batch 8",
+        "joint loop: decoders.image_slice cpu, JPEG 160x120, batch 8 -> I-JEPA ViT-tiny/8 step"]
     assert all("error" not in r and r["clips_per_s"] > 0 for r in rows)
     assert rows[0]["decoded_frames_per_s"] > 0 and 0 <= rows[1]["data_wait_share"] < 1
     assert "| decoders.video cpu, VP9 |" in (out / "table.md").read_text()
