@@ -105,22 +105,43 @@ def cache_bytes(folder: Path) -> int:
     return total
 
 
+class PeakBytes:
+    """`with PeakBytes(folder) as peak:` samples `cache_bytes(folder)` every `interval` s on a thread; `peak.value`
+    is the largest seen (None for no folder: nothing sampled)."""
+
+    def __init__(self, folder: Optional[Path], interval: float = 0.005):
+        self.folder, self.interval, self.value = folder, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.value = max(self.value, cache_bytes(self.folder))
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakBytes":
+        if self.folder is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.folder is not None:
+            self._thread.join()
+
+
 def epochs(cfg: LoaderConfig, count: int, sample_dir: Optional[Path] = None) -> Dict:
     """`count` epochs of the DALI loader: clips/s (after the first batch), the keys in order and the cache's
     counters at the end of each epoch; with `sample_dir`, the peak bytes sampled in it."""
     from pipeline.loader import VideoLoader
 
-    peak, stop = [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], cache_bytes(sample_dir))
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    if sample_dir is not None:
-        sampler.start()
     loader = VideoLoader(cfg)
+    with PeakBytes(sample_dir) as peak:
+        out = _epochs(loader, count)
+    return {"epochs": out, "peak_bytes": peak.value}
+
+
+def _epochs(loader, count: int) -> List[Dict]:
     out = []
     try:
         it = iter(loader)
@@ -140,10 +161,7 @@ def epochs(cfg: LoaderConfig, count: int, sample_dir: Optional[Path] = None) -> 
                         "cache": None if stats is None else to_dict(stats)})
     finally:
         loader.close()
-        stop.set()
-        if sample_dir is not None:
-            sampler.join()
-    return {"epochs": out, "peak_bytes": peak[0]}
+    return out
 
 
 def stream(cfg_json: str, out: str, state_json: str = "") -> None:

@@ -12,13 +12,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from benchmarks.bench_remote import cache_bytes
+from benchmarks.bench_remote import PeakBytes
 from benchmarks.s3 import FaultyProxy, S3Server, object_get, s3_env
 from common.config import load_config
 from common.retry import RetryPolicy
@@ -136,23 +135,11 @@ def test_a_bounded_cache_stays_under_its_limit_and_reads_each_shard_about_once(s
     limit = 4 * max(s["bytes"] for s in train)
     cache = tmp_path / "cache"
     cfg = loader_cfg(s3_set, cache, f"cache_max_bytes={limit}", "shuffle_window=1")
-    peak, stop = [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], cache_bytes(cache))
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    with PeakBytes(cache, interval=0.002) as peak:
         keys, stats = read_epoch(cfg)
-    finally:
-        stop.set()
-        sampler.join()
     assert sorted(keys) == sorted(open_split(s3_set, "train").keys)  # every sample once
     total = sum(s["bytes"] for s in train)
-    assert 0 < peak[0] <= limit, (peak[0], limit)
+    assert 0 < peak.value <= limit, (peak.value, limit)
     assert stats.evictions > 0 and stats.bytes_on_disk <= limit
     assert stats.bytes_downloaded <= 1.1 * total, (stats.bytes_downloaded, total)
     assert stats.wait_seconds >= 0 and stats.hits > 0
