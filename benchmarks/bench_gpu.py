@@ -50,7 +50,6 @@ from common.config import check, load_config
 from pipeline.clips import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.config import LoaderConfig
 from pipeline.loader import VideoLoader
-from pipeline.sampling import decoded_frames
 from pipeline.split_index import open_split, plan_for
 from pipeline.store import ShardStore
 from shards.build import run as make_shards
@@ -155,14 +154,8 @@ def measure(name: str, device: torch.device, batches, n: int, decoded: Callable)
 
 def loader_row(name: str, cfg: LoaderConfig, n: int) -> Dict:
     loader = VideoLoader(cfg)
-    idx, stride = loader.index, loader.stride
-
-    def decoded(b) -> int:
-        return sum(decoded_frames(r.start, int(idx.nframes[row]), cfg.num_frames, stride, idx.keyframe_interval)
-                   for r, row in zip(b.records, b.rows))
-
     try:
-        return measure(name, loader.device, loader, n, decoded)
+        return measure(name, loader.device, loader, n, loader.decoded_frames)
     finally:
         loader.close()
 

@@ -43,7 +43,6 @@ from common.device import resolve_device
 from pipeline.config import LoaderConfig
 from pipeline.loader import VideoLoader
 from pipeline.reference import ReferenceLoader
-from pipeline.sampling import decoded_frames
 from shards.build import run as make_shards
 from shards.config import ShardsConfig
 from shards.manifest import read_manifest
@@ -135,16 +134,10 @@ def time_loader(batches, n: int, decoded) -> Dict:
 
 def dali_row(name: str, cfg: LoaderConfig, n: int) -> Dict:
     loader = VideoLoader(cfg)
-    idx, stride = loader.index, loader.stride
-
-    def decoded(b) -> int:
-        return sum(decoded_frames(rec.start, int(idx.nframes[row]), cfg.num_frames, stride, idx.keyframe_interval)
-                   for rec, row in zip(b.records, b.rows))
-
     try:
         op = "image_slice" if loader.images else "video"
         return {"name": name, "loader": f"DALI decoders.{op} {'mixed' if loader.device.type == 'cuda' else 'cpu'}, "
-                                        f"{loader.threads} threads", **time_loader(loader, n, decoded)}
+                                        f"{loader.threads} threads", **time_loader(loader, n, loader.decoded_frames)}
     finally:
         loader.close()
 

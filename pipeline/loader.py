@@ -35,7 +35,7 @@ from common.device import resolve_device
 from pipeline.clips import DTYPES, IMAGENET_MEAN, IMAGENET_STD, Batch, map_masks, masks_to
 from pipeline.cache import CacheStats
 from pipeline.config import LoaderConfig
-from pipeline.sampling import BatchPlan, Plan
+from pipeline.sampling import BatchPlan, Plan, decoded_frames
 from pipeline.split_index import SplitIndex, open_split, plan_for
 from pipeline.store import store_for
 from shards.manifest import CorruptSample
@@ -194,11 +194,6 @@ class VideoLoader:
             if self.images:  # no start frame
                 data, roi0, roi1, flip = fn.external_source(source=self._feed, num_outputs=4, batch=True,
                                                             dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32])
-            else:
-                data, start, roi0, roi1, flip = fn.external_source(
-                    source=self._feed, num_outputs=5, batch=True,
-                    dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32])
-            if self.images:
                 # the crop window decoded alone (nvJPEG's ROI decode on a GPU: the crop fused into the decode),
                 # then resized like a clip's frames; anchor and shape in (x, y)
                 frames = fn.decoders.image_slice(data, roi0, roi1, device="mixed" if gpu else "cpu",
@@ -208,6 +203,9 @@ class VideoLoader:
                 frames = fn.resize(frames, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
                 layout = "CHW"
             else:
+                data, start, roi0, roi1, flip = fn.external_source(
+                    source=self._feed, num_outputs=5, batch=True,
+                    dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32])
                 frames = fn.decoders.video(data, device="mixed" if gpu else "cpu", start_frame=start,
                                            sequence_length=cfg.num_frames, stride=self.stride, pad_mode="edge")
                 frames = fn.resize(frames, size=[cfg.crop_size, cfg.crop_size], roi_start=roi0, roi_end=roi1,
@@ -255,6 +253,13 @@ class VideoLoader:
                     [np.array(int(r.flip), np.int32) for r in recs], masks,
                     self._host(self.index.labels[bp.rows]), self.store.bytes_read - before,
                     time.perf_counter() - t0, corrupt)
+
+    def decoded_frames(self, batch: Batch) -> int:
+        """Frames the decoder decodes for `batch` (from each record's start, the set's stride and keyframe
+        interval: a decoder seeks to the keyframe at or before a clip's first frame); 1 per image."""
+        idx, n = self.index, self.cfg.num_frames
+        return sum(decoded_frames(r.start, int(idx.nframes[row]), n, self.stride, idx.keyframe_interval)
+                   for r, row in zip(batch.records, batch.rows))
 
     def _host(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a))

@@ -241,7 +241,8 @@ class Plan:
         self.partitions = partitions or 8 * self.nodes  # 0: fixed at the first start, kept by resumes
         self._auto_partitions = not partitions
         self.window = window
-        self._layout = None if shard_of_row is None or not train else shard_layout(shard_of_row)
+        self._shard_of_row = shard_of_row
+        self._layout = None  # shard_layout(shard_of_row), made when a window order is first needed
         self.epoch, self.position = 0, 0
         self._orders: "OrderedDict[int, object]" = OrderedDict()  # this epoch's and, near its end, the next
 
@@ -279,6 +280,8 @@ class Plan:
         order = self._orders.get(epoch)
         if order is None:
             if self.shuffle == "window":
+                if self._layout is None:
+                    self._layout = shard_layout(self._shard_of_row)
                 order = WindowOrder(self._layout, self.seed, epoch, self.partitions, self.window)
             else:
                 order = epoch_order(self.num_items, self.seed, epoch, shuffle=self.train)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import zlib
 from dataclasses import dataclass
@@ -39,6 +40,12 @@ class SplitIndex:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @functools.cached_property
+    def shard_of_row(self) -> np.ndarray:
+        """Per row, the index of its shard among the split's shards (sorted by name): what the window order
+        groups by."""
+        return np.unique(np.asarray(self.shards), return_inverse=True)[1].reshape(-1)
 
     def geometry(self) -> List[Tuple[int, int, int]]:
         """(nframes, height, width) per row: what the sampler needs."""
@@ -93,12 +100,11 @@ def plan_for(index: SplitIndex, cfg: LoaderConfig, *, rank: int = 0, world_size:
     """The sampling plan of `cfg` over this split, in stored frames: the clip stride divided by the set's
     frame_step, starts on keyframes with data.align_starts, the order of data.shuffle (nodes from torchrun's
     LOCAL_WORLD_SIZE). Both loaders draw from it."""
-    shard_ids = {name: i for i, name in enumerate(sorted(set(index.shards)))}
     return Plan(index.geometry(), batch_size=cfg.batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
                 train=train, num_frames=cfg.num_frames, stride=index.stride_for(cfg.frame_stride),
                 scale=cfg.crop_scale, ratio=cfg.crop_aspect, flip=cfg.flip, num_clips=cfg.eval_clips,
                 num_crops=cfg.eval_crops,
                 start_grid=index.keyframe_interval if cfg.align_starts and index.kind == "video" else 1,
-                shuffle=shuffle_for(cfg), shard_of_row=[shard_ids[s] for s in index.shards],
+                shuffle=shuffle_for(cfg), shard_of_row=index.shard_of_row,
                 partitions=cfg.canonical_nodes, window=cfg.shuffle_window,
                 ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
