@@ -12,7 +12,6 @@ import errno
 import http.client
 import logging
 import random
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, TypeVar
@@ -52,12 +51,9 @@ class RetryPolicy:
     backoff_s: float = 0.5  # first wait; doubled each time (full jitter), at most max_backoff_s
     max_backoff_s: float = 30.0
 
-    def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-        self.retries = 0  # retried calls so far (for the metrics)
-
     def call(self, fn: Callable[[], T], what: str, on_retry: Optional[Callable[[BaseException], None]] = None) -> T:
-        """`fn()`, retried on transient errors; `what` names the URL and operation in logs and the final error."""
+        """`fn()`, retried on transient errors; `what` names the URL and operation in logs and the final error;
+        `on_retry(e)` before each retry (the metrics count them)."""
         for attempt in range(1, self.attempts + 1):
             try:
                 return fn()
@@ -78,8 +74,6 @@ class RetryPolicy:
                 delay = random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
                 log.warning("%s: %s: %s (try %d of %d, again in %.1f s)", what, type(e).__name__, e, attempt,
                             self.attempts, delay)
-                with self._lock:
-                    self.retries += 1
                 if on_retry is not None:
                     on_retry(e)
                 time.sleep(delay)

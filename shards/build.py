@@ -113,14 +113,13 @@ def _shard_groups(cfg: ShardsConfig, out: Output, todo: List[Group], done: int, 
         return work
     tmpdir = out.tmpdir(owner)
     writers = {g.name: GroupWriter(g, out, cfg, tmpdir) for g in todo}
-    jobs, early = [], []
+    jobs, early, retry = [], [], out.retry
     for g in todo:
         for pos, (s, key, label_index) in enumerate(zip(g.sources, g.keys, g.label_index)):
-            job = Job(key, s.url, s.label, label_index, cfg.transcode, cfg.filter, cfg.kind, cfg.image, cfg.retries,
-                      cfg.retry_backoff_s)
+            job = Job(key, s.url, s.label, label_index, cfg.transcode, cfg.filter, cfg.kind, cfg.image, retry)
             if process_local(s.url):  # memory://: only this process sees it; the worker gets its bytes
                 try:
-                    job.data = read_input(s.url, cfg.filter, cfg.retry_policy())
+                    job.data = read_input(s.url, cfg.filter, retry)
                 except Rejected as r:
                     early.append(((g.name, pos), Reject(key, s.url, r.reason, r.detail)))
                     continue

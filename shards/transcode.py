@@ -67,8 +67,7 @@ class Job:
     filter: FilterConfig = field(default_factory=FilterConfig)
     kind: str = "video"  # video | image (ShardsConfig.kind)
     image: ImageConfig = field(default_factory=ImageConfig)
-    retries: int = 6  # tries on transient storage errors, and the first wait (ShardsConfig.retries)
-    retry_backoff_s: float = 0.5
+    retry: RetryPolicy = field(default_factory=RetryPolicy)  # for reading the input (ShardsConfig.retries)
     data: Optional[bytes] = None  # the input's bytes, read by the parent: inputs a worker cannot open (memory://)
 
 
@@ -199,8 +198,7 @@ def _encoder(codec: str, cfg: TranscodeConfig, width: int, height: int, rate: Fr
 
 
 def _process(job: Job) -> Sample:
-    data = job.data if job.data is not None else read_input(
-        job.url, job.filter, RetryPolicy(attempts=job.retries, backoff_s=job.retry_backoff_s))
+    data = job.data if job.data is not None else read_input(job.url, job.filter, job.retry)
     if not data:
         raise Rejected("empty_file", "the file has 0 bytes")
     if job.kind == "image":
