@@ -776,7 +776,10 @@ def test_a_nan_stop_reaches_prometheus_fires_its_alerts_and_reaches_the_webhook(
         assert all(a["run"] == "run" for a in stopped)  # the run's identity: its folder's name
         lost = wait_for(lambda: firing(p, "TubeletRunEndedWithoutCheckpoint"), 15)
         assert [(a["run"], a["rank"]) for a in lost] == [("run", "0")], lost
-        assert p.query("up", time.time()) and not p.query("up == 1", time.time())  # the job is gone
+        # the job is gone: every target's `up` is 0 once a scrape after its exit has failed (1 s interval; a
+        # query right after the alerts could land between the exit and that scrape)
+        gone = wait_for(lambda: p.query("up", time.time()) and not p.query("up == 1", time.time()), 15)
+        assert gone, p.query("up", time.time())
         assert not firing(p, "TubeletRankDown")  # it ended, it was not lost
         got = wait_for(lambda: {n for n, status, _ in hook.alerts() if status == "firing"}
                        >= {"TubeletNonFiniteStop", "TubeletRunEndedWithoutCheckpoint"}, 20)
