@@ -99,12 +99,16 @@ class VJEPA(nn.Module):
         one context tensor), the predictor once per mask type on those features plus mask tokens at the target
         positions: mask type i's token, or the one token of a predictor that has one (I-JEPA's).
         """
-        preds, encoded = [], {}
+        preds, encoded = [], []  # (ctx_idx, its features) per distinct context tensor
         for mask_type, (ctx_idx, tgt_idx) in enumerate(masks):
-            if id(ctx_idx) not in encoded:
-                encoded[id(ctx_idx)] = self.encoder(clips, keep=ctx_idx)  # [B, Nc, D]
+            # identity, not id(): under torch.compile an `is` between two inputs is an aliasing guard that holds
+            # from step to step, while id() would be a constant guarded by object identity (a recompile per step)
+            feats = next((f for c, f in encoded if c is ctx_idx), None)
+            if feats is None:
+                feats = self.encoder(clips, keep=ctx_idx)  # [B, Nc, D]
+                encoded.append((ctx_idx, feats))
             token = mask_type if self.predictor.num_mask_types > 1 else 0
-            preds.append(self.predictor(encoded[id(ctx_idx)], ctx_idx, tgt_idx, token))
+            preds.append(self.predictor(feats, ctx_idx, tgt_idx, token))
         return preds
 
     def forward(self, clips: torch.Tensor, masks: Masks) -> torch.Tensor:
@@ -118,17 +122,23 @@ class VJEPA(nn.Module):
 
     @torch.no_grad()
     def ema_update(self, momentum: float, skip: torch.Tensor | None = None) -> None:
-        """target <- m * target + (1 - m) * encoder, over parameters (buffers are fixed tables), in one pass
-        (a fused lerp per tensor list). skip: a 0-d flag on the parameters' device, 1 = leave the target as it is
-        (a step whose update was skipped), decided there without a host sync."""
+        """target <- m * target + (1 - m) * encoder over parameters (buffers are fixed tables), as the reference
+        computes it (`mul_(m).add_((1 - m) * encoder)`), in fused passes over the tensor lists. skip: a 0-d flag on
+        the parameters' device, 1 = leave the target bitwise as it is (a step whose update was skipped): the
+        weights become m' = 1 and 1 - m' = 0, computed there, so the host never reads the flag (a 0-d tensor passed
+        where torch takes a Python number, as `_foreach_lerp_`'s weight, is read on the host: a sync per step)."""
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
         tgt = list(self.target_encoder.parameters())
         src = list(self.encoder.parameters())
         if skip is None:
-            torch._foreach_lerp_(tgt, src, 1.0 - momentum)
-        else:  # weight 0 leaves the target bitwise unchanged
-            torch._foreach_lerp_(tgt, src, (1.0 - momentum) * (1.0 - skip.to(tgt[0].dtype)))
+            torch._foreach_mul_(tgt, momentum)
+            torch._foreach_add_(tgt, torch._foreach_mul(src, 1.0 - momentum))
+            return
+        keep = skip.to(tgt[0].dtype)
+        m = momentum + (1.0 - momentum) * keep  # [0-d] on the device: m, or 1 on a skipped step
+        torch._foreach_mul_(tgt, m)  # the Tensor overloads take the 0-d device tensor as it is
+        torch._foreach_add_(tgt, torch._foreach_mul(src, 1.0 - m))
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW parameter groups for the encoder and predictor (never the target encoder).

@@ -450,6 +450,17 @@ def test_ema_update():
         torch.testing.assert_close(t, 0.5 * k + 0.5 * e)
 
 
+def test_the_ema_update_never_reads_the_skip_flag_on_the_host():
+    """The skip flag and the momentum stay on the device: no op below Python reads a value on the host (a 0-d
+    weight handed to torch._foreach_lerp_ would be, once per step)."""
+    from host_sync import NoHostSync
+
+    model = tiny_vjepa(0)
+    with NoHostSync():
+        model.ema_update(0.99, skip=torch.tensor(0.0))
+        model.ema_update(0.99, skip=torch.tensor(1.0))
+
+
 def test_param_groups():
     model = tiny_vjepa(0)
     groups = model.param_groups(weight_decay=0.04)
