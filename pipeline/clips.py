@@ -1,5 +1,5 @@
-"""What the loaders yield, shared by the DALI loader and its PyAV reference: the `Batch`, the clip dtypes, the
-normalisation, and `cut_clip`, the plain-torch definition of a clip (what the DALI graph computes).
+"""What the loaders yield, shared by the DALI loader and its PyAV reference: the `Batch` (and the `LoaderStats` the
+DALI loader reports with each), the clip dtypes, the normalisation, and `cut_clip`, the plain-torch definition of a clip (what the DALI graph computes).
 
 A clip is `num_frames` frames from `sampling.frame_indices`, cut to the record's crop window, resized to
 `size x size` (bilinear, antialiased), flipped when the record says so, and normalised with the ImageNet
@@ -9,11 +9,12 @@ mean and std: [3, T, size, size].
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from pipeline.cache import CacheStats
 from pipeline.sampling import ClipRecord
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,6 +33,23 @@ class Batch:
     epoch: int
     step: int
     rows: List[int] = field(default_factory=list)
+
+
+@dataclass
+class LoaderStats:
+    """Per batch, for the metrics backend: where the time went and how much was read."""
+
+    wait_seconds: float  # the consumer blocked in next()
+    feed_seconds: float  # reading encoded videos + sampling + masks (Python side)
+    latency_seconds: float  # from feeding the batch to DALI to handing it to the consumer
+    bytes_read: int
+    samples: int
+    padded: int
+    queue_depth: int  # batches in flight after this one was taken
+    epoch: int
+    position: int
+    corrupt: int = 0  # samples that failed their checksum and were replaced (data.on_corrupt=skip)
+    cache: Optional[CacheStats] = None  # remote sets: the shard cache's counters so far (cumulative)
 
 
 def map_masks(masks, fn):

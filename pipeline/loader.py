@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from common.device import resolve_device
-from pipeline.clips import DTYPES, IMAGENET_MEAN, IMAGENET_STD, Batch, map_masks, masks_to
-from pipeline.cache import CacheStats
+from pipeline.clips import DTYPES, IMAGENET_MEAN, IMAGENET_STD, Batch, LoaderStats, map_masks, masks_to
 from pipeline.config import LoaderConfig
+from pipeline.handoff import CudaHandoff
 from pipeline.sampling import BatchPlan, Plan, decoded_frames
 from pipeline.split_index import SplitIndex, open_split, plan_for
 from pipeline.store import store_for
@@ -45,23 +45,6 @@ log = logging.getLogger(__name__)
 
 class LoaderError(RuntimeError):
     """Decoding a batch failed; the message names the samples and shards involved."""
-
-
-@dataclass
-class LoaderStats:
-    """Per batch, for the metrics backend: where the time went and how much was read."""
-
-    wait_seconds: float  # the consumer blocked in next()
-    feed_seconds: float  # reading encoded videos + sampling + masks (Python side)
-    latency_seconds: float  # from feeding the batch to DALI to handing it to the consumer
-    bytes_read: int
-    samples: int
-    padded: int
-    queue_depth: int  # batches in flight after this one was taken
-    epoch: int
-    position: int
-    corrupt: int = 0  # samples that failed their checksum and were replaced (data.on_corrupt=skip)
-    cache: Optional[CacheStats] = None  # remote sets: the shard cache's counters so far (cumulative)
 
 
 @dataclass
@@ -76,6 +59,7 @@ class _Fed:
     flips: List[np.ndarray]
     masks: List[Tuple[torch.Tensor, torch.Tensor]]
     labels: torch.Tensor
+    padded: torch.Tensor  # [B] bool
     bytes_read: int
     feed_seconds: float
     corrupt: int
@@ -96,6 +80,8 @@ class _Feeder:
         self._thread.start()
 
     def _run(self) -> None:
+        if self._loader.device.type == "cuda":  # a new thread starts on GPU 0: pinning there would make a context
+            torch.cuda.set_device(self._loader.device)
         while not self._stop.is_set():
             try:
                 item = self._loader._prepare(self.plan, next(self.plan))
@@ -133,29 +119,31 @@ class VideoLoader:
 
     train=True: endless, reshuffled every epoch, random clip records. train=False: one pass over every video's
     `eval_clips x eval_crops` views, in order (the frozen probe's evaluation). `grid` = (T', H', W') tubelet
-    grid for the masks (None: no masks).
+    grid for the masks (None: no masks). The rank's place in the job comes from its distributed environment:
+    `local_rank` picks its GPU (cuda:local_rank, for DALI and the copies), `local_world_size` (the ranks on this
+    host) shares the host's cores among their DALI threads and groups ranks into nodes for the window order.
     """
 
     def __init__(self, cfg: LoaderConfig, *, grid: Optional[Tuple[int, int, int]] = None, rank: int = 0,
-                 world_size: int = 1, train: bool = True, on_batch: Optional[Callable[[LoaderStats], None]] = None):
+                 world_size: int = 1, local_rank: int = 0, local_world_size: int = 1, train: bool = True,
+                 on_batch: Optional[Callable[[LoaderStats], None]] = None):
         self.cfg, self.grid, self.train = cfg, grid, train
         self.index: SplitIndex = open_split(cfg.root, cfg.split, cfg.verify_hashes, cfg.retry_policy())
         self.store = store_for(cfg)
-        self.device = resolve_device(cfg.device, key="data.device")
-        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.device = resolve_device(cfg.device, local_rank, key="data.device")
+        self._handoff = CudaHandoff(self.device) if self.device.type == "cuda" else None
         self.dtype = DTYPES[cfg.dtype]
         self.on_batch = on_batch
-        self._plan_args = dict(rank=rank, world_size=world_size, train=train)
+        self._plan_args = dict(rank=rank, world_size=world_size, train=train, ranks_per_node=local_world_size)
         self.stride = self.index.stride_for(cfg.frame_stride)  # in stored frames
         self.images = self.index.kind == "image"  # an image set: clips of one frame, decoded as JPEG
         if self.images and cfg.num_frames != 1:
             raise LoaderError(f"{cfg.root} is an image set: clips have one frame, set data.num_frames=1 (the "
                               "model: num_frames=1 tubelet_size=1)")
         self._state = plan_for(self.index, cfg, **self._plan_args).state_dict()
-        # DALI CPU threads: the cores this process may use, shared with the other ranks on this host (torchrun's
-        # LOCAL_WORLD_SIZE); never pinned (set_affinity=False), so ranks do not pile onto the same cores
-        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        self.threads = cfg.threads or max(1, len(os.sched_getaffinity(0)) // local_ranks)
+        # DALI CPU threads: the cores this process may use, shared with the other ranks on this host; never pinned
+        # (set_affinity=False), so ranks do not pile onto the same cores
+        self.threads = cfg.threads or max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
         self._pipe = None
         self._feeder: Optional[_Feeder] = None
 
@@ -187,9 +175,7 @@ class VideoLoader:
         mean = [255 * m for m in IMAGENET_MEAN]
         std = [255 * s for s in IMAGENET_STD]
 
-        @pipeline_def(batch_size=cfg.batch_size, num_threads=self.threads,
-                      device_id=torch.cuda.current_device() if gpu else None,
-                      prefetch_queue_depth=cfg.prefetch, exec_dynamic=True, set_affinity=False)
+        @pipeline_def(**self.pipeline_kwargs())
         def graph():
             if self.images:  # no start frame
                 data, roi0, roi1, flip = fn.external_source(source=self._feed, num_outputs=4, batch=True,
@@ -217,6 +203,12 @@ class VideoLoader:
 
         self._pipe = graph()
         self._pipe.build()
+
+    def pipeline_kwargs(self) -> dict:
+        """The DALI pipeline's settings: on this loader's GPU (device_id = its index), not the current device."""
+        return dict(batch_size=self.cfg.batch_size, num_threads=self.threads,
+                    device_id=self.device.index if self.device.type == "cuda" else None,
+                    prefetch_queue_depth=self.cfg.prefetch, exec_dynamic=True, set_affinity=False)
 
     def _feed(self):
         """DALI pulls the next batch's inputs (ahead of the consumer, up to `prefetch` batches): prepared by the
@@ -251,7 +243,8 @@ class VideoLoader:
             roi1 = [np.array((r.crop[0] + r.crop[2], r.crop[1] + r.crop[3]), np.float32) for r in recs]
         return _Fed(bp, videos, [np.array(r.start, np.int32) for r in recs], roi0, roi1,
                     [np.array(int(r.flip), np.int32) for r in recs], masks,
-                    self._host(self.index.labels[bp.rows]), self.store.bytes_read - before,
+                    self._host(self.index.labels[bp.rows]), self._host(np.array(bp.padded, dtype=bool)),
+                    self.store.bytes_read - before,
                     time.perf_counter() - t0, corrupt)
 
     def decoded_frames(self, batch: Batch) -> int:
@@ -310,6 +303,8 @@ class VideoLoader:
         if self._pipe is None:
             self._build()
         t0 = time.perf_counter()
+        if self._handoff is not None:
+            self._handoff.before_run()  # DALI may reuse the last output's memory from this run on
         try:
             (out,) = self._pipe.run()
         except StopIteration:
@@ -333,12 +328,13 @@ class VideoLoader:
         t1 = time.perf_counter()
         self._state = {**self._state, "epoch": bp.epoch, "position": bp.next_position}
         dev = clips.device
+        # every tensor was made by the feeder (pinned on a GPU): asynchronous copies, no host wait here
         batch = Batch(
             clips=clips,
             masks=masks_to(fed.masks, dev),
             keys=[self.index.keys[r] for r in bp.rows],
             labels=fed.labels.to(dev, non_blocking=True),
-            records=bp.records, padded=torch.tensor(bp.padded, device=dev), epoch=bp.epoch, step=bp.step,
+            records=bp.records, padded=fed.padded.to(dev, non_blocking=True), epoch=bp.epoch, step=bp.step,
             rows=bp.rows,
         )
         if self.on_batch is not None:
@@ -348,23 +344,20 @@ class VideoLoader:
         return batch
 
     def _to_torch(self, out) -> torch.Tensor:
-        if self.device.type == "cuda":
-            from nvidia.dali.plugin.pytorch import feed_ndarray
+        from nvidia.dali.plugin.pytorch import feed_ndarray
 
+        fp32 = self.cfg.dtype == "fp32"
+        if self._handoff is not None:
+            clips = self._handoff.to_torch(out, self.dtype, fp32, feed_ndarray)
+        else:  # copied into torch's memory (DALI reuses its buffer from the next run on), then to the dtype
             t = out.as_tensor()
-            buf = torch.empty(t.shape(), dtype=torch.float32 if self.cfg.dtype == "fp32" else torch.float16,
-                              device="cuda")
-            # DALI may reuse its output buffer from the next run on, and the trainer does not wait for the device
-            # every step: the copy runs on a stream of its own and is waited for here (only the copy, not the
-            # training work queued before it); the training stream then orders itself after it
-            feed_ndarray(t, buf, cuda_stream=self._copy_stream)
-            self._copy_stream.synchronize()
-            torch.cuda.current_stream().wait_stream(self._copy_stream)
+            buf = torch.empty(t.shape(), dtype=torch.float32 if fp32 else torch.float16)
+            feed_ndarray(t, buf)
             clips = buf.to(self.dtype)
-        else:
-            clips = torch.from_numpy(out.as_array()).to(self.dtype)
         return clips.unsqueeze(2) if self.images else clips  # images: [B, 3, 1, H, W], a clip of one frame
 
     def close(self) -> None:
         self._close_pipe()
+        if self._handoff is not None:
+            self._handoff.close()
         self.store.close()

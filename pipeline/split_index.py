@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import zlib
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -96,10 +95,11 @@ def shuffle_for(cfg: LoaderConfig) -> str:
     return "global" if is_local(url_to_fs(cfg.root)[0]) else "window"
 
 
-def plan_for(index: SplitIndex, cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1, train: bool = True) -> Plan:
+def plan_for(index: SplitIndex, cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1, train: bool = True,
+             ranks_per_node: int = 1) -> Plan:
     """The sampling plan of `cfg` over this split, in stored frames: the clip stride divided by the set's
-    frame_step, starts on keyframes with data.align_starts, the order of data.shuffle (nodes from torchrun's
-    LOCAL_WORLD_SIZE). Both loaders draw from it."""
+    frame_step, starts on keyframes with data.align_starts, the order of data.shuffle (nodes of `ranks_per_node`
+    ranks: the job's local world size). Both loaders draw from it."""
     return Plan(index.geometry(), batch_size=cfg.batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
                 train=train, num_frames=cfg.num_frames, stride=index.stride_for(cfg.frame_stride),
                 scale=cfg.crop_scale, ratio=cfg.crop_aspect, flip=cfg.flip, num_clips=cfg.eval_clips,
@@ -107,4 +107,4 @@ def plan_for(index: SplitIndex, cfg: LoaderConfig, *, rank: int = 0, world_size:
                 start_grid=index.keyframe_interval if cfg.align_starts and index.kind == "video" else 1,
                 shuffle=shuffle_for(cfg), shard_of_row=index.shard_of_row,
                 partitions=cfg.canonical_nodes, window=cfg.shuffle_window,
-                ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+                ranks_per_node=ranks_per_node)

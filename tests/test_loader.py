@@ -330,8 +330,7 @@ def test_host_work_runs_off_the_training_thread_and_threads_share_the_cores(smal
     loader.close()
     assert where == {"tubelet-feeder"}
     cores = len(os.sched_getaffinity(0))
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert VideoLoader(cfg_for(small_shards, "threads=0"), grid=GRID).threads == max(1, cores // 2)
+    assert VideoLoader(cfg_for(small_shards, "threads=0"), grid=GRID, local_world_size=2).threads == max(1, cores // 2)
 
 
 def test_a_stride_the_stored_step_does_not_divide_is_refused(stepped_shards):
@@ -468,3 +467,129 @@ def test_cut_clip_follows_the_sampling_record():
     grey = (clip * std + mean)[0]  # [T, S, S] grey levels
     assert torch.allclose(grey[:, 0, 0], torch.tensor([102.0, 105, 108, 109]), atol=1e-3)  # flipped: right half
     assert torch.allclose(grey[:, 0, -1], torch.tensor([2.0, 5, 8, 9]), atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the hand-off to the training thread, and the rank's GPU
+
+
+def test_the_batch_hand_off_never_makes_the_host_wait(small_shards):
+    """next(loader) on the training thread reads no value on the host and builds no tensor from Python data (on
+    a GPU: a blocking copy from pageable memory): everything the batch carries was made by the feeder thread."""
+    from host_sync import NoHostSync
+
+    loader = VideoLoader(cfg_for(small_shards), grid=GRID)
+    it = iter(loader)
+    next(it)  # builds the DALI graph
+    try:
+        with NoHostSync():
+            batches = [next(it) for _ in range(3)]
+    finally:
+        loader.close()
+    assert all(b.padded.dtype == torch.bool and b.labels.dtype == torch.int64 for b in batches)
+
+
+def test_each_rank_decodes_and_copies_on_its_own_gpu(small_shards, monkeypatch):
+    """local_rank 3 of 4: DALI runs on GPU 3 (device_id, not the process's current device) and the copy stream is
+    made there; nothing is read from the environment."""
+    import pipeline.loader as loader_mod
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    made = []
+    monkeypatch.setattr(loader_mod, "CudaHandoff", lambda device: made.append(device) or "handoff")
+    monkeypatch.setenv("LOCAL_RANK", "0")  # ignored: the argument says
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    loader = VideoLoader(cfg_for(small_shards, "device=cuda", "threads=0"), grid=GRID, rank=7, world_size=8,
+                         local_rank=3, local_world_size=4)
+    assert loader.device == torch.device("cuda", 3) and made == [torch.device("cuda", 3)]
+    assert loader.pipeline_kwargs()["device_id"] == 3
+    assert loader.threads == max(1, len(os.sched_getaffinity(0)) // 4)
+    with pytest.raises(Exception, match="LOCAL_RANK=4 but this node has 4 GPUs"):
+        VideoLoader(cfg_for(small_shards, "device=cuda"), grid=GRID, local_rank=4)
+
+
+class _Recorder:
+    """Stands for torch.cuda and the tensors of a CudaHandoff: logs each call with the stream it ran on."""
+
+    def __init__(self):
+        self.log, self.current = [], "train"
+        recorder = self
+
+        class Stream:
+            def __init__(self, device):
+                self.name, self.device = "copy", device
+
+            def wait_stream(self, other):
+                recorder.log.append(("wait_stream", self.name, other.name))
+
+        class StreamContext:
+            def __init__(self, stream):
+                self.stream = stream
+
+            def __enter__(self):
+                self.before, recorder.current = recorder.current, self.stream.name
+
+            def __exit__(self, *exc):
+                recorder.current = self.before
+
+        class Event:
+            def record(self, stream):
+                recorder.log.append(("event.record", stream.name))
+
+            def synchronize(self):
+                recorder.log.append(("event.synchronize", recorder.current))
+
+        class Tensor:
+            def __init__(self, dtype):
+                self.dtype = dtype
+
+            def to(self, dtype):
+                recorder.log.append(("convert", recorder.current))
+                return Tensor(dtype)
+
+            def record_stream(self, stream):
+                recorder.log.append(("record_stream", stream.name))
+
+        self.Stream, self.Event, self.stream, self.Tensor = Stream, Event, StreamContext, Tensor
+        self.train_stream = Stream(None)
+        self.train_stream.name = "train"
+
+    def current_stream(self, device):
+        self.log.append(("current_stream", device))
+        return self.train_stream
+
+    def empty(self, shape, dtype, device):
+        self.log.append(("alloc", self.current, device))
+        return self.Tensor(dtype)
+
+    def feed(self, dali_tensor, buf, cuda_stream):
+        self.log.append(("copy", self.current, cuda_stream.name))
+
+
+def test_the_copy_out_of_dali_is_ordered_with_the_training_stream():
+    """The buffer is allocated while the copy stream is current (never a block the training stream may still be
+    using), the copy and the dtype conversion run there, the training stream waits for it on the device and the
+    clips are recorded as used by it; the host waits for the copy (not for training) only before DALI's next run,
+    which may reuse the output's memory."""
+    from pipeline.handoff import CudaHandoff
+
+    rec = _Recorder()
+    out = type("Out", (), {"as_tensor": lambda self: type("T", (), {"shape": lambda self: (2, 3)})()})()
+    handoff = CudaHandoff(torch.device("cuda", 2), cuda=rec, empty=rec.empty)
+    dev = torch.device("cuda", 2)
+    handoff.before_run()  # nothing in flight: no wait
+    clips = handoff.to_torch(out, torch.bfloat16, fp32=False, feed=rec.feed)
+    assert clips.dtype == torch.bfloat16
+    assert rec.log == [("current_stream", dev), ("alloc", "copy", dev), ("copy", "copy", "copy"),
+                       ("convert", "copy"), ("event.record", "copy"), ("wait_stream", "train", "copy"),
+                       ("record_stream", "train")]
+    rec.log.clear()
+    handoff.before_run()
+    assert rec.log == [("event.synchronize", "train")]  # the copy's event, once
+    rec.log.clear()
+    handoff.before_run()
+    assert rec.log == []
+    with pytest.raises(ValueError, match="explicit GPU"):
+        CudaHandoff(torch.device("cuda"), cuda=rec, empty=rec.empty)

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.loader import LoaderStats
+from pipeline.clips import LoaderStats
 from train import prometheus as prom
 from train.metrics import MetricsConfig, NullMetrics, StepStats, build_metrics
 
@@ -641,7 +641,7 @@ def check_dashboards_against(p: Prometheus, procs: list, ranks: list, timeout: f
 
 FEEDER = """
 import sys, time
-from pipeline.loader import LoaderStats
+from pipeline.clips import LoaderStats
 from train.metrics import MetricsConfig, StepStats, build_metrics
 rank, base, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 m = build_metrics(MetricsConfig(base_port=base, final_scrape_s=5), rank=rank, local_rank=rank, run="feeder")

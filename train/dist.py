@@ -34,6 +34,7 @@ class DistEnv:
     world_size: int
     device: torch.device
     backend: str  # nccl | gloo | none (single process)
+    local_world_size: int = 1  # ranks on this host (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -42,6 +43,11 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.backend != "none"
+
+    def placement(self) -> dict:
+        """Where this rank sits, as the loaders take it: `VideoLoader(cfg, **env.placement(), ...)`."""
+        return dict(rank=self.rank, world_size=self.world_size, local_rank=self.local_rank,
+                    local_world_size=self.local_world_size)
 
 
 def init(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
@@ -68,7 +74,7 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
         raise DistError(f"distributed init failed for {where}: {e}") from e
     if dist.get_world_size() != world or dist.get_rank() != rank:
         raise DistError(f"process group is rank {dist.get_rank()}/{dist.get_world_size()}, expected {where}")
-    return DistEnv(rank, local, world, dev, backend)
+    return DistEnv(rank, local, world, dev, backend, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _attempt_store(rank: int, world: int, timeout: datetime.timedelta):

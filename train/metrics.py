@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 from common.config import check
-from pipeline.loader import LoaderStats
+from pipeline.clips import LoaderStats
 
 
 @dataclass

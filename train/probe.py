@@ -46,7 +46,7 @@ from pipeline.loader import LoaderError, VideoLoader
 from shards.manifest import ManifestError, read_manifest
 from train import dist
 from train.checkpoint import save_atomic
-from train.plots import plot_probe
+from train.plots import plot_probe, try_plot
 
 
 log = logging.getLogger(__name__)
@@ -201,8 +201,7 @@ def _run(cfg: ProbeConfig, env) -> Optional[dict]:
     out = Path(cfg.out) if cfg.out else ckpt_dir / f"{tag}-{Path(cfg.checkpoint).stem}-s{cfg.seed}.json"
     t0 = time.time()
 
-    train_loader = VideoLoader(data_config(cfg, train_cfg, cfg.train_split), rank=env.rank,
-                               world_size=env.world_size, train=True)
+    train_loader = VideoLoader(data_config(cfg, train_cfg, cfg.train_split), **env.placement(), train=True)
     classes = train_loader.index.classes
     if len(classes) < 2 or (train_loader.index.labels < 0).any():
         raise ConfigError(f"{cfg.data.root} split {cfg.train_split}: a probe needs labelled videos of at least "
@@ -247,7 +246,7 @@ def _run(cfg: ProbeConfig, env) -> Optional[dict]:
 
     val_cfg = replace(data_config(cfg, train_cfg, cfg.val_split), eval_clips=cfg.data.eval_clips,
                       eval_crops=cfg.data.eval_crops)
-    val_loader = VideoLoader(val_cfg, rank=env.rank, world_size=env.world_size, train=False)
+    val_loader = VideoLoader(val_cfg, **env.placement(), train=False)
     val = cached(state_dir / f"val-rank{env.rank}.pt", lambda: extract(encoder, val_loader, None, device, frames))
     nvid = len(val_loader.index)
     logits = video_scores(probe, val, nvid, len(classes), cfg.batch_size, device)
@@ -265,7 +264,7 @@ def _run(cfg: ProbeConfig, env) -> Optional[dict]:
     }
     if env.is_main:
         atomic_write(out, json.dumps(result, indent=2))
-        plot_probe(result, out.with_suffix(".png"))
+        try_plot(plot_probe, result, out.with_suffix(".png"))
         log.info(f"probe {'(random weights) ' if cfg.random_init else ''}top-1 {100 * top1:.1f}% on "
                     f"{nvid} {cfg.val_split} {'images' if val_loader.images else 'videos'} (chance "
                     f"{100 / len(classes):.1f}%) -> {out}")

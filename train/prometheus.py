@@ -10,7 +10,7 @@ How a run ends is scraped: `tubelet_train_running` is 1 from the start and 0 onc
 scrapes the endpoint), so the final step, checkpoint and stop state reach Prometheus. A rank that vanishes while
 its last scraped `tubelet_train_running` was 1 was killed or froze (TubeletRankDown). Names: prefix `tubelet_`, base units, counters end in `_total`, durations are histograms.
 
-    tubelet_loader_*   per batch, from `pipeline.loader.LoaderStats`
+    tubelet_loader_*   per batch, from `pipeline.clips.LoaderStats`
     tubelet_train_*    per step (`StepStats`), checkpoints, non-finite events
     tubelet_gpu_*      NVML, sampled every `metrics.nvml_interval` s; absent without a GPU or NVML
     process_*, python_*  prometheus_client's process / platform / GC collectors
@@ -36,7 +36,7 @@ from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, H
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from common.exposition import Labelled
-from pipeline.loader import LoaderStats
+from pipeline.clips import LoaderStats
 from train.metrics import MetricsConfig, StepStats
 
 log = logging.getLogger(__name__)

@@ -160,8 +160,7 @@ def run(cfg: TrainConfig) -> Dict:
             torch.use_deterministic_algorithms(True)
         metrics = build_metrics(cfg.metrics, env.rank, env.local_rank, run=run_dir.resolve().name)
         p = build(cfg, env)
-        loader = VideoLoader(cfg.data, grid=cfg.model.grid, rank=env.rank, world_size=env.world_size,
-                             on_batch=metrics.loader)
+        loader = VideoLoader(cfg.data, grid=cfg.model.grid, **env.placement(), on_batch=metrics.loader)
         config = to_dict(cfg)
         step, skipped = checkpoint.resume(p, loader, ckpt_dir, config)
         n = dist.assert_same_across_ranks(p.named_weights())
