@@ -256,6 +256,71 @@ def test_assert_same_across_ranks_finds_a_one_ulp_difference():
             assert all(r.startswith("b differs across ranks") for r in results.values()), results
 
 
+# DistributedDataParallel's keywords in torch 2.6 (the oldest supported; README) and in 2.13, where
+# forward_sync_buffers arrived and broadcast_buffers became deprecated
+DDP_ARGS_2_6 = ["self", "module", "device_ids", "output_device", "dim", "broadcast_buffers", "init_sync",
+                "process_group", "bucket_cap_mb", "find_unused_parameters", "check_reduction",
+                "gradient_as_bucket_view", "static_graph", "delay_all_reduce_named_params", "param_to_hook_all_reduce",
+                "mixed_precision", "device_mesh"]
+
+
+def test_ddp_keywords_follow_the_installed_torch():
+    from train.config import DDPConfig
+    from train.step import ddp_kwargs
+
+    old = ddp_kwargs(DDPConfig(), DDP_ARGS_2_6)
+    assert old["broadcast_buffers"] is False and "forward_sync_buffers" not in old
+    new = ddp_kwargs(DDPConfig(), DDP_ARGS_2_6 + ["forward_sync_buffers"])
+    assert new["forward_sync_buffers"] is False and "broadcast_buffers" not in new
+    assert ddp_kwargs(DDPConfig()).keys() in (old.keys(), new.keys())  # the installed torch's, one of the two
+
+
+def _ddp_rank(rank: int, port: int, keywords, out) -> None:
+    """One gloo rank: build() with DDP given the keywords of `keywords`' torch, one step, the weights back."""
+    import warnings
+    from types import SimpleNamespace
+
+    import train.step as step
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), LOCAL_WORLD_SIZE="2")
+    real = step.ddp_kwargs
+    step.ddp_kwargs = lambda d: real(d, keywords)
+    warnings.simplefilter("ignore")  # broadcast_buffers' deprecation on torch >= 2.13
+    env = dist.init("cpu", timeout_s=60)
+    try:
+        cfg = load_config(TrainConfig, None, TINY)
+        parts = step.build(cfg, env)
+        assert isinstance(parts.student, torch.nn.parallel.DistributedDataParallel) and env.local_world_size == 2
+        masks = _masks_of([(10, 14), (6, 20)], seed=rank)  # different data on each rank: DDP averages
+        torch.manual_seed(rank)
+        step.read_stats([step.train_step(parts, SimpleNamespace(clips=torch.randn(2, 3, 4, 32, 32), masks=masks), 1)])
+        dist.assert_same_across_ranks(parts.named_weights())
+        out.put((rank, "same"))
+    except BaseException as e:
+        out.put((rank, f"{type(e).__name__}: {e}"))
+    finally:
+        dist.cleanup()
+
+
+@pytest.mark.parametrize("keywords", [DDP_ARGS_2_6, None], ids=["torch-2.6-keywords", "installed-torch"])
+def test_ddp_over_two_gloo_ranks_with_each_torch_versions_keywords(keywords):
+    """The DDP construction of build(), over 2 real gloo ranks, with the keywords the oldest supported torch takes
+    and with the installed torch's: one step trains and both ranks hold identical weights after it."""
+    ctx = mp.get_context("spawn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_rank, args=(r, port, keywords, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=240) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert results == {0: "same", 1: "same"}, results
+
+
 # ----------------------------------------------------------------------------------------------------
 # checkpoints
 
@@ -358,6 +423,21 @@ def test_a_bad_run_folder_is_refused_before_any_work(small_shards, tmp_path, cap
     unlock_file(held)
     assert run(cfg_for(small_shards, tmp_path / "b", *short))["step"] == 2
     assert not (tmp_path / "b" / ".lock").exists()  # a finished run leaves no lock behind
+
+
+def test_a_run_whose_picture_cannot_be_drawn_still_succeeds(small_shards, tmp_path, monkeypatch, caplog):
+    """matplotlib missing (or failing) when the run ends: the checkpoint is written, so the run succeeds with a
+    warning and no loss.png, instead of failing (and looping through torchrun's restarts)."""
+    import train.plots
+
+    def no_matplotlib():
+        raise ModuleNotFoundError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(train.plots, "_plt", no_matplotlib)
+    out = run(cfg_for(small_shards, tmp_path / "r", "schedule.total_steps=2", "optim.warmup_steps=1"))
+    assert out["step"] == 2 and checkpoint.list_checkpoints(tmp_path / "r" / "checkpoints")
+    assert not (tmp_path / "r" / "loss.png").exists()
+    assert any("loss.png was not drawn (ModuleNotFoundError" in r.getMessage() for r in caplog.records)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -474,24 +554,30 @@ def test_an_ijepa_step_on_images_learns_through_the_same_trainer_step():
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
 
 
-def test_the_step_never_waits_for_the_device(monkeypatch):
-    """Nothing in train_step reads a tensor's value on the host (what would wait for a GPU): every way of doing so
-    fails here; the outcome is read afterwards, many steps in one transfer."""
+@pytest.mark.parametrize("mode", ["skip", "stop"])
+def test_the_step_never_waits_for_the_device(monkeypatch, mode):
+    """Nothing in train_step reads a tensor's value on the host (what would wait for a GPU): every Python way of
+    doing so fails here, and so does every op below Python that reads a value, sizes its output by the values,
+    copies to the host or makes a tensor from Python data (tests/host_sync.py: a 0-d tensor passed as a foreach
+    op's scalar weight is read in C++). The NaN guard still works under it; the outcome is read afterwards, many
+    steps in one transfer."""
+    from host_sync import NoHostSync
     from train.step import read_stats, train_step
 
-    parts, batches = tiny_parts()
+    parts, batches = tiny_parts(f"nonfinite={mode}")
     assert parts.fused  # fused AdamW: it skips a non-finite step through its found-inf flag, on the device
 
     def host_read(*args, **kwargs):
         raise AssertionError("the step read a tensor on the host")
 
-    with monkeypatch.context() as m:
+    with monkeypatch.context() as m, NoHostSync():
         for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
             m.setattr(torch.Tensor, name, host_read)
         results = [train_step(parts, b, i + 1, force_nan=i == 1) for i, b in enumerate(batches)]
     rows = read_stats(results)
     assert [bad for _, _, bad in rows] == [False, True, False]
     assert np.isfinite(rows[0][0]) and np.isnan(rows[1][0]) and rows[2][1] > 0
+    assert float(parts.halted) == (1.0 if mode == "stop" else 0.0)
 
 
 @pytest.mark.parametrize("mode", ["skip", "stop"])
@@ -535,6 +621,57 @@ def test_compiled_step_matches_eager():
     np.testing.assert_allclose([s[:2] for s in compiled], [s[:2] for s in eager], rtol=1e-5)
     for k in w_eager:
         torch.testing.assert_close(w_compiled[k], w_eager[k], rtol=1e-4, atol=1e-6)
+
+
+def _masks_of(counts, seed: int, tokens: int = 32, batch: int = 2):
+    """Fresh mask tensors for each (context, target) token count pair: disjoint random index sets per clip."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for nc, nt in counts:
+        perms = [torch.randperm(tokens, generator=g) for _ in range(batch)]
+        out.append((torch.stack([p[:nc].sort().values for p in perms]),
+                    torch.stack([p[nc:nc + nt].sort().values for p in perms])))
+    return out
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["vjepa", "ijepa-shared-context"])
+def test_compiled_steps_do_not_recompile_for_fresh_masks(monkeypatch, shared):
+    """compile=true over six steps whose masks are new tensors every step, with token counts seen before and new
+    ones: Dynamo compiles the step's graphs once per distinct token count at most (read from its counter; a guard
+    on a mask tensor's identity would recompile every step, then fall back to eager), and the compiled steps
+    agree with eager ones. I-JEPA's target blocks share one context tensor: it is still encoded once. Dynamo's
+    guards do not depend on the backend, so the graphs run through aot_eager here (inductor's C++ compile would
+    take minutes; test_compiled_step_matches_eager covers it)."""
+    from types import SimpleNamespace
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from train.step import read_stats, train_step
+
+    counts = [((10, 14), (6, 20)), ((10, 14), (6, 20)), ((12, 12), (5, 22)), ((10, 14), (6, 20)),
+              ((8, 16), (7, 21)), ((12, 12), (5, 22))]
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter, **kw))
+    runs = []
+    for extra in ([], ["compile=true"]):
+        parts, _ = tiny_parts("deterministic=false", *extra)
+        torch.manual_seed(1)
+        clips = [torch.randn(2, 3, 4, 32, 32) for _ in counts]
+        results, graphs = [], []
+        for i, (pair, x) in enumerate(zip(counts, clips)):
+            masks = _masks_of(pair, seed=i)
+            if shared:  # I-JEPA: every target block beside one context tensor
+                masks = [(masks[0][0], t) for _, t in masks]
+            results.append(train_step(parts, SimpleNamespace(clips=x, masks=masks), i + 1))
+            graphs.append(counter.frame_count)
+        runs.append((read_stats(results), graphs))
+    (eager, _), (compiled, graphs) = runs
+    per_compile = graphs[0]  # the graphs of one compilation (the student's and the target encoder's)
+    assert per_compile >= 1 and graphs[1] == per_compile  # the same counts again: nothing new
+    assert graphs[-1] <= per_compile * len(set(counts)), graphs
+    np.testing.assert_allclose([s[:2] for s in compiled], [s[:2] for s in eager], rtol=1e-4)
+    torch._dynamo.reset()
 
 
 def test_a_resumed_optimizer_stays_fused():

@@ -4,8 +4,9 @@ optimizer update. Research harnesses and benchmarks call these same two function
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -15,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model.vjepa import VJEPA, jepa_loss
 from pipeline.clips import Batch, masks_to
 from train import dist, schedules
-from train.config import OptimConfig, TrainConfig
+from train.config import DDPConfig, OptimConfig, TrainConfig
 from train.signals import SIGNAL_CLIPS, feature_signals
 
 
@@ -188,16 +189,25 @@ def attention_backend(cfg: TrainConfig, device: torch.device, amp: bool) -> str:
         return "unknown"
 
 
+def ddp_kwargs(d: DDPConfig, accepted: Optional[Iterable[str]] = None) -> Dict:
+    """DistributedDataParallel's settings for this model, in the keywords the installed torch takes (`accepted`:
+    the names its constructor takes; read from it by default). The model's only buffers are fixed position tables,
+    so buffers are never synchronised before a forward: `forward_sync_buffers=False` from torch 2.13 on (where
+    `broadcast_buffers` is deprecated), `broadcast_buffers=False` before."""
+    accepted = set(inspect.signature(DDP.__init__).parameters if accepted is None else accepted)
+    kw = dict(bucket_cap_mb=d.bucket_cap_mb, gradient_as_bucket_view=d.gradient_as_bucket_view,
+              static_graph=d.static_graph)
+    kw["forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"] = False
+    return kw
+
+
 def build(cfg: TrainConfig, env: dist.DistEnv) -> Parts:
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights (checked after resume)
     model = VJEPA.from_config(cfg.model).to(env.device)
     student: nn.Module = Student(model)
     if env.world_size > 1:
-        d = cfg.ddp
-        # the only buffers are the fixed pos_embed tables: nothing to sync before each forward
         student = DDP(student, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                      forward_sync_buffers=False, bucket_cap_mb=d.bucket_cap_mb,
-                      gradient_as_bucket_view=d.gradient_as_bucket_view, static_graph=d.static_graph)
+                      **ddp_kwargs(cfg.ddp))
     target_features = model.target_features
     if cfg.compile:
         # the context and target token counts change from batch to batch: one graph with symbolic sizes; the
