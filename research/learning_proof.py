@@ -43,7 +43,7 @@ from pipeline.masks import sample_masks
 from research import proof_sweep
 from train import dist
 from train.config import TrainConfig
-from train.plots import plot_proof
+from train.plots import plot_proof, try_plot
 from train.step import build, train_step
 
 TASKS = ("camera", "discs", "object")
@@ -123,7 +123,7 @@ def prove(cfg: ProofConfig) -> dict:
     classes = 1 + max(max(labels) for _, labels in torch.load(data, weights_only=True).values())
     summary["chance"] = 100 / classes
     atomic_write(out / "proof.json", json.dumps(summary, indent=2))
-    plot_proof(per_seed, 1 / classes, cfg.long_probe, out / "proof.png")
+    try_plot(plot_proof, per_seed, 1 / classes, cfg.long_probe, out / "proof.png")
     print(f"\nlearning proof on {cfg.task} ({device.type}, {steps} pretraining steps, {len(cfg.seeds)} seed(s), "
           f"{summary['seconds']} s)\n\n| seed | pretrained | random | gap | pretrained, probe x{cfg.long_probe} | "
           f"random, probe x{cfg.long_probe} | gap | target erank / clip share (pretrained) |\n|---|---|---|---|---|---|---|---|")

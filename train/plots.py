@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
+
+log = logging.getLogger(__name__)
 
 
 def _plt():
@@ -14,6 +17,18 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def try_plot(plot: Callable[..., Path], *args, **kwargs) -> Optional[Path]:
+    """Draw a finished job's picture; a failure (matplotlib missing or broken, a full disk) is a warning, never the
+    job's failure: its results are written by then, and a failed run would be restarted (torchrun) only to fail
+    the same way again."""
+    try:
+        return plot(*args, **kwargs)
+    except Exception as e:
+        png = next((a for a in args if isinstance(a, Path) and a.suffix == ".png"), "")
+        log.warning(f"the picture {png} was not drawn ({type(e).__name__}: {e}); the results are complete without it")
+        return None
 
 
 def read_losses(path: Path) -> List[Dict]:

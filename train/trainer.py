@@ -43,7 +43,7 @@ from train import checkpoint, dist
 from train.config import TrainConfig
 from train.faults import Faults
 from train.metrics import StepStats, build_metrics
-from train.plots import plot_losses
+from train.plots import plot_losses, try_plot
 from train.runlog import RunLog, trim_losses
 from train.signals import CollapseWatch
 from train.step import StepResult, attention_backend, build, read_stats, train_step
@@ -218,7 +218,7 @@ def run(cfg: TrainConfig) -> Dict:
         seconds = time.perf_counter() - t_start
         if env.is_main:
             runlog.close()
-            plot_losses(run_dir / "losses.jsonl", run_dir / "loss.png", f"{run_dir}: {cfg.model.size}, step {step}")
+            try_plot(plot_losses, run_dir / "losses.jsonl", run_dir / "loss.png", f"{run_dir}: {cfg.model.size}, step {step}")
         log.info(f"done: step {step}, {step - first} steps in {seconds:.1f} s, {skipped} skipped"
                  + (f"; parameters identical on all {env.world_size} ranks" if env.distributed else ""))
         return {"step": step, "first_step": first, "skipped_steps": skipped, "losses": losses,
