@@ -58,10 +58,10 @@ def validate_video(video: bytes, codec: str, how: str = "auto",
     h, w = frames[0].shape[:2]
     if n != expected:
         return n, (h, w)  # the caller rejects the count mismatch
-    use_dali = how == "dali" or (how == "auto" and dali_can_decode(codec))
-    if use_dali:
+    device = dali_device_for(codec)
+    if how == "dali" or (how == "auto" and device is not None):
         try:
-            got = dali_decode_frames(video, idx)
+            got = dali_decode_frames(video, idx, device or "cpu")  # forced where DALI cannot: it fails, a reject
         except Exception as e:  # DALI raises plain RuntimeErrors for undecodable input
             raise Rejected("validation_failed", f"DALI cannot decode the transcoded video: "
                                                 f"{str(e).strip().splitlines()[-1][:300]}") from None
@@ -100,26 +100,37 @@ def cuda_available() -> bool:
         return False
 
 
+# the codecs DALI's CPU video decoder reads (2.4: VP8, VP9, MJPEG); the GPU's (NVDEC) reads H.264, HEVC, ... too
+CPU_DECODABLE = ("vp8", "vp9", "mjpeg")
+
+
+def dali_device_for(codec: str) -> Optional[str]:
+    """Where DALI decodes the decode-back check of `codec`: its CPU decoder when it reads the codec (the same
+    demuxer and frame numbering as on a GPU, and no CUDA context in each shard worker), else the GPU's when there
+    is one; None when DALI cannot decode it on this machine."""
+    if codec in CPU_DECODABLE:
+        return "cpu"
+    return "mixed" if cuda_available() else None
+
+
 def dali_can_decode(codec: str) -> bool:
-    """DALI's CPU video decoder handles VP8/VP9/MJPEG only; the GPU one handles H.264 too."""
-    return codec == "vp9" or cuda_available()
+    return dali_device_for(codec) is not None
 
 
-_DALI_PIPE = None
+_DALI_PIPES: Dict[str, object] = {}  # one per device, per process
 
 
-def dali_decode_frames(video: bytes, frames: List[int]) -> List[np.ndarray]:
-    """Decode the given frame indices of an in-memory video with DALI (GPU when present, else CPU)."""
-    global _DALI_PIPE
-    if _DALI_PIPE is None:
-        _DALI_PIPE = _build_dali_pipe()
-    pipe = _DALI_PIPE
+def dali_decode_frames(video: bytes, frames: List[int], device: str = "cpu") -> List[np.ndarray]:
+    """Decode the given frame indices of an in-memory video with DALI on `device` (cpu or mixed)."""
+    pipe = _DALI_PIPES.get(device)
+    if pipe is None:
+        pipe = _DALI_PIPES[device] = _build_dali_pipe(device)
     try:
         pipe.feed_input("video", [np.frombuffer(video, np.uint8)])
         pipe.feed_input("frames", [np.asarray(frames, np.int32)])
         (out,) = pipe.run()
     except Exception:
-        _DALI_PIPE = None  # a failed DALI pipeline is not reusable: build a fresh one next time
+        del _DALI_PIPES[device]  # a failed DALI pipeline is not reusable: build a fresh one next time
         raise
     if hasattr(out, "as_cpu"):
         out = out.as_cpu()
@@ -127,17 +138,15 @@ def dali_decode_frames(video: bytes, frames: List[int]) -> List[np.ndarray]:
     return [arr[i] for i in range(arr.shape[0])]
 
 
-def _build_dali_pipe():
+def _build_dali_pipe(device: str):
     from nvidia.dali import fn, pipeline_def, types
 
-    gpu = cuda_available()
-
-    @pipeline_def(batch_size=1, num_threads=1, device_id=0 if gpu else None, prefetch_queue_depth=1,
+    @pipeline_def(batch_size=1, num_threads=1, device_id=0 if device == "mixed" else None, prefetch_queue_depth=1,
                   exec_dynamic=True)
     def pipe():
         video = fn.external_source(name="video", batch=True, dtype=types.UINT8)
         frames = fn.external_source(name="frames", batch=True, dtype=types.INT32)
-        return fn.decoders.video(video, device="mixed" if gpu else "cpu", frames=frames)
+        return fn.decoders.video(video, device=device, frames=frames)
 
     p = pipe()
     p.build()

@@ -816,6 +816,17 @@ def test_h264_decode_check_falls_back_to_pyav_on_cpu(tmp_path):
         assert isinstance(forced, Reject) and forced.reason == "validation_failed" and "DALI" in forced.detail, forced
 
 
+def test_the_decode_check_uses_the_gpu_only_for_codecs_the_cpu_decoder_lacks(monkeypatch):
+    """VP9 (the default) is checked with DALI's CPU decoder even on a GPU host: no shard worker makes a CUDA
+    context for it; H.264 needs NVDEC (none here: PyAV only)."""
+    import shards.validate as v
+
+    monkeypatch.setattr(v, "cuda_available", lambda: True)
+    assert [v.dali_device_for(c) for c in ("vp9", "mjpeg", "h264")] == ["cpu", "cpu", "mixed"]
+    monkeypatch.setattr(v, "cuda_available", lambda: False)
+    assert v.dali_device_for("vp9") == "cpu" and v.dali_device_for("h264") is None and not v.dali_can_decode("hevc")
+
+
 def test_validate_video_counts_and_checks_frames(tmp_path):
     from shards.validate import validate_video
 
