@@ -1,17 +1,22 @@
 """`make bench-gpu`: the decode paths on one GPU, then the best of them feeding a real ViT-L/16 V-JEPA step.
 
-    python -m benchmarks.bench_gpu [out=runs/bench-gpu] [videos=32] [seconds=8] [batches=8] [smoke=false]
+    python -m benchmarks.bench_gpu [out=runs/bench-gpu] [videos=24] [seconds=6] [batches=8] [smoke=false]
 
-Runs in under 8 minutes on one H100/H200 and needs nothing beyond torch and the DALI bundle: it makes its own
-inputs (`benchmarks.bench_shards.write_input`, 480x270 at 30 fps) and shard sets with `make shards`' code, stored
-every 4th frame with sides in whole macroblocks, VP9 and H.264 (a few MB). Rows, each appended to
-OUT/rows.jsonl the moment it is measured (a timeout still leaves what was done):
+Runs in about 4 minutes on one H100/H200 (`make gpu-check` gives it 240 s) and needs nothing beyond torch and the
+DALI bundle (PyNvVideoCodec for its row): it makes its own inputs (`benchmarks.bench_shards.write_input`, 480x270
+at 30 fps) and shard sets with `make shards`' code, stored every 4th frame with sides in whole macroblocks, VP9
+and H.264 (a few MB). The versions come first (versions.json and the first line of OUT/rows.jsonl), then each row,
+appended to OUT/rows.jsonl the moment it is measured (a timeout still leaves what was done); a row that fails
+says why in its place and the others go on:
 
     decoders.video mixed, H.264 / VP9      the loader as it trains (`pipeline.loader.VideoLoader`, NVDEC)
     decoders.video cpu, VP9                the same loader decoding on the CPU (all cores)
     readers.video gpu (legacy), H.264      P pipelines, each with one NVDEC session that it keeps, reading files
                                            listed from the project's sampling records (start frames), with the
                                            records' crops and flips applied after it
+    PyNvVideoCodec, H.264                  the peer: NVIDIA's own NVDEC library, one SimpleDecoder per thread reused
+                                           for every clip (reconfigure_decoder), the same sampling records, the
+                                           clip cut with torch on the GPU (`pipeline.clips.cut_clip`)
 
     decoders.image_slice mixed, JPEG      the image loader (nvJPEG, the crop window decoded alone), 256
                                            generated 500x375 JPEGs, 1x224x224, batch 128
@@ -22,8 +27,8 @@ image loader feeds an I-JEPA ViT-H/14 step (batch 128, bf16), and the best GPU v
 `train.step.train_step` (ViT-L/16, batch 24, bf16), each in one loop: clips/s against the step alone on a
 resident batch, and the share of time the step waited for data.
 
-smoke=true: the same script on the CPU with tiny inputs, a tiny model and only the CPU decode row (what
-`make test` runs).
+smoke=true: the same script on the CPU with tiny inputs, a tiny model and only the CPU decode rows (what
+`make test` runs); the GPU-only rows say why they were not measured.
 """
 
 from __future__ import annotations
@@ -35,10 +40,11 @@ import resource
 import statistics
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -47,9 +53,10 @@ from benchmarks.bench_loader import image_set
 from benchmarks.bench_shards import make_inputs
 from common.cli import main_for
 from common.config import check, load_config
-from pipeline.clips import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.clips import IMAGENET_MEAN, IMAGENET_STD, cut_clip
 from pipeline.config import LoaderConfig
 from pipeline.loader import VideoLoader
+from pipeline.sampling import decoded_frames, frame_indices
 from pipeline.split_index import open_split, plan_for
 from pipeline.store import ShardStore
 from shards.build import run as make_shards
@@ -75,10 +82,11 @@ SMOKE_MODEL = ["model.size=tiny", "model.img_size=32", "model.patch_size=8", "mo
 class BenchGpuConfig:
     out: str = "runs/bench-gpu"  # rows.jsonl (as measured) and table.md
     cache: str = "data/bench/gpu"  # inputs and shard sets, made once
-    videos: int = 32
-    seconds: float = 8.0
+    videos: int = 24
+    seconds: float = 6.0
     batches: int = 8  # batches timed per row, after one warm-up batch
     pipelines: int = 4  # legacy readers.video pipelines on the GPU
+    decoder_threads: int = 8  # PyNvVideoCodec: threads, each with its own decoder and CUDA stream
     train_steps: int = 12  # joint loop and step-alone steps (after 3 warm-up steps)
     size: str = "large"  # the model of the joint loop
     smoke: bool = False  # CPU, tiny inputs and model, CPU decode only
@@ -90,31 +98,35 @@ class BenchGpuConfig:
 
 
 class Usage:
-    """NVDEC and SM utilisation (NVML, every 0.2 s) and this process's CPU use, over a `with` block."""
+    """NVDEC and SM utilisation (NVML, every 0.2 s) and this process's CPU use, over a `with` block. An NVML failure
+    (at start or while sampling) leaves the columns n/a and says why in `nvml_error`, never the row."""
 
     def __init__(self, device: torch.device):
-        self.nvml = None
+        self.nvml, self.error = None, None
         if device.type == "cuda":
             try:
                 import pynvml
 
                 pynvml.nvmlInit()
                 self.nvml, self.handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-            except Exception:  # no NVML: the columns say n/a
-                self.nvml = None
+            except Exception as e:  # no NVML: the columns say n/a
+                self.nvml, self.error = None, error_text(e)
         self.dec: List[float] = []
         self.sm: List[float] = []
 
     def _poll(self) -> None:
-        while not self._stop.wait(0.2):
-            self.dec.append(self.nvml.nvmlDeviceGetDecoderUtilization(self.handle)[0])
-            self.sm.append(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+        try:
+            while not self._stop.wait(0.2):
+                self.dec.append(self.nvml.nvmlDeviceGetDecoderUtilization(self.handle)[0])
+                self.sm.append(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+        except Exception as e:  # the sampler stops; the row says why its columns are short
+            self.error = error_text(e)
 
     def __enter__(self) -> "Usage":
         self._cpu0, self._t0 = _cpu_seconds(), time.perf_counter()
         self._stop = threading.Event()
         if self.nvml is not None:
-            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread = threading.Thread(target=self._poll, daemon=True, name="bench-nvml")
             self._thread.start()
         return self
 
@@ -126,7 +138,14 @@ class Usage:
 
     def columns(self) -> Dict:
         mean = lambda v: statistics.mean(v) if v else None  # noqa: E731
-        return {"nvdec_pct": mean(self.dec), "sm_pct": mean(self.sm), "cpu_pct": 100 * self.cpu}
+        cols = {"nvdec_pct": mean(self.dec), "sm_pct": mean(self.sm), "cpu_pct": 100 * self.cpu}
+        return {**cols, "nvml_error": self.error} if self.error else cols
+
+
+def error_text(e: BaseException) -> str:
+    """`Type: last line of the message` (an exception with an empty message gives its type alone)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[-1][:300]}" if lines else type(e).__name__
 
 
 def _cpu_seconds() -> float:
@@ -135,7 +154,8 @@ def _cpu_seconds() -> float:
 
 
 def measure(name: str, device: torch.device, batches, n: int, decoded: Callable) -> Dict:
-    """clips/s over `n` batches after one warm-up batch, with the decode and utilisation columns."""
+    """clips/s over `n` batches (each with `.clips`, first dimension the batch) after one warm-up batch, with the
+    decode and utilisation columns."""
     it = iter(batches)
     next(it)
     clips = frames = 0
@@ -143,7 +163,7 @@ def measure(name: str, device: torch.device, batches, n: int, decoded: Callable)
         t0 = time.perf_counter()
         for _ in range(n):
             b = next(it)
-            clips += b.clips.shape[0]
+            clips += len(b.clips)
             frames += decoded(b)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -166,12 +186,7 @@ def legacy_row(name: str, cfg: LoaderConfig, n: int, pipelines: int, files: Path
     from nvidia.dali import fn, pipeline_def, types
 
     idx = open_split(cfg.root, cfg.split)
-    store = ShardStore(cfg.root)
-    files.mkdir(parents=True, exist_ok=True)
-    for r, key in enumerate(idx.keys):
-        path = files / f"{key}.mp4"
-        if not path.exists():
-            path.write_bytes(idx.read_video(store, r))
+    write_files(idx, cfg.root, files)
     plan = plan_for(idx, cfg)
     stride = idx.stride_for(cfg.frame_stride)
     span = (cfg.num_frames - 1) * stride + 1
@@ -180,7 +195,7 @@ def legacy_row(name: str, cfg: LoaderConfig, n: int, pipelines: int, files: Path
         bp = next(plan)
         for row, rec in zip(bp.rows, bp.records):
             start = min(rec.start, max(0, int(idx.nframes[row]) - span))  # the reader has no edge padding
-            per_pipe[b % pipelines].append((files / f"{idx.keys[row]}.mp4", start, start + span, rec))
+            per_pipe[b % pipelines].append((files / f"{idx.keys[row]}.{idx.exts[row]}", start, start + span, rec))
     mean = [255 * m for m in IMAGENET_MEAN]
     std = [255 * s for s in IMAGENET_STD]
     pipes = []
@@ -216,9 +231,74 @@ def legacy_row(name: str, cfg: LoaderConfig, n: int, pipelines: int, files: Path
         while True:
             (out,) = pipes[k % pipelines].run()
             k += 1
-            yield SimpleNamespace(clips=np.empty((len(out), 0)))
+            yield SimpleNamespace(clips=out)  # a TensorListGPU: len() is its batch
 
-    return measure(name, torch.device("cuda"), batches(), n, lambda b: b.clips.shape[0] * span)
+    return measure(name, torch.device("cuda"), batches(), n, lambda b: len(b.clips) * span)
+
+
+def write_files(idx, root: str, folder: Path) -> None:
+    """Each sample's video as a file of its own (the readers that take paths), once."""
+    store = ShardStore(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    for r, key in enumerate(idx.keys):
+        path = folder / f"{key}.{idx.exts[r]}"
+        if not path.exists():
+            path.write_bytes(idx.read_video(store, r))
+
+
+def pynvvideocodec_row(name: str, cfg: LoaderConfig, n: int, threads: int, files: Path) -> Dict:
+    """NVIDIA's PyNvVideoCodec on the same sampling records: `threads` threads, each with one SimpleDecoder (RGB
+    out, device memory) and one CUDA stream of its own, reused for every clip through reconfigure_decoder; the
+    clip's frames by index (edge-padded like DALI's), cut with torch on the GPU (`cut_clip`: crop, bilinear
+    antialiased resize, flip, normalise), a batch stacked after every thread's stream is done."""
+    import PyNvVideoCodec as nvc
+
+    dev = torch.device("cuda", 0)
+    idx = open_split(cfg.root, cfg.split)
+    write_files(idx, cfg.root, files)
+    stride = idx.stride_for(cfg.frame_stride)
+    plan = plan_for(idx, cfg)
+    dims = (int(idx.widths.max()), int(idx.heights.max()))
+    local = threading.local()
+
+    def clip(row: int, rec) -> Tuple[torch.Tensor, torch.cuda.Event]:
+        if not hasattr(local, "stream"):
+            local.stream, local.decoder = torch.cuda.Stream(dev), None
+        path = str(files / f"{idx.keys[row]}.{idx.exts[row]}")
+        with torch.cuda.stream(local.stream):
+            if local.decoder is None:
+                local.decoder = nvc.SimpleDecoder(path, gpu_id=dev.index, cuda_stream=local.stream.cuda_stream,
+                                                  use_device_memory=True, max_width=dims[0], max_height=dims[1],
+                                                  output_color_type=nvc.OutputColorType.RGB)
+            else:
+                local.decoder.reconfigure_decoder(path)
+            wanted = frame_indices(rec.start, int(idx.nframes[row]), cfg.num_frames, stride)
+            distinct = sorted(set(wanted))
+            got = local.decoder.get_batch_frames_by_index(distinct)
+            frames = torch.stack([torch.from_dlpack(f) for f in got])  # [F, H, W, 3] uint8, a copy
+            out = cut_clip(frames[[distinct.index(i) for i in wanted]], rec, cfg.crop_size)
+            done = torch.cuda.Event()
+            done.record(local.stream)
+        return out, done
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="pynvc")
+
+    def batches():
+        while True:
+            bp = next(plan)
+            made = list(pool.map(clip, bp.rows, bp.records))
+            for _, done in made:
+                torch.cuda.current_stream(dev).wait_event(done)
+            yield SimpleNamespace(clips=torch.stack([c for c, _ in made]).to(torch.bfloat16), bp=bp)
+
+    def decoded(b) -> int:
+        return sum(decoded_frames(r.start, int(idx.nframes[row]), cfg.num_frames, stride, idx.keyframe_interval)
+                   for row, r in zip(b.bp.rows, b.bp.records))
+
+    try:
+        return {**measure(name, dev, batches(), n, decoded), "version": nvc.__version__}
+    finally:
+        pool.shutdown()
 
 
 def joint_row(name: str, cfg: LoaderConfig, model: List[str], steps: int) -> Dict:
@@ -254,10 +334,13 @@ def joint_row(name: str, cfg: LoaderConfig, model: List[str], steps: int) -> Dic
 
 
 def versions(device: torch.device) -> Dict:
-    import nvidia.dali as dali
-
-    v = {"host": platform.node(), "cores": os.cpu_count(), "torch": torch.__version__, "cuda": torch.version.cuda,
-         "dali": dali.__version__}
+    """The machine and the versions the rows were measured with; a missing part says so (never an exception)."""
+    v = {"host": platform.node(), "cores": os.cpu_count(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for key, module in (("dali", "nvidia.dali"), ("pynvvideocodec", "PyNvVideoCodec")):
+        try:
+            v[key] = __import__(module, fromlist=["__version__"]).__version__
+        except Exception as e:
+            v[key] = f"not available ({error_text(e)})"
     if device.type == "cuda":
         v["gpu"] = torch.cuda.get_device_name(device)
         try:
@@ -280,80 +363,112 @@ def bench(args: BenchGpuConfig) -> List[Dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.jsonl"
-    rows_path.write_text("")
     info = versions(device)
-    print(json.dumps(info))
+    rows_path.write_text(json.dumps({"versions": info}) + "\n")  # first, before anything can fail
+    print(json.dumps(info), flush=True)
     (out / "versions.json").write_text(json.dumps(info, indent=2))
-
-    videos, seconds, size = (2, 2.0, (160, 96)) if args.smoke else (args.videos, args.seconds, (480, 270))
-    inputs = make_inputs(Path(args.cache), videos, seconds, *size, 30)[0].parent
-    sets = {}
-    for codec in ("vp9", "h264") if gpu else ("vp9",):
-        root = Path(args.cache) / f"{inputs.name}-{codec}-step4"
-        if not (root / "manifest.parquet").exists():
-            make_shards(load_config(ShardsConfig, None, [
-                f"inputs.train={inputs}", f"output={root}", "progress=false", f"transcode.codec={codec}",
-                "transcode.frame_step=4", "transcode.keyframe_interval=16", "transcode.align=16"]))
-        sets[codec] = str(root)
-
-    data = ["frame_stride=4", *(SMOKE_DATA if args.smoke else ["batch_size=24", "dtype=bf16"])]
-    base = load_config(LoaderConfig, None, data)
     rows: List[Dict] = []
+    cache = Path(args.cache)
 
-    def record(row: Dict) -> None:
+    def record(row: Dict) -> Dict:
         rows.append(row)
         with open(rows_path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"{row['name']}: {row['clips_per_s']:.1f} clips/s", flush=True)
-
-    def attempt(fn, *a) -> Optional[Dict]:
-        try:
-            row = fn(*a)
-        except Exception as e:  # one path failing must not cost the others' numbers
-            row = {"name": a[0], "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}",
-                   "clips_per_s": 0.0}
-        record(row)
+        print(f"{row['name']}: " + (f"failed: {row['error']}" if "error" in row else
+                                    f"{row['clips_per_s']:.1f} clips/s"), flush=True)
         return row
 
+    def attempt(name: str, fn, *a) -> Dict:
+        """One row: a failure (its inputs' included) costs this row only, and says why in its place."""
+        try:
+            row = fn(name, *a)
+        except Exception as e:
+            row = {"name": name, "error": error_text(e), "clips_per_s": 0.0}
+        return record(row)
+
+    def not_measured(name: str, why: str) -> Dict:
+        return record({"name": name, "error": f"not measured: {why}", "clips_per_s": 0.0})
+
+    videos, seconds, size = (2, 2.0, (160, 96)) if args.smoke else (args.videos, args.seconds, (480, 270))
+    sets: Dict[str, str] = {}
+
+    def shard_set(codec: str) -> str:
+        """The inputs stored every 4th frame in `codec`, made once (here, inside the first row that needs it)."""
+        if codec not in sets:
+            inputs = make_inputs(cache, videos, seconds, *size, 30)[0].parent
+            root = cache / f"{inputs.name}-{codec}-step4"
+            if not (root / "manifest.parquet").exists():
+                # H.264 is decode-checked with NVDEC: a few workers, not a CUDA context on every core
+                workers = [f"workers={min(4, os.cpu_count() or 1)}"] if codec == "h264" else []
+                make_shards(load_config(ShardsConfig, None, [
+                    f"inputs.train={inputs}", f"output={root}", "progress=false", f"transcode.codec={codec}",
+                    "transcode.frame_step=4", "transcode.keyframe_interval=16", "transcode.align=16", *workers]))
+            sets[codec] = str(root)
+        return sets[codec]
+
+    data = ["frame_stride=4", *(SMOKE_DATA if args.smoke else ["batch_size=24", "dtype=bf16"])]
+    base = load_config(LoaderConfig, None, data)
+
+    def loader_on(codec: str, where: str):
+        return lambda name, n: loader_row(name, replace(base, root=shard_set(codec), device=where), n)
+
+    no_gpu = "needs a GPU" + (" (smoke run)" if args.smoke else "")
+    for codec, label in (("h264", "H.264"), ("vp9", "VP9")):
+        name = f"decoders.video mixed, {label}"
+        attempt(name, loader_on(codec, "cuda"), args.batches) if gpu else not_measured(name, no_gpu)
+    attempt("decoders.video cpu, VP9", loader_on("vp9", "cpu"), args.batches)
+    legacy = f"readers.video gpu (legacy), H.264, {args.pipelines} pipelines"
+    peer = f"PyNvVideoCodec, H.264, {args.decoder_threads} threads"
     if gpu:
-        for codec, label in (("h264", "H.264"), ("vp9", "VP9")):
-            attempt(loader_row, f"decoders.video mixed, {label}", replace(base, root=sets[codec], device="cuda"),
-                    args.batches)
-    attempt(loader_row, "decoders.video cpu, VP9", replace(base, root=sets["vp9"], device="cpu"), args.batches)
-    if gpu:
-        attempt(legacy_row, f"readers.video gpu (legacy), H.264, {args.pipelines} pipelines",
-                replace(base, root=sets["h264"]), args.batches, args.pipelines, Path(args.cache) / "files")
+        attempt(legacy, lambda name, *a: legacy_row(name, replace(base, root=shard_set("h264")), *a), args.batches,
+                args.pipelines, cache / "files-h264")
+        attempt(peer, lambda name, *a: pynvvideocodec_row(name, replace(base, root=shard_set("h264")), *a),
+                args.batches, args.decoder_threads, cache / "files-h264")
+    else:
+        not_measured(legacy, no_gpu)
+        not_measured(peer, no_gpu)
     candidates = [r for r in rows if "error" not in r and (not gpu or "mixed" in r["name"])]
     if candidates:  # the trainer's loader path with the best decode option
         best = max(candidates, key=lambda r: r["clips_per_s"])
         codec = "h264" if "H.264" in best["name"] else "vp9"
-        cfg = replace(base, root=sets[codec], device="cuda" if gpu else "cpu")
+        cfg = replace(base, root=shard_set(codec), device="cuda" if gpu else "cpu")
         model = SMOKE_MODEL if args.smoke else [f"model.size={args.size}", "amp=bf16", "device=cuda"]
-        attempt(joint_row, f"joint loop: {best['name']} -> ViT-{'tiny' if args.smoke else args.size}/16 step",
+        attempt(f"joint loop: {best['name']} -> ViT-{'tiny' if args.smoke else args.size}/16 step", joint_row,
                 cfg, model, args.train_steps)
 
-    # images: the JPEG path (nvJPEG ROI decode on the GPU) and I-JEPA's ViT-H/14 step
+    # images: the JPEG path (nvJPEG ROI decode on the GPU) and I-JEPA's ViT-H/14 step; the set is made inside the row
     image_size = "160x120" if args.smoke else "500x375"
-    images = replace(base, root=image_set(args.cache, 32 if args.smoke else 256, image_size)["root"],
-                     num_frames=1, frame_stride=1,
-                     batch_size=8 if args.smoke else 128, crop_size=64 if args.smoke else 224,
-                     device="cuda" if gpu else "cpu")
+    images = replace(base, num_frames=1, frame_stride=1, batch_size=8 if args.smoke else 128,
+                     crop_size=64 if args.smoke else 224, device="cuda" if gpu else "cpu")
     if args.smoke:
         images = replace(images, image_masks=replace(images.image_masks, min_keep=4))  # 8 x 8 patches
-    image_row = attempt(loader_row, f"decoders.image_slice {'mixed' if gpu else 'cpu'}, JPEG {image_size}, batch "
-                                    f"{images.batch_size}", images, args.batches)
+
+    def on_image_set(fn):
+        return lambda name, *a: fn(name, replace(images, root=image_set(args.cache, 32 if args.smoke else 256,
+                                                                        image_size)["root"]), *a)
+
+    image_name = f"decoders.image_slice {'mixed' if gpu else 'cpu'}, JPEG {image_size}, batch {images.batch_size}"
+    image_row = attempt(image_name, on_image_set(loader_row), args.batches)
     if "error" not in image_row:
         model = (SMOKE_IMAGE_MODEL if args.smoke else
                  ["model.size=huge", "model.patch_size=14", "amp=bf16", "device=cuda", *IMAGE_MODEL])
-        attempt(joint_row, f"joint loop: {image_row['name']} -> I-JEPA ViT-{'tiny/8' if args.smoke else 'H/14'} step",
-                images, model, args.train_steps)
+        attempt(f"joint loop: {image_name} -> I-JEPA ViT-{'tiny/8' if args.smoke else 'H/14'} step",
+                on_image_set(joint_row), model, args.train_steps)
+    table = render_table(rows, info)
+    print("\n" + table)
+    (out / "table.md").write_text(table + "\n")
+    return rows
+
+
+def render_table(rows: List[Dict], info: Dict) -> str:
     lines = [f"{info.get('gpu', 'CPU')}, driver {info.get('driver', '-')}, DALI {info['dali']}, torch {info['torch']}"
              f", CUDA {info['cuda']}, {info['cores']} cores",
              "", "| path | clips/s | ms per clip | decoded frames/s | NVDEC % | SM % | CPU % |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['name']} | {r['error'] if r['error'].startswith('not measured') else 'failed: ' + r['error']}"
+                         " | | | | | |")
         elif "step_alone_clips_per_s" in r:
             lines.append(f"| {r['name']} | {r['clips_per_s']:.1f} (step alone {r['step_alone_clips_per_s']:.1f}, "
                          f"data wait {r['data_wait_share']:.1%}) | | | {fmt(r['nvdec_pct'], '.0f')} | "
@@ -362,10 +477,7 @@ def bench(args: BenchGpuConfig) -> List[Dict]:
             lines.append(f"| {r['name']} | {r['clips_per_s']:.1f} | {r['ms_per_clip']:.1f} | "
                          f"{r['decoded_frames_per_s']:.0f} | {fmt(r['nvdec_pct'], '.0f')} | "
                          f"{fmt(r['sm_pct'], '.0f')} | {r['cpu_pct']:.0f} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    (out / "table.md").write_text(table + "\n")
-    return rows
+    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,11 +1,19 @@
-"""The loader benchmarks run end to end on this machine: `make bench-loader` (small inputs) and `make bench-gpu`'s
-CPU smoke mode, the same script a GPU session runs."""
+"""The benchmarks run end to end on this machine: `make bench-loader` (small inputs), `make gpu-check`'s CPU smoke
+mode (the same script a GPU session runs: the GPU tests, bench-gpu, bench-train) and `make bench-remote`."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
@@ -30,21 +38,87 @@ def test_bench_loader_rows(tmp_path):
     assert (sets["today"]["size"], sets["stepped"]["size"]) == ("192x108", "176x96")  # whole macroblocks
 
 
-@pytest.mark.slow
-def test_bench_gpu_smoke_writes_every_row_as_it_goes(tmp_path):
-    from benchmarks.bench_gpu import main
+@pytest.fixture(scope="module")
+def gpu_cache(tmp_path_factory):
+    """bench_gpu's inputs and shard sets, made by the first smoke run and reused by the next."""
+    return tmp_path_factory.mktemp("bench-gpu-cache")
 
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_step_and_writes_each_row_as_it_goes(tmp_path, gpu_cache):
+    """`make gpu-check ARGS=smoke`: the GPU session's one script, on the CPU with tiny settings. Versions first,
+    then every step in order with its outcome; bench-gpu's rows (the GPU-only ones saying why they were not
+    measured), bench-train's rows with the bounded largest-batch search."""
     out = tmp_path / "out"
-    assert main(["smoke=true", f"out={out}", f"cache={tmp_path / 'cache'}", "batches=2", "train_steps=2"]) == 0
-    rows = [json.loads(ln) for ln in (out / "rows.jsonl").read_text().splitlines()]
-    assert [r["name"] for r in rows] == [
-        "decoders.video cpu, VP9", "joint loop: decoders.video cpu, VP9 -> ViT-tiny/16 step",
-        "decoders.image_slice cpu, JPEG 160x120, batch 8",
-        "joint loop: decoders.image_slice cpu, JPEG 160x120, batch 8 -> I-JEPA ViT-tiny/8 step"]
-    assert all("error" not in r and r["clips_per_s"] > 0 for r in rows)
-    assert rows[0]["decoded_frames_per_s"] > 0 and 0 <= rows[1]["data_wait_share"] < 1
-    assert "| decoders.video cpu, VP9 |" in (out / "table.md").read_text()
-    assert json.loads((out / "versions.json").read_text())["dali"]
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "smoke"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=1500, env={**os.environ, "OUT": str(out), "PY": sys.executable,
+                                                        "CACHE": str(gpu_cache)})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    versions = (out / "versions.txt").read_text()
+    assert f"torch {torch.__version__}" in versions and "nvidia.dali 2." in versions
+    steps = [ln.split("\t") for ln in (out / "steps.tsv").read_text().splitlines()]
+    assert [(name, what) for name, what, _ in steps] == [("tests", "ok"), ("bench-gpu", "ok"), ("bench-train", "ok")]
+    assert "skipped" in (out / "tests.txt").read_text()  # no GPU here: the GPU tests skip, and say so
+
+    bench = out / "bench-gpu"
+    first, *rows = [json.loads(ln) for ln in (bench / "rows.jsonl").read_text().splitlines()]
+    assert first["versions"]["dali"] and first["versions"]["torch"] == torch.__version__  # before any row
+    gpu_only = ["decoders.video mixed, H.264", "decoders.video mixed, VP9",
+                "readers.video gpu (legacy), H.264, 4 pipelines", "PyNvVideoCodec, H.264, 8 threads"]
+    measured = ["decoders.video cpu, VP9", "joint loop: decoders.video cpu, VP9 -> ViT-tiny/16 step",
+                "decoders.image_slice cpu, JPEG 160x120, batch 8",
+                "joint loop: decoders.image_slice cpu, JPEG 160x120, batch 8 -> I-JEPA ViT-tiny/8 step"]
+    assert sorted(r["name"] for r in rows) == sorted(gpu_only + measured)
+    by_name = {r["name"]: r for r in rows}
+    assert all(by_name[n]["error"] == "not measured: needs a GPU (smoke run)" for n in gpu_only)
+    assert all("error" not in by_name[n] and by_name[n]["clips_per_s"] > 0 for n in measured)
+    assert by_name[measured[0]]["decoded_frames_per_s"] > 0 and 0 <= by_name[measured[1]]["data_wait_share"] < 1
+    table = (bench / "table.md").read_text()
+    assert "| decoders.video cpu, VP9 |" in table and "| PyNvVideoCodec, H.264, 8 threads | not measured" in table
+    assert json.loads((bench / "versions.json").read_text())["dali"]
+
+    train = json.loads((out / "bench-train.json").read_text())
+    assert [(r["size"], r["max_batch"], r["max_batch_exact"]) for r in train["rows"]] == [("tiny", 4, True)]
+    assert train["rows"][0]["clips_per_second"] > 0 and train["machine"]["torch"] == torch.__version__
+
+
+@pytest.mark.slow
+def test_bench_gpu_keeps_going_when_a_row_or_its_inputs_fail(tmp_path, monkeypatch, gpu_cache):
+    """A row whose inputs cannot be made, or whose code raises an exception without a message, is a failed row
+    with its reason; the rows after it are still measured, and the NVML sampler's death is a column note."""
+    import benchmarks.bench_gpu as bg
+
+    def no_images(*a, **k):
+        raise RuntimeError()  # an empty message
+
+    monkeypatch.setattr(bg, "image_set", no_images)
+    out = tmp_path / "out"
+    assert bg.main(["smoke=true", f"out={out}", f"cache={gpu_cache}", "batches=1", "train_steps=1"]) == 0
+    rows = {r.get("name"): r for r in map(json.loads, (out / "rows.jsonl").read_text().splitlines())}
+    assert rows["decoders.image_slice cpu, JPEG 160x120, batch 8"]["error"] == "RuntimeError"
+    assert rows["decoders.video cpu, VP9"]["clips_per_s"] > 0  # the video rows did not depend on it
+    assert "failed: RuntimeError" in (out / "table.md").read_text()
+
+    class DyingNvml:  # samples once, then fails: the row keeps its clips/s and says why NVML's columns are short
+        calls = 0
+
+        def nvmlDeviceGetDecoderUtilization(self, handle):
+            DyingNvml.calls += 1
+            if DyingNvml.calls > 1:
+                raise OSError("NVML went away")
+            return (50, 200000)
+
+        def nvmlDeviceGetUtilizationRates(self, handle):
+            return type("U", (), {"gpu": 90})()
+
+    use = bg.Usage(torch.device("cpu"))
+    use.nvml, use.handle = DyingNvml(), None
+    with use:
+        deadline = time.monotonic() + 60
+        while use.error is None and time.monotonic() < deadline:  # the sampler polls every 0.2 s
+            time.sleep(0.05)
+    cols = use.columns()
+    assert cols["nvdec_pct"] == 50 and cols["nvml_error"] == "OSError: NVML went away"
 
 
 @pytest.mark.slow
