@@ -2,17 +2,19 @@
 model size.
 
     python -m benchmarks.bench_train [sizes=[base,large,huge]] [batch=24] [steps=20] [warmup=3] [img=224]
-        [frames=16] [amp=auto|bf16|off] [max_batch=true] [train_config=YAML] [train=[key=value,...]] [--json FILE]
+        [frames=16] [amp=auto|bf16|off] [max_batch=true] [max_batch_tries=8] [max_batch_limit=1024]
+        [train_config=YAML] [train=[key=value,...]] [--json FILE]
 
 Times `train.step.train_step` (forward, backward, clipping, fused AdamW, EMA, the device-side NaN guard) exactly
 as the trainer runs it, on random clips and masks drawn with the configured mask types: the timed steps are
 queued back to back and read once at the end, as the trainer reads them every `log_every` steps. Per size: step
 time, clips/s, MFU, peak device memory, the first step's time (torch.compile's included with
-train=[compile=true]), and what the collapse signals (train/signals.py) add to a logged step; with max_batch
-(CUDA), the largest batch per GPU that fits. MFU = model FLOPs per second / the matrix-multiply rate measured on
+train=[compile=true]), and what the collapse signals (train/signals.py) add to a logged step; with max_batch,
+the largest batch per GPU that fits, searched on one built model per size in at most `max_batch_tries` tries of
+two steps up to `max_batch_limit` (a bound, ">= N", when the tries end first; on the CPU only the limit stops it). MFU = model FLOPs per second / the matrix-multiply rate measured on
 this device in the same run (CPU: fp32 matmul; GPU: bf16 matmul), so it says how much of what this device can
-actually do the step uses. `--json FILE` (or json=FILE) also writes the rows. Under torchrun it measures the DDP
-step (rank 0 reports).
+actually do the step uses. `--json FILE` (or json=FILE) also writes the rows, rewritten after each row (a timeout
+keeps the rows measured before it). Under torchrun it measures the DDP step (rank 0 reports).
 
 Model FLOPs are counted analytically from each step's real token counts (`step_flops`): 2 x weights x tokens for
 every linear layer and the tubelet embedding, plus 4 N^2 D per attention layer (QK^T and AV); the target encoder
@@ -29,7 +31,7 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -38,6 +40,7 @@ import torch
 
 from common.cli import main_for
 from common.config import check, load_config
+from common.files import atomic_write
 from model.config import VIT_SIZES, ModelConfig
 from pipeline.masks import sample_masks
 from train import dist
@@ -102,7 +105,9 @@ class BenchTrainConfig:
     amp: str = ""  # auto | bf16 | off
     steps: int = 20  # timed steps
     warmup: int = 3  # untimed steps before them (the first one compiles with compile=true)
-    max_batch: bool = False  # CUDA: also find the largest batch per GPU that fits, per size (a few steps per try)
+    max_batch: bool = False  # also find the largest batch per GPU that fits, per size (two steps per try)
+    max_batch_tries: int = 8  # tries of the search per size (doubling from `batch`, then bisection)
+    max_batch_limit: int = 1024  # never try more clips per GPU than this (on the CPU: the only stop)
     json: str = ""  # also write the rows as JSON here (`--json FILE` works too)
 
     def validate(self) -> None:
@@ -110,6 +115,8 @@ class BenchTrainConfig:
             check(size in VIT_SIZES, f"sizes.{i}", f"{size!r} is not one of {sorted(VIT_SIZES)}")
         check(self.amp in ("", "auto", "bf16", "off"), "amp", "must be auto, bf16 or off")
         check(self.steps >= 1 and self.warmup >= 1, "steps", "steps >= 1 and warmup >= 1")
+        check(self.max_batch_tries >= 1 and self.max_batch_limit >= 1, "max_batch_tries",
+              "max_batch_tries >= 1 and max_batch_limit >= 1")
 
 
 def train_config(args: BenchTrainConfig, size: str = "", batch: int = 0) -> TrainConfig:
@@ -210,7 +217,8 @@ def timed(fn, device: torch.device, reps: int = 10) -> float:
 
 def update_seconds(parts, device: torch.device) -> Dict[str, float]:
     """The step's weight updates against what they replaced, on this size's parameters and gradients: AdamW fused
-    vs foreach (both built here, on copies of the weights), the EMA as one lerp vs two passes (mul, add)."""
+    vs foreach (both built here, on copies of the weights); the EMA as the step runs it (its weights on the device:
+    no host read) vs one lerp with a host weight (what it would need to be one pass without a host sync)."""
     out = {}
     model = parts.model
     for kind in ("fused", "foreach"):
@@ -223,13 +231,9 @@ def update_seconds(parts, device: torch.device) -> Dict[str, float]:
         del params, opt
     tgt = [p.detach().clone() for p in model.target_encoder.parameters()]
     src = [p.detach() for p in model.encoder.parameters()]
-
-    def two_pass():
-        torch._foreach_mul_(tgt, 0.999)
-        torch._foreach_add_(tgt, src, alpha=0.001)
-
+    keep = torch.zeros((), device=device)
+    out["ema_seconds"] = timed(lambda: model.ema_update(0.999, skip=keep), device)
     out["ema_lerp_seconds"] = timed(lambda: torch._foreach_lerp_(tgt, src, 0.001), device)
-    out["ema_two_pass_seconds"] = timed(two_pass, device)
     return out
 
 
@@ -239,33 +243,55 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def fits(args: BenchTrainConfig, size: str, batch: int, env: dist.DistEnv) -> bool:
-    """Two steps of ViT-`size` at `batch` clips run without running out of device memory."""
-    cfg = train_config(args, size, batch)
-    parts = batches = None
+def fits(parts, cfg: TrainConfig, batch: int, device: torch.device) -> bool:
+    """Two steps of the built model at `batch` clips run without running out of device memory."""
+    cfg = replace(cfg, data=replace(cfg.data, batch_size=batch))
+    batches = None
     try:
-        parts = build(cfg, env)
-        batches = synthetic_batches(cfg, env.device, 2)
+        batches = synthetic_batches(cfg, device, 2)
         for i, b in enumerate(batches):
             train_step(parts, b, i + 1)
-        sync(env.device)
+        sync(device)
         return True
     except torch.OutOfMemoryError:
         return False
     finally:
-        del parts, batches
+        del batches
+        parts.optimizer.zero_grad(set_to_none=True)
+        free_memory(device)
+
+
+def largest_batch(args: BenchTrainConfig, cfg: TrainConfig, env: dist.DistEnv) -> Tuple[int, bool]:
+    """(largest batch per GPU that fits, exact): doubling from the config's batch, then bisection, on one built
+    model, in at most `max_batch_tries` tries and never above `max_batch_limit`. exact is False when the tries
+    ran out first: the batch is then a lower bound."""
+    parts = build(cfg, env)
+    tries = [0]
+
+    def fits_(batch: int) -> bool:
+        tries[0] += 1
+        return fits(parts, cfg, batch, env.device)
+
+    try:
+        lo, hi = 0, None  # the largest batch known to fit, the smallest known not to
+        batch = min(max(cfg.data.batch_size, 1), args.max_batch_limit)
+        while tries[0] < args.max_batch_tries:
+            if fits_(batch):
+                lo = batch
+                if lo == args.max_batch_limit:
+                    return lo, True  # as much as asked for
+            else:
+                hi = batch
+            if hi is None:
+                batch = min(2 * lo, args.max_batch_limit)
+            elif hi - lo <= 1:
+                return lo, True
+            else:
+                batch = (lo + hi) // 2
+        return lo, False
+    finally:
+        del parts
         free_memory(env.device)
-
-
-def largest_batch(args: BenchTrainConfig, size: str, env: dist.DistEnv, start: int) -> int:
-    """The largest batch per GPU that fits (0: not even one clip): doubling from `start`, then bisection."""
-    lo, hi = 0, max(start, 1)
-    while fits(args, size, hi, env):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(args, size, mid, env) else (lo, mid)
-    return lo
 
 
 def bench(args: BenchTrainConfig) -> List[Dict]:
@@ -274,27 +300,27 @@ def bench(args: BenchTrainConfig) -> List[Dict]:
     rows: List[Dict] = []
     try:
         peak, peak_what = matmul_rate(env.device)
+        device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else (
+            platform.processor() or platform.machine())
+        machine = {"device": f"{env.device.type}: {device_name}", "threads": torch.get_num_threads(),
+                   "torch": torch.__version__, "cuda": torch.version.cuda, "matmul_flops_per_second": peak,
+                   "matmul": peak_what}
         for size in args.sizes or [base.model.size]:
             cfg = train_config(args, size)
             row = measure(args, cfg, env)
             row["mfu"] = row["achieved_flops_per_second"] / peak
-            if args.max_batch and env.device.type == "cuda":
-                row["max_batch"] = largest_batch(args, size, env, cfg.data.batch_size)
+            if args.max_batch:
+                row["max_batch"], row["max_batch_exact"] = largest_batch(args, cfg, env)
             rows.append(row)
             if env.is_main:
                 print_row(row, cfg, peak, peak_what)
+                if args.json:  # after every row: a timeout keeps what was measured
+                    atomic_write(args.json, json.dumps({"machine": machine, "rows": rows}, indent=2))
     finally:
         dist.cleanup()
-    device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else (
-        platform.processor() or platform.machine())
-    machine = {"device": f"{env.device.type}: {device_name}", "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "cuda": torch.version.cuda, "matmul_flops_per_second": peak,
-               "matmul": peak_what}
     if env.is_main:
         print_table(rows, machine)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"machine": machine, "rows": rows}, f, indent=2)
             print(f"wrote {args.json}")
     return rows
 
@@ -323,12 +349,16 @@ def print_row(r: Dict, cfg: TrainConfig, peak: float, peak_what: str) -> None:
     ]
     lines.append(("AdamW step", f"fused {1000 * r['adamw_fused_seconds']:.1f} ms, foreach "
                                 f"{1000 * r['adamw_foreach_seconds']:.1f} ms"))
-    lines.append(("EMA", f"one lerp {1000 * r['ema_lerp_seconds']:.1f} ms, two passes "
-                         f"{1000 * r['ema_two_pass_seconds']:.1f} ms"))
+    lines.append(("EMA", f"as the step runs it {1000 * r['ema_seconds']:.1f} ms (one lerp with a host weight: "
+                         f"{1000 * r['ema_lerp_seconds']:.1f} ms)"))
     if "max_batch" in r:
-        lines.append(("largest batch that fits", str(r["max_batch"])))
+        lines.append(("largest batch that fits", max_batch_text(r)))
     for k, v in lines:
         print(f"  {k:<28} {v}")
+
+
+def max_batch_text(r: Dict) -> str:
+    return "-" if "max_batch" not in r else f"{'' if r['max_batch_exact'] else '>= '}{r['max_batch']}"
 
 
 def gib(n: Optional[int]) -> str:
@@ -344,7 +374,7 @@ def print_table(rows: List[Dict], machine: Dict) -> None:
     for r in rows:
         print(f"| ViT-{r['size']} | {r['batch']} | {r['step_seconds_mean']:.3f} s | {r['clips_per_second']:.1f} | "
               f"{r['mfu']:.1%} | {gib(r['peak_memory_bytes'])} | {r['first_step_seconds']:.1f} s | "
-              f"{r.get('max_batch', '-')} |")
+              f"{max_batch_text(r)} |")
 
 
 def signals_seconds(parts, batch, device: torch.device, reps: int = 5) -> float:

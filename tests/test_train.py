@@ -899,6 +899,51 @@ def test_bench_train_runs(tmp_path):
     assert result["rows"][1]["params_encoder"] == 21_884_544  # ViT-small: the golden count
 
 
+def test_the_largest_batch_search_is_bounded_and_builds_the_model_once(monkeypatch):
+    """Doubling then bisection on one built model, within max_batch_tries tries and max_batch_limit clips: exact
+    when it converges, a lower bound (exact False) when the tries end first."""
+    import benchmarks.bench_train as bt
+
+    builds, tried = [], []
+    monkeypatch.setattr(bt, "build", lambda cfg, env: builds.append(1) or "parts")
+    monkeypatch.setattr(bt, "fits", lambda parts, cfg, batch, device: tried.append(batch) or batch <= 37)
+    env = dist.init("cpu")
+
+    def search(**kw):
+        builds.clear(), tried.clear()
+        args = bt.BenchTrainConfig(max_batch=True, **kw)
+        return bt.largest_batch(args, bt.train_config(args, "tiny", 16), env)
+
+    assert search(max_batch_tries=20) == (37, True) and builds == [1]
+    assert tried == [16, 32, 64, 48, 40, 36, 38, 37]  # doubling from the config's batch, then bisection
+    assert search(max_batch_tries=4) == (32, False)  # ran out of tries: a lower bound
+    assert search(max_batch_limit=20) == (20, True) and tried == [16, 20]  # as much as asked for
+    monkeypatch.setattr(bt, "fits", lambda parts, cfg, batch, device: tried.append(batch) or False)
+    assert search() == (0, True) and tried == [16, 8, 4, 2, 1]  # not even one clip
+
+
+@pytest.mark.slow
+def test_bench_train_writes_each_row_as_it_is_measured(tmp_path, monkeypatch):
+    """--json is rewritten after every row: a size that fails (or a timeout) keeps the rows before it; the
+    largest-batch search runs on the CPU up to its limit."""
+    import benchmarks.bench_train as bt
+
+    real, out = bt.measure, tmp_path / "rows.json"
+
+    def measure(args, cfg, env):
+        if cfg.model.size == "small":
+            raise RuntimeError("killed")
+        return real(args, cfg, env)
+
+    monkeypatch.setattr(bt, "measure", measure)
+    with pytest.raises(RuntimeError, match="killed"):
+        bt.bench(bt.BenchTrainConfig(sizes=["tiny", "small"], batch=2, img=32, frames=4, steps=1, warmup=1,
+                                     max_batch=True, max_batch_limit=4, json=str(out),
+                                     train=["device=cpu", "model.predictor_depth=2"]))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["size"], r["max_batch"], r["max_batch_exact"]) for r in rows] == [("tiny", 4, True)]
+
+
 def test_gradients_are_clipped_only_after_clip_start(monkeypatch):
     """As the reference: no clipping through its warm-up epochs, then every step (ViT-L: from iteration 12,300)."""
     from types import SimpleNamespace
