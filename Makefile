@@ -1,8 +1,15 @@
 # tubelet: two commands on a fresh machine: `make demo` and `make test`. Every target sets itself up.
 SHELL := /bin/bash
-PYTHON ?= python3
+PYTHON ?= $(shell command -v python3 || command -v python)
 VENV := .venv
+# SETUP= skips the install step on a host that has the packages but no package index (a GPU host with the DALI
+# bundle on PYTHONPATH: make gpu-check SETUP=); then the targets run with that host's python3 (or python).
+SETUP ?= setup
+ifeq ($(strip $(SETUP)),)
+PY ?= $(PYTHON)
+else
 PY := $(VENV)/bin/python
+endif
 # torch: the CPU build here; on a GPU machine `make setup TORCH=torch` (or a pinned CUDA build).
 TORCH ?= torch==2.13.0
 # DALI flavour follows the CUDA major version: DALI=nvidia-dali-cuda120 on CUDA 12.
@@ -10,11 +17,11 @@ DALI ?= nvidia-dali-cuda130
 STAMP := $(VENV)/.tubelet-setup
 ARGS ?=
 
-.PHONY: setup ffmpeg-tool prometheus-tool sample shards sample-shards train probe proof test test-fast demo-images bench-shards bench-loader bench-gpu bench-remote \
-	bench-train monitor demo clean help
+.PHONY: setup ffmpeg-tool prometheus-tool sample shards sample-shards train probe proof test test-fast test-gpu gpu-check \
+	demo-images bench-shards bench-loader bench-gpu bench-remote bench-train monitor demo clean help
 
 help:
-	@echo "make setup | demo | demo-images | test | test-fast | sample | shards | train | probe | proof | monitor | bench-shards | bench-loader | bench-train | bench-gpu | bench-remote   (ARGS='key=value ...'; ARGS=--help lists the keys)"
+	@echo "make setup | demo | demo-images | test | test-fast | test-gpu | gpu-check | sample | shards | train | probe | proof | monitor | bench-shards | bench-loader | bench-train | bench-gpu | bench-remote   (ARGS='key=value ...'; ARGS=--help lists the keys; SETUP= skips the install)"
 
 setup: $(STAMP)
 
@@ -36,16 +43,16 @@ prometheus-tool:
 		&& command -v amtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install \
 		-y -qq --no-install-recommends prometheus prometheus-alertmanager >/dev/null; }
 
-sample: setup
+sample: $(SETUP)
 	$(PY) -m shards.synthetic.generate out=data/sample $(ARGS)
 
 # No ARGS: shards the built-in sample (generated if absent) into data/shards/sample/.
-shards: setup
+shards: $(SETUP)
 	$(PY) -m shards.make_shards --config configs/shards.yaml $(ARGS)
 
 # The built-in sample's shard set, for the targets that train on it: resumes or checks it (seconds once it is
 # complete). Their ARGS are their own, never passed to make shards.
-sample-shards: setup
+sample-shards: $(SETUP)
 	$(PY) -m shards.make_shards --config configs/shards.yaml
 
 # ViT-tiny on the built-in sample (data/shards/sample); a few minutes on 2 CPU cores. Rerunning resumes runs/cpu.
@@ -53,39 +60,50 @@ train: sample-shards
 	$(PY) -m train.trainer --config configs/train/cpu.yaml $(ARGS)
 
 # Frozen attentive probe of a checkpoint: make probe ARGS="checkpoint=runs/cpu/checkpoints/ckpt-00000300.pt"
-probe: setup
+probe: $(SETUP)
 	$(PY) -m train.probe --config configs/probe/cpu.yaml $(ARGS)
 
 # The learning proof: pretrain on a rendered task, probe it and random weights, with a longer-probe control
 # (a smoke run on the CPU; on a GPU: make proof ARGS="device=cuda budget_s=360 seeds=[0,1,2]").
-proof: setup
+proof: $(SETUP)
 	$(PY) -m research.learning_proof $(ARGS)
 
-# Everything (CPU; real DALI, video, multi-process DDP and Prometheus): about 9 minutes on 2 cores (GPU checks: pytest -m gpu on a GPU host).
-test: setup prometheus-tool
+# Everything (CPU; real DALI, video, multi-process DDP and Prometheus): about 9 minutes on 2 cores (GPU checks: make test-gpu).
+test: $(SETUP) prometheus-tool
 	$(PY) -m pytest -q $(ARGS)
 
 # The suite without the long integration tests (marked `slow`): under a minute on 2 cores, for the edit loop.
-test-fast: setup prometheus-tool
+test-fast: $(SETUP) prometheus-tool
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-bench-shards: setup ffmpeg-tool
+bench-shards: $(SETUP) ffmpeg-tool
 	$(PY) -m benchmarks.bench_shards $(ARGS)
 
-bench-train: setup
+bench-train: $(SETUP)
 	$(PY) -m benchmarks.bench_train $(ARGS)
 
-bench-loader: setup
+bench-loader: $(SETUP)
 	$(PY) -m benchmarks.bench_loader $(ARGS)
 
-# One GPU: the decode paths and the best loader feeding a ViT-L/16 step, under 8 minutes (a GPU host without a
-# package index: PYTHONPATH=... python -m benchmarks.bench_gpu out=DIR). ARGS=smoke=true runs it on the CPU.
-bench-gpu: setup
+# One GPU: the decode paths and the best loader feeding a ViT-L/16 step, about 4 minutes (a GPU host without a
+# package index: make bench-gpu SETUP= ARGS=out=DIR). ARGS=smoke=true runs it on the CPU.
+bench-gpu: $(SETUP)
 	$(PY) -m benchmarks.bench_gpu $(ARGS)
+
+# The checks that need a CUDA GPU, on shard sets of their own (skipped without a GPU).
+test-gpu: $(SETUP)
+	$(PY) -m pytest -q -m gpu tests/test_gpu.py $(ARGS)
+
+# Everything a GPU session owes in one call, under 9 minutes on one H100/H200: the GPU tests, bench-gpu, bench-train
+# ViT-B/L/H eager with the largest batch of each, ViT-L compiled; each step bounded, every row in OUT as measured.
+# On the GPU host: make gpu-check SETUP= OUT=DIR. ARGS=smoke runs the same steps on the CPU, tiny.
+OUT ?= runs/gpu-check
+gpu-check: $(SETUP)
+	OUT=$(OUT) PY=$(PY) bash benchmarks/gpu_check.sh $(ARGS)
 
 # One epoch from a local S3 server (moto) through a cache a tenth of the set, against local disk; kill -9 resume;
 # shuffle quality of the window order. A few minutes the first time (inputs and shards are made once).
-bench-remote: setup
+bench-remote: $(SETUP)
 	$(PY) -m benchmarks.bench_remote $(ARGS)
 
 # Prometheus on 127.0.0.1:9090 scraping local training (ranks on 127.0.0.1:19400..19407) and sharding
@@ -99,7 +117,7 @@ demo: sample-shards
 		optim.warmup_steps=10 checkpoint.every_steps=30 $(ARGS)
 
 # I-JEPA on the built-in image sample (generated and sharded on first use), then I-JEPA's linear probe of it.
-demo-images: setup
+demo-images: $(SETUP)
 	$(PY) -m shards.make_shards --config configs/shards_images.yaml
 	$(PY) -m train.trainer --config configs/train/ijepa_cpu.yaml run_dir=runs/demo-images schedule.total_steps=100 \
 		optim.warmup_steps=10 checkpoint.every_steps=50 $(ARGS)
