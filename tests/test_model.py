@@ -456,9 +456,10 @@ def test_the_ema_update_never_reads_the_skip_flag_on_the_host():
     from host_sync import NoHostSync
 
     model = tiny_vjepa(0)
+    go, skip = torch.tensor(0.0), torch.tensor(1.0)
     with NoHostSync():
-        model.ema_update(0.99, skip=torch.tensor(0.0))
-        model.ema_update(0.99, skip=torch.tensor(1.0))
+        model.ema_update(0.99, skip=go)
+        model.ema_update(0.99, skip=skip)
 
 
 def test_param_groups():
