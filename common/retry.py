@@ -45,6 +45,11 @@ def is_transient(e: BaseException) -> bool:
     return type(e).__module__.split(".")[0] in _NETWORK_MODULES
 
 
+def backoff(seconds: float) -> None:
+    """The wait between two tries (one place: tests replace it to see whether a call was retried)."""
+    time.sleep(seconds)
+
+
 @dataclass
 class RetryPolicy:
     attempts: int = 6  # tries in all, the first included
@@ -76,5 +81,5 @@ class RetryPolicy:
                             self.attempts, delay)
                 if on_retry is not None:
                     on_retry(e)
-                time.sleep(delay)
+                backoff(delay)
         raise AssertionError("unreachable")

@@ -263,10 +263,7 @@ def test_nvml_series_in_base_units_for_the_ranks_gpu(monkeypatch):
     m = prom.PrometheusMetrics(cfg(nvml_interval=0.05), rank=9, local_rank=1, run="r")
     try:
         first = fake.calls
-        deadline = time.monotonic() + 10
-        while fake.calls < first + 2 and time.monotonic() < deadline:  # the thread samples every 0.05 s
-            time.sleep(0.01)
-        assert fake.calls >= first + 2
+        assert wait_for(lambda: fake.calls >= first + 2, 60, poll=0.01)  # the thread samples every 0.05 s
         text = scrape(m.url)
     finally:
         m.close()
@@ -328,21 +325,22 @@ def test_build_metrics_picks_the_backend():
 def test_the_final_state_is_scraped_before_close_returns():
     """close() marks the run as no longer running and, when something scrapes the endpoint, waits for one more
     scrape: Prometheus sees how the run ended (here a non-finite stop)."""
-    with exporter(nvml=False, final_scrape_s=20.0) as m:  # nobody ever scraped: close() does not wait
+    with exporter(nvml=False, final_scrape_s=60.0) as m:  # nobody ever scraped: close() does not wait
         m.nonfinite(7, "stop")
         t0 = time.monotonic()
         m.close()
-        assert time.monotonic() - t0 < 1
-    m = prom.PrometheusMetrics(cfg(nvml=False, final_scrape_s=20.0), rank=0, local_rank=0, run="r")
+        assert time.monotonic() - t0 < 30  # a wait would take the whole 60 s
+    m = prom.PrometheusMetrics(cfg(nvml=False, final_scrape_s=120.0), rank=0, local_rank=0, run="r")
     m.started(0, 0, 600)
     assert families(scrape(m.url))["tubelet_train_running"].samples[0].value == 1  # a Prometheus is watching
     m.nonfinite(7, "stop")
     closer = threading.Thread(target=m.close)
     closer.start()
-    time.sleep(0.3)
+    # close() first marks the end (running 0), then waits: once it has, it must still be waiting for the scrape
+    assert wait_for(lambda: m.running._value.get() == 0, 60, poll=0.01)
     assert closer.is_alive()  # waits for the next scrape...
     fams = families(scrape(m.url))
-    closer.join(timeout=5)
+    closer.join(timeout=60)
     assert not closer.is_alive()  # ...and returns once it came
     stop = fams["tubelet_train_nonfinite_stop"].samples[0]
     assert stop.value == 1 and stop.labels == {"rank": "0", "run": "r"}
@@ -567,9 +565,10 @@ class Prometheus:
         wait_ready(self.url + "/-/ready", self.proc, tmp / "prometheus.log")
         # targets reach the scrape loop a few seconds after start (service discovery sends its first update then)
         want = len(targets) + len(shards)
-        deadline = time.monotonic() + 20
-        while len(self.api("targets")["activeTargets"]) < want and time.monotonic() < deadline:
-            time.sleep(0.2)
+        if not wait_for(lambda: len(self.api("targets")["activeTargets"]) >= want, 90, poll=0.2):
+            self.close()
+            raise RuntimeError(f"Prometheus has not taken its {want} targets after 90 s: "
+                               f"{(tmp / 'prometheus.log').read_text()[-2000:]}")
 
     def api(self, path: str, **params) -> dict:
         url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
@@ -726,6 +725,21 @@ def test_dashboards_and_rules_on_a_torchrun_training_run(tmp_path, small_shards)
         p.close()
 
 
+def rules_evaluated_after(p: Prometheus, t: float) -> bool:
+    """Every rule group of `p` has been evaluated after time `t` (seconds since the epoch)."""
+    import calendar
+    import re
+
+    groups = p.api("rules")["groups"]
+    times = []
+    for g in groups:  # lastEvaluation: RFC 3339 in UTC, nanoseconds ("0001-01-01T00:00:00Z" before the first)
+        m = re.match(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(\.\d+)?Z", g.get("lastEvaluation", ""))
+        if not m:
+            return False
+        times.append(calendar.timegm(tuple(int(x) for x in m.groups()[:6])) + float(m.group(7) or 0))
+    return bool(groups) and min(times) > t
+
+
 def firing(p: Prometheus, name: str) -> list:
     return [a["labels"] for a in p.api("alerts")["alerts"] if a["labels"]["alertname"] == name and a["state"] == "firing"]
 
@@ -770,19 +784,19 @@ def test_a_nan_stop_reaches_prometheus_fires_its_alerts_and_reaches_the_webhook(
     try:
         assert job.wait(timeout=150) != 0, log.read_text()[-3000:]
         assert "non-finite loss or gradient at step 3" in log.read_text()
-        stopped = wait_for(lambda: firing(p, "TubeletNonFiniteStop"), 15)
+        stopped = wait_for(lambda: firing(p, "TubeletNonFiniteStop"), 60)
         assert stopped, log.read_text()[-3000:]
         assert {a["rank"] for a in stopped} <= {"0", "1"} and all(a["severity"] == "critical" for a in stopped)
         assert all(a["run"] == "run" for a in stopped)  # the run's identity: its folder's name
-        lost = wait_for(lambda: firing(p, "TubeletRunEndedWithoutCheckpoint"), 15)
+        lost = wait_for(lambda: firing(p, "TubeletRunEndedWithoutCheckpoint"), 60)
         assert [(a["run"], a["rank"]) for a in lost] == [("run", "0")], lost
         # the job is gone: every target's `up` is 0 once a scrape after its exit has failed (1 s interval; a
         # query right after the alerts could land between the exit and that scrape)
-        gone = wait_for(lambda: p.query("up", time.time()) and not p.query("up == 1", time.time()), 15)
+        gone = wait_for(lambda: p.query("up", time.time()) and not p.query("up == 1", time.time()), 60)
         assert gone, p.query("up", time.time())
         assert not firing(p, "TubeletRankDown")  # it ended, it was not lost
         got = wait_for(lambda: {n for n, status, _ in hook.alerts() if status == "firing"}
-                       >= {"TubeletNonFiniteStop", "TubeletRunEndedWithoutCheckpoint"}, 20)
+                       >= {"TubeletNonFiniteStop", "TubeletRunEndedWithoutCheckpoint"}, 60)
         assert got, hook.alerts()
     finally:
         stop(job)
@@ -815,11 +829,11 @@ def test_a_frozen_and_a_killed_rank_alert_before_the_collective_timeout(tmp_path
         assert [(a["run"], a["rank"]) for a in stuck] == [("run", "1")], stuck
         assert time.monotonic() - frozen_at < 50  # before rank 1's collective gives up (60 s)
         notified = wait_for(lambda: [lab for n, st, lab in hook.alerts() if n == "TubeletRankDown" and st == "firing"],
-                            20)
+                            60)
         assert notified and notified[0]["run"] == "run" and notified[0]["rank"] == "0", hook.alerts()
         assert not [n for n, _, _ in hook.alerts() if n == "TubeletNoProgress"]  # inhibited by the down rank
         os.kill(pids[1], signal.SIGKILL)
-        both = wait_for(lambda: len(firing(p, "TubeletRankDown")) == 2, 30)
+        both = wait_for(lambda: len(firing(p, "TubeletRankDown")) == 2, 60)
         assert both, firing(p, "TubeletRankDown")
     finally:
         for pid in rank_pids(job).values():
@@ -847,7 +861,7 @@ def test_a_slow_loader_fires_the_data_stall_alert_and_the_end_of_the_run_is_scra
         job = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                env={**os.environ, "TUBELET_FAULT_SLOW_LOADER": "0.3"})
     try:
-        stall = wait_for(lambda: firing(p, "TubeletDataStall"), 60)
+        stall = wait_for(lambda: firing(p, "TubeletDataStall"), 120)
         assert stall and stall[0]["run"] == "slow", log.read_text()[-3000:]
         assert job.wait(timeout=150) == 0, log.read_text()[-3000:]
         at = time.time()
@@ -855,7 +869,9 @@ def test_a_slow_loader_fires_the_data_stall_alert_and_the_end_of_the_run_is_scra
                  for name in ("tubelet_train_step", "tubelet_train_checkpoint_step", "tubelet_train_running")}
         assert final == {"tubelet_train_step": [60.0], "tubelet_train_checkpoint_step": [60.0],
                          "tubelet_train_running": [0.0]}, final
-        time.sleep(4)  # the rules' shortened `for` and a few evaluations
+        # the alerts that must stay quiet had their chance: every rule was evaluated past the end plus their
+        # shortened `for` (3 s), twice
+        assert wait_for(lambda: rules_evaluated_after(p, at + 3 + 2), 60), p.api("rules")
         assert not firing(p, "TubeletRankDown") and not firing(p, "TubeletRunEndedWithoutCheckpoint")
     finally:
         stop(job)
@@ -863,45 +879,56 @@ def test_a_slow_loader_fires_the_data_stall_alert_and_the_end_of_the_run_is_scra
 
 
 @pytest.mark.slow
-def test_sharding_progress_reaches_prometheus_as_a_percentage_with_eta(tmp_path):
+def test_sharding_progress_reaches_prometheus_as_a_percentage_with_eta(tmp_path, monkeypatch):
     """make shards serving its progress, scraped by the real Prometheus: the expected total, the counts by
     result and by reason (present at 0 before the first reject), the progress and time-left rules and every
-    sharding panel; the end (running 0) is scraped before the job stops serving."""
+    sharding panel while the job runs; the end (running 0) is scraped before the job stops serving.
+
+    However busy the machine, the job is seen while it runs: halfway through, it waits (in its result handler)
+    until Prometheus shows it running with every sharding panel filled, or 120 s have passed."""
     import videos
     from common.config import load_config
     from shards.build import run as run_shards
     from shards.config import ShardsConfig
+    from shards.metrics import ShardsMetrics
 
     src = tmp_path / "in"
-    for i in range(16):  # enough work (several seconds) for a few scrapes while the job runs
+    for i in range(16):
         videos.write_video(src / f"v{i}.webm", "libvpx-vp9", 128, 96, 12, 48)
     videos.write_empty(src / "empty.mp4")
     port = free_ports(1)
     p = Prometheus(tmp_path, [f"127.0.0.1:{free_ports(1)}"], shards=[f"127.0.0.1:{port}"])
-    live = []  # times at which Prometheus had the running job's progress
+    panels = [(title, expr) for title, expr in dashboard_queries("tubelet", "", shards_run="set")
+              if "tubelet_shards" in expr and "eta" not in expr]  # time left: none once the rate is 0 at the end
+    live = {}  # when Prometheus had the running job's progress and panels, and what was still empty then
 
-    def watch():
-        while not live or live[-1] is not None:
-            if p.query('run:tubelet_shards_progress:ratio and on (run) tubelet_shards_running == 1', time.time()):
-                live.append(time.time())
-            time.sleep(0.3)
+    def missing_while_running() -> list:
+        at = time.time()
+        running = p.query('run:tubelet_shards_progress:ratio and on (run) tubelet_shards_running == 1', at)
+        missing = [] if running else ["the progress of a running job"]
+        missing += [f"panel {title!r}: {expr}" for title, expr in panels if not p.query(expr, at)]
+        live.update(at=at, missing=missing)
+        return missing
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
+    real_sample, sampled = ShardsMetrics.sample, []
+
+    def sample(self, *args):
+        real_sample(self, *args)
+        sampled.append(1)
+        if len(sampled) == 8:  # halfway: hold the job until Prometheus shows it running, every panel filled
+            wait_for(lambda: not missing_while_running(), 120)
+
+    monkeypatch.setattr(ShardsMetrics, "sample", sample)
     try:
         cfg = load_config(ShardsConfig, None, [f"inputs.train={src}", f"output={tmp_path / 'set'}", "workers=1",
                                                "progress=false", f"metrics_port={port}"])
-        try:
-            run_shards(cfg)
-        finally:
-            live.append(None)
-            watcher.join()
-        assert live[:-1], "Prometheus never saw the sharding job's progress while it ran"
+        run_shards(cfg)
+        assert live and not live["missing"], f"while the sharding job ran, Prometheus lacked: {live}"
         at = time.time()
 
         def last(expr: str) -> dict:
             return {tuple(sorted(r["metric"].items())): float(r["value"][1])
-                    for r in p.query(f"last_over_time({expr}[1m])", at)}
+                    for r in p.query(f"last_over_time({expr}[5m])", at)}
 
         assert list(last('tubelet_shards_videos_expected{run="set"}').values()) == [17.0]
         by_result = {dict(k)["result"]: v for k, v in last('tubelet_shards_videos_total{run="set"}').items()}
@@ -910,10 +937,6 @@ def test_sharding_progress_reaches_prometheus_as_a_percentage_with_eta(tmp_path)
         assert reasons["empty_file"] == 1.0 and reasons["truncated"] == 0.0  # every reason, from 0
         assert list(last('tubelet_shards_running{run="set"}').values()) == [0.0]  # the end was scraped
         assert sum(by_result.values()) == 17.0  # 100% at the end
-        assert not p.query('{__name__=~"tubelet_shards_.*_created"}', live[-2])  # no _created series
-        at_live = live[-2]
-        for title, expr in dashboard_queries("tubelet", "", shards_run="set"):
-            if "tubelet_shards" in expr and "eta" not in expr:  # time left: none once the rate is 0 at the end
-                assert p.query(expr, at_live), f"panel {title!r}: {expr} is empty while the job runs"
+        assert not p.query('{__name__=~"tubelet_shards_.*_created"}', live["at"])  # no _created series
     finally:
         p.close()
