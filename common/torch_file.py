@@ -1,4 +1,8 @@
-"""Reading the torch files tubelet writes (checkpoints, probe caches) without ever using a damaged one.
+"""Writing the torch files tubelet keeps (checkpoints, probe caches) atomically, and reading them without ever
+using a damaged one.
+
+`write_torch_file` leaves its path either absent or complete (a temp file in the same folder, fsync, rename; a full
+disk is a CheckpointError naming the path, the previous file kept).
 
 `torch.save` writes a zip archive whose members carry CRC-32s, but `torch.load` never checks them: a checkpoint
 with bytes flipped in the middle loads silently. `read_torch_file` checks every member's CRC first (about 1 GB/s),
@@ -8,13 +12,18 @@ remembered per (path, size, mtime) so retention can ask about the same files at 
 
 from __future__ import annotations
 
+import errno
 import functools
+import io
 import os
+import signal
 import zipfile
 from pathlib import Path
 from typing import Any, Union
 
 import torch
+
+from common.files import atomic_open
 
 PathLike = Union[str, Path]
 
@@ -65,3 +74,33 @@ def _intact(path: str, size: int, mtime_ns: int) -> bool:
         return True
     except (CheckpointError, OSError):
         return False
+
+
+def write_torch_file(path: PathLike, obj: Any, kill_midway: bool = False) -> Path:
+    """torch.save `obj` so that `path` is either absent or complete (`common.files.atomic_open`: temp file in the
+    same folder, fsync, rename, fsync the folder). A full disk is a CheckpointError that says so and names the
+    path; whatever `path` held before is left as it was.
+
+    kill_midway: fault injection (TUBELET_FAULT_KILL_IN_CKPT), SIGKILL this process after half of the
+    temp file is written and synced, as a node failure or OOM kill would.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_open(final) as f:
+            if kill_midway:
+                buf = io.BytesIO()
+                torch.save(obj, buf)
+                data = buf.getbuffer()
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            torch.save(obj, f)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as a RuntimeError
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
+            raise CheckpointError(f"no space left on device writing {final}; the checkpoints already in "
+                                  f"{final.parent} are kept. Free space there (or set checkpoint.dir) and "
+                                  "restart: the run resumes from the newest one") from None
+        raise
+    return final

@@ -28,7 +28,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.clips import LoaderStats
 from train import prometheus as prom
-from train.metrics import MetricsConfig, NullMetrics, StepStats, build_metrics
+from train.config import MetricsConfig
+from train.metrics import NullMetrics, build_metrics
+from train.step import StepStats
 
 ROOT = Path(__file__).resolve().parents[1]
 MON = ROOT / "configs" / "monitoring"
@@ -641,7 +643,9 @@ def check_dashboards_against(p: Prometheus, procs: list, ranks: list, timeout: f
 FEEDER = """
 import sys, time
 from pipeline.clips import LoaderStats
-from train.metrics import MetricsConfig, StepStats, build_metrics
+from train.config import MetricsConfig
+from train.metrics import build_metrics
+from train.step import StepStats
 rank, base, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 m = build_metrics(MetricsConfig(base_port=base, final_scrape_s=5), rank=rank, local_rank=rank, run="feeder")
 t_end, step = time.monotonic() + seconds, 0

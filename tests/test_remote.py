@@ -278,7 +278,8 @@ def test_cache_metrics_reach_the_loaders_endpoint(s3_set, tmp_path):
     import urllib.request
 
     from pipeline.loader import VideoLoader
-    from train.metrics import MetricsConfig, build_metrics
+    from train.config import MetricsConfig
+    from train.metrics import build_metrics
 
     metrics = build_metrics(MetricsConfig(base_port=0, nvml=False, final_scrape_s=0), rank=0, local_rank=0, run="r")
     try:

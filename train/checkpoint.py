@@ -11,20 +11,17 @@ containers only, never code):
                               and masks are pure functions of the loader state), kept so that stays true
     config                    the resolved TrainConfig as a plain dict
 
-Writing: rank 0 only; torch.save to a temp file in the same folder, flush, fsync, os.replace, fsync the folder,
-so a file under the final name is always complete. Reading: newest first, every file CRC-checked before it is
+Writing: rank 0 only, with `common.torch_file.write_torch_file` (a temp file in the same folder, flush, fsync,
+os.replace, fsync the folder), so a file under the final name is always complete. Reading: newest first, every file CRC-checked before it is
 unpickled (`common.torch_file`); a file that fails is reported and the next older one is tried. Damaged files
 are never a reason to start again from step 0, and never count towards `keep_last`.
 """
 
 from __future__ import annotations
 
-import errno
-import io
 import logging
 import os
 import re
-import signal
 import tempfile
 import threading
 import time
@@ -33,8 +30,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 
-from common.files import atomic_open
-from common.torch_file import CheckpointError, is_intact, read_torch_file
+from common.torch_file import CheckpointError, is_intact, read_torch_file, write_torch_file
 from train import dist
 
 if TYPE_CHECKING:
@@ -59,40 +55,10 @@ def list_checkpoints(folder: str | Path) -> List[Tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def save_atomic(path: str | Path, obj: Any, kill_midway: bool = False) -> Path:
-    """torch.save `obj` so that `path` is either absent or complete (`common.files.atomic_open`: temp file in the
-    same folder, fsync, rename, fsync the folder). A full disk is a CheckpointError that says so and names the
-    path; whatever `path` held before is left as it was.
-
-    kill_midway: fault injection (TUBELET_FAULT_KILL_IN_CKPT), SIGKILL this process after half of the
-    temp file is written and synced, as a node failure or OOM kill would.
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with atomic_open(final) as f:
-            if kill_midway:
-                buf = io.BytesIO()
-                torch.save(obj, buf)
-                data = buf.getbuffer()
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-                os.kill(os.getpid(), signal.SIGKILL)
-            torch.save(obj, f)
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as a RuntimeError
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
-            raise CheckpointError(f"no space left on device writing {final}; the checkpoints already in "
-                                  f"{final.parent} are kept. Free space there (or set checkpoint.dir) and "
-                                  "restart: the run resumes from the newest one") from None
-        raise
-    return final
-
-
 def save(folder: str | Path, step: int, state: Dict[str, Any], keep_last: int = 0,
          kill_midway: bool = False) -> Path:
     """Write `state` as the checkpoint of `step` atomically; then delete what retention no longer needs."""
-    final = save_atomic(path_for(folder, step), state, kill_midway)
+    final = write_torch_file(path_for(folder, step), state, kill_midway)
     _remove_stale(Path(folder), keep_last)
     return final
 

@@ -15,7 +15,24 @@ from typing import List
 from model.config import ModelConfig
 from common.config import check
 from pipeline.config import LoaderConfig
-from train.metrics import MetricsConfig
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = True
+    addr: str = "127.0.0.1"  # loopback unless told otherwise
+    base_port: int = 19400  # rank r serves on base_port + local_rank (not 9400: dcgm-exporter's)
+    run_id: str = ""  # the `run` label of every series; "" = the name of the run folder
+    nvml: bool = True  # GPU utilisation, NVDEC, memory, power through NVML; false next to dcgm-exporter
+    nvml_interval: float = 2.0  # seconds between NVML samples
+    # at exit, wait up to this long for one more scrape, so Prometheus sees how the run ended (its final step,
+    # checkpoint and stop state); only when something has scraped the endpoint before; 0 = do not wait
+    final_scrape_s: float = 30.0
+
+    def validate(self) -> None:
+        check(0 <= self.base_port <= 65535 - 64, "base_port", "must be a TCP port (0..65471)")
+        check(self.nvml_interval > 0, "nvml_interval", "must be > 0")
+        check(self.final_scrape_s >= 0, "final_scrape_s", "must be >= 0")
 
 
 @dataclass

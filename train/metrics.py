@@ -1,5 +1,9 @@
 """The one small metrics interface the trainer and loader report through; Prometheus is a backend.
 
+What is reported: `pipeline.clips.LoaderStats` per batch, `train.step.StepStats` per step; the settings are
+`train.config.MetricsConfig` (the `metrics` section). The backend (`train.prometheus`) imports those, never this
+module, so the interface and its backend form no import circle.
+
 `NullMetrics` is the default (metrics off, tests, non-exporting tools). `build_metrics` picks the backend
 from the config: each rank serves its own endpoint on `addr:base_port + local_rank`, and every series carries
 the run's identity (`run`) and the rank (`rank`).
@@ -11,43 +15,11 @@ dcgm-exporter 9400, Prometheus 9090, Alertmanager 9093, Pushgateway 9091); `make
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Optional
 
-from common.config import check
 from pipeline.clips import LoaderStats
-
-
-@dataclass
-class MetricsConfig:
-    enabled: bool = True
-    addr: str = "127.0.0.1"  # loopback unless told otherwise
-    base_port: int = 19400  # rank r serves on base_port + local_rank (not 9400: dcgm-exporter's)
-    run_id: str = ""  # the `run` label of every series; "" = the name of the run folder
-    nvml: bool = True  # GPU utilisation, NVDEC, memory, power through NVML; false next to dcgm-exporter
-    nvml_interval: float = 2.0  # seconds between NVML samples
-    # at exit, wait up to this long for one more scrape, so Prometheus sees how the run ended (its final step,
-    # checkpoint and stop state); only when something has scraped the endpoint before; 0 = do not wait
-    final_scrape_s: float = 30.0
-
-    def validate(self) -> None:
-        check(0 <= self.base_port <= 65535 - 64, "base_port", "must be a TCP port (0..65471)")
-        check(self.nvml_interval > 0, "nvml_interval", "must be > 0")
-        check(self.final_scrape_s >= 0, "final_scrape_s", "must be >= 0")
-
-
-@dataclass
-class StepStats:
-    step: int
-    step_seconds: float  # wall time of the whole step, data wait included
-    data_wait_seconds: float  # time blocked waiting for the batch
-    clips: int  # clips processed by this rank in the step
-    loss: float
-    lr: float
-    weight_decay: float
-    ema_momentum: float
-    grad_norm: float
-    skipped: bool = False  # a non-finite step skipped by the NaN guard
+from train.config import MetricsConfig
+from train.step import StepStats
 
 
 class NullMetrics:

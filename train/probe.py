@@ -39,13 +39,12 @@ from model.vit import VisionTransformer
 from common import logs
 from common.cli import main_for
 from common.config import ConfigError, check, to_dict
-from common.torch_file import CheckpointError, read_torch_file
+from common.torch_file import CheckpointError, read_torch_file, write_torch_file
 from common.files import atomic_write
 from pipeline.config import LoaderConfig
 from pipeline.loader import LoaderError, VideoLoader
 from shards.manifest import ManifestError, read_manifest
 from train import dist
-from train.checkpoint import save_atomic
 from train.plots import plot_probe, try_plot
 
 
@@ -135,7 +134,7 @@ def cached(path: Path, make):
         except CheckpointError as e:
             log.warning(f"{e}; computing it again")
     value = make()
-    save_atomic(path, value)
+    write_torch_file(path, value)
     return value
 
 
@@ -240,7 +239,7 @@ def _run(cfg: ProbeConfig, env) -> Optional[dict]:
         loss = train_epoch(model, opt, features_for(epoch), cfg, epoch, env.rank, device)
         history.append({"epoch": epoch + 1, "loss": dist.mean_scalar(loss, device)})
         if env.is_main:
-            save_atomic(state_file, {"probe": probe.state_dict(), "optimizer": opt.state_dict(),
+            write_torch_file(state_file, {"probe": probe.state_dict(), "optimizer": opt.state_dict(),
                                      "epoch": epoch + 1, "history": json.dumps(history)})
         log.info(f"probe epoch {epoch + 1}/{cfg.epochs}: loss {history[-1]['loss']:.4f}")
 

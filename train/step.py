@@ -80,6 +80,20 @@ class StepResult:
         return bool(self.stats[2] > 0)
 
 
+@dataclass
+class StepStats:
+    step: int
+    step_seconds: float  # wall time of the whole step, data wait included
+    data_wait_seconds: float  # time blocked waiting for the batch
+    clips: int  # clips processed by this rank in the step
+    loss: float
+    lr: float
+    weight_decay: float
+    ema_momentum: float
+    grad_norm: float
+    skipped: bool = False  # a non-finite step skipped by the NaN guard
+
+
 def read_stats(results: Sequence[StepResult]) -> List[Tuple[float, float, bool]]:
     """(loss, grad norm, nonfinite) of each step, read from the device in one transfer (one host sync)."""
     if not results:

@@ -42,11 +42,11 @@ from shards.manifest import ManifestError
 from train import checkpoint, dist
 from train.config import TrainConfig
 from train.faults import Faults
-from train.metrics import StepStats, build_metrics
+from train.metrics import build_metrics
 from train.plots import plot_losses, try_plot
 from train.runlog import RunLog, trim_losses
 from train.signals import CollapseWatch
-from train.step import StepResult, attention_backend, build, read_stats, train_step
+from train.step import StepResult, StepStats, attention_backend, build, read_stats, train_step
 
 
 log = logging.getLogger(__name__)
