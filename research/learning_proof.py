@@ -40,7 +40,7 @@ from common.config import check, load_config
 from common.device import resolve_device
 from common.files import atomic_write
 from pipeline.masks import sample_masks
-from research import proof_sweep
+from research import designs, proof_sweep
 from train import dist
 from train.config import TrainConfig
 from train.plots import plot_proof, try_plot
@@ -104,10 +104,10 @@ def prove(cfg: ProofConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     t0 = time.time()
-    design = {**proof_sweep.BASE_SAMPLE, "motion": cfg.task, "train_per_class": cfg.train_per_class,
+    design = {**designs.BASE_SAMPLE, "motion": cfg.task, "train_per_class": cfg.train_per_class,
               "val_per_class": cfg.val_per_class}
     (out / "cache").mkdir(exist_ok=True)
-    data = proof_sweep.render_design(design, out / "cache", 4)
+    data = designs.render_design(design, out / "cache", 4)
     steps = cfg.steps or steps_for_budget(cfg, device, cfg.budget_s / 2)
     per_seed = []
     for seed in cfg.seeds:

@@ -140,10 +140,10 @@ def test_proof_sweep_runs_pretraining_supervised_and_probes(tmp_path):
 
 def test_disc_pans_move_the_way_their_label_says():
     """proof_sweep's disc design: the picture moves 45 * label degrees counter-clockwise from "right"."""
-    from research.proof_sweep import DISC_CLASSES, _render_discs
+    from research.designs import DISC_CLASSES, render_discs
 
     for c in range(DISC_CLASSES):
-        v = torch.from_numpy(_render_discs({"split": "val", "cls_index": c, "index": 3})).float().mean(-1)
+        v = torch.from_numpy(render_discs({"split": "val", "cls_index": c, "index": 3})).float().mean(-1)
         a, b = v[0] - v[0].mean(), v[8] - v[8].mean()  # 8 frames apart: 8-12 px
         score = {(dy, dx): float((a[16:-16, 16:-16] * b.roll((-dy, -dx), (0, 1))[16:-16, 16:-16]).sum())
                  for dy in range(-14, 15) for dx in range(-14, 15)}
@@ -196,12 +196,12 @@ def test_proof_sweep_reports_a_job_that_died_instead_of_waiting_forever():
     import multiprocessing as mp
     from types import SimpleNamespace
 
-    from research.proof_sweep import _next_result
+    from research.scheduler import next_result
 
     queue = mp.get_context("spawn").Queue()
     running = {("alive", 0): SimpleNamespace(is_alive=lambda: True, exitcode=None),
                ("killed", 1): SimpleNamespace(is_alive=lambda: False, exitcode=-9)}
-    row = _next_result(queue, running, poll=0.05)
+    row = next_result(queue, running, poll=0.05)
     assert row == {"name": "killed", "seed": 1, "error": "job process died without a result (exit code -9)"}
     queue.put({"name": "alive", "seed": 0, "pretrained": 0.5})
-    assert _next_result(queue, running, poll=0.05)["name"] == "alive"
+    assert next_result(queue, running, poll=0.05)["name"] == "alive"
