@@ -141,26 +141,29 @@ def run(cfg: TrainConfig) -> Dict:
     faults = Faults.from_env()
     env = dist.init(cfg.device, cfg.dist_timeout_s)
     logs.console(env.rank)
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    metrics, loader, runlog, saver = None, None, None, None
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / cfg.checkpoint.dir
-    cleanup = contextlib.ExitStack()  # the run_dir lock (rank 0), the log file, the SIGTERM handler: released last
-    exit_on_sigterm(cleanup)
-    try:
+    # every resource is registered as it is made and released in reverse order, on success and on error: the
+    # checkpoint write in flight lands first, the metrics' final scrape and the run_dir lock come last
+    with contextlib.ExitStack() as stack:
+        stack.callback(dist.cleanup)
+        stack.callback(torch.use_deterministic_algorithms, torch.are_deterministic_algorithms_enabled())
+        exit_on_sigterm(stack)
         lock = dist.on_rank0(lambda: claim_run_dir(run_dir, ckpt_dir))
         if lock is not None:
-            cleanup.callback(unlock_file, lock, run_dir / ".lock")
+            stack.callback(unlock_file, lock, run_dir / ".lock")
         # rank 0 logs everything to train.log; the other ranks their warnings to train-rank<r>.log
-        cleanup.enter_context(logs.to_file(run_dir / ("train.log" if env.is_main else f"train-rank{env.rank}.log"),
-                                           env.rank, logging.INFO if env.is_main else logging.WARNING))
+        stack.enter_context(logs.to_file(run_dir / ("train.log" if env.is_main else f"train-rank{env.rank}.log"),
+                                         env.rank, logging.INFO if env.is_main else logging.WARNING))
         if cfg.deterministic:
             if env.device.type == "cuda":
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be repeatable
             torch.use_deterministic_algorithms(True)
         metrics = build_metrics(cfg.metrics, env.rank, env.local_rank, run=run_dir.resolve().name)
+        stack.callback(metrics.close)
         p = build(cfg, env)
         loader = VideoLoader(cfg.data, grid=cfg.model.grid, **env.placement(), on_batch=metrics.loader)
+        stack.callback(loader.close)
         config = to_dict(cfg)
         step, skipped = checkpoint.resume(p, loader, ckpt_dir, config)
         n = dist.assert_same_across_ranks(p.named_weights())
@@ -177,7 +180,9 @@ def run(cfg: TrainConfig) -> Dict:
                  f"steps {step + 1}..{last} of {cfg.schedule.total_steps}; run_dir {run_dir}"
                  + (f"; {n} tensors identical on all ranks" if env.distributed else "")
                  + (f"; metrics on {metrics.url}" if metrics.url else ""))
-        runlog = RunLog(run_dir / "losses.jsonl", cfg.log_every, last, env.world_size, env.is_main)
+        runlog = RunLog(run_dir / "losses.jsonl", cfg.log_every, last, env.world_size, env.is_main,
+                        unit="images" if cfg.model.num_frames == 1 else "clips")
+        stack.callback(runlog.close)
         t_start, first = time.perf_counter(), step
         losses: List[float] = []
 
@@ -189,6 +194,7 @@ def run(cfg: TrainConfig) -> Dict:
                      "while training went on")
 
         saver = checkpoint.BackgroundSaver(ckpt_dir, cfg.checkpoint.keep_last, saved)
+        stack.callback(saver.close)  # a write in flight lands (and is reported) even when the run stops with an error
         pending: List[Ran] = []  # steps queued on the device whose outcome the host has not read yet
         it = iter(loader)
         while step < last:
@@ -218,23 +224,29 @@ def run(cfg: TrainConfig) -> Dict:
         seconds = time.perf_counter() - t_start
         if env.is_main:
             runlog.close()
-            try_plot(plot_losses, run_dir / "losses.jsonl", run_dir / "loss.png", f"{run_dir}: {cfg.model.size}, step {step}")
+            drawn = try_plot(plot_losses, run_dir / "losses.jsonl", run_dir / "loss.png",
+                             f"{run_dir}: {cfg.model.size}, step {step}", objective=objective_name(cfg))
         log.info(f"done: step {step}, {step - first} steps in {seconds:.1f} s, {skipped} skipped"
                  + (f"; parameters identical on all {env.world_size} ranks" if env.distributed else ""))
+        if env.is_main:
+            log.info(where_results_are(cfg, run_dir, checkpoint.path_for(ckpt_dir, step), drawn is not None))
         return {"step": step, "first_step": first, "skipped_steps": skipped, "losses": losses,
                 "seconds": seconds, "run_dir": str(run_dir)}
-    finally:
-        if saver is not None:
-            saver.close()  # a write in flight lands (and is reported) even when the run stops with an error
-        if runlog is not None:
-            runlog.close()
-        if loader is not None:
-            loader.close()
-        if metrics is not None:
-            metrics.close()
-        cleanup.close()
-        torch.use_deterministic_algorithms(was_deterministic)
-        dist.cleanup()
+
+
+def objective_name(cfg: TrainConfig) -> str:
+    """What the loss is, as the plot says it: I-JEPA's smooth L1 on images, V-JEPA's L1 on video."""
+    method = "I-JEPA" if cfg.model.num_frames == 1 else "V-JEPA"
+    return f"{method} {'smooth L1' if cfg.model.loss == 'smooth_l1' else 'L1'} loss"
+
+
+def where_results_are(cfg: TrainConfig, run_dir: Path, last_checkpoint: Path, drawn: bool = True) -> str:
+    """The end of a run, for whoever ran it: what it wrote, and the next command to try."""
+    head = " head=linear" if cfg.model.num_frames == 1 else ""
+    return (f"results in {run_dir}/: {'loss.png (the loss and the collapse signals), ' if drawn else ''}"
+            f"losses.jsonl, train.log, config.yaml; last checkpoint {last_checkpoint}. Next: evaluate it with a frozen probe, "
+            f"`make probe ARGS=\"checkpoint={last_checkpoint} data.root={cfg.data.root}{head}\"`, or train longer "
+            f"by rerunning with a larger schedule.total_steps (it resumes)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
