@@ -125,7 +125,7 @@ def _shard_groups(cfg: ShardsConfig, out: Output, todo: List[Group], done: int, 
                     continue
             jobs.append(((g.name, pos), job))
     workers = cfg.workers or os.cpu_count() or 1
-    bar = logs.Progress(len(jobs) + len(early), f"shards ({done} groups already done)" if done else "shards", "video",
+    bar = logs.Progress(len(jobs) + len(early), f"shards ({done} groups already done)" if done else "shards", cfg.kind,
                         enabled=cfg.progress, logger=log)
     stats = ShardsMetrics(cfg.metrics_port, run=posixpath.basename(out.path.rstrip("/")), videos=len(jobs) + len(early),
                           groups=len(todo))
@@ -202,7 +202,7 @@ def _merge(cfg: ShardsConfig, out: Output, groups: List[Group], labels: Dict[str
              "videos_per_second": round(work.videos / wall, 2) if wall > 0 else None,
              "source_seconds_per_cpu_second": round(work.source_seconds / work.cpu_seconds, 2)
              if work.cpu_seconds else None}
-    log.info(_summary_text(out.url, summary, speed))
+    log.info(_summary_text(out.url, summary, speed, cfg.kind))
     if not rows:
         raise ShardsError(f"no input was sharded: all {summary['videos_in']} were rejected "
                           f"({', '.join(f'{k}: {v}' for k, v in summary['rejected'].items())}); the reasons are in "
@@ -210,16 +210,21 @@ def _merge(cfg: ShardsConfig, out: Output, groups: List[Group], labels: Dict[str
     return dict(summary, **speed)
 
 
-def _summary_text(url: str, s: dict, speed: dict) -> str:
+def _summary_text(url: str, s: dict, speed: dict, kind: str = "video") -> str:
+    """The end of a run, in the words of what was sharded (videos, or images: no hours, no source-seconds)."""
     rej = ", ".join(f"{k}: {v}" for k, v in s["rejected"].items()) or "none"
-    done = (f"{speed['videos_processed']} videos in {speed['wall_seconds']} s, {speed['videos_per_second']} videos/s, "
-            f"{speed['source_seconds_per_cpu_second']} source-seconds per worker CPU-second"
+    items = f"{kind}s"
+    rate = (f"{speed['source_seconds_per_cpu_second']} source-seconds per worker CPU-second" if kind == "video" else
+            f"{round(speed['videos_processed'] / speed['worker_cpu_seconds'], 1) if speed['worker_cpu_seconds'] else '-'}"
+            " images per worker CPU-second")
+    done = (f"{speed['videos_processed']} {items} in {speed['wall_seconds']} s, {speed['videos_per_second']} "
+            f"{items}/s, {rate}"
             if speed["videos_processed"] else f"nothing to do: every group was already finished "
                                               f"({speed['wall_seconds']} s to check)")
     return (f"\n{url}/{MANIFEST}\n"
-            f"  videos in      {s['videos_in']}\n"
+            f"  {items + ' in':<14} {s['videos_in']}\n"
             f"  sharded        {s['sharded']}  ({', '.join(f'{k}: {v}' for k, v in s['splits'].items())})\n"
             f"  rejected       {sum(s['rejected'].values())}  ({rej}; see {REJECTS})\n"
-            f"  video hours    {s['hours']:.3f}\n"
-            f"  bytes written  {s['bytes']:,} in {s['shards']} shards\n"
+            + (f"  video hours    {s['hours']:.3f}\n" if kind == "video" else "")
+            + f"  bytes written  {s['bytes']:,} in {s['shards']} shards\n"
             f"  this run       {done}")

@@ -50,7 +50,7 @@ def write_inputs(root: Path) -> dict:
             "palette": (120, 80), "rotated": (80, 120)}
 
 
-def test_make_shards_on_images_validates_converts_and_rejects(tmp_path):
+def test_make_shards_on_images_validates_converts_and_rejects(tmp_path, caplog):
     expected = write_inputs(tmp_path / "in")
     out = tmp_path / "shards"
     cfg = load_config(ShardsConfig, None, [f"inputs.train={tmp_path / 'in'}", f"output={out}", "kind=image",
@@ -68,6 +68,9 @@ def test_make_shards_on_images_validates_converts_and_rejects(tmp_path):
     assert rejects == {"truncated.jpg": "truncated", "empty.jpg": "empty_file", "text.jpg": "not_an_image",
                        "huge.png": "bad_dimensions"}
     assert summary["sharded"] == 7
+    text = "\n".join(r.getMessage() for r in caplog.records)  # the summary speaks of images, not videos
+    assert "images in      11" in text and "images per worker CPU-second" in text
+    assert "video hours" not in text and "videos" not in text and "source-seconds" not in text
     # what is stored: plain RGB JPEG bytes, upright; the baseline RGB JPEG kept byte for byte
     by_key = {}
     for shard in m.shards:

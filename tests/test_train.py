@@ -438,6 +438,24 @@ def test_a_run_whose_picture_cannot_be_drawn_still_succeeds(small_shards, tmp_pa
     assert out["step"] == 2 and checkpoint.list_checkpoints(tmp_path / "r" / "checkpoints")
     assert not (tmp_path / "r" / "loss.png").exists()
     assert any("loss.png was not drawn (ModuleNotFoundError" in r.getMessage() for r in caplog.records)
+    end = [r.getMessage() for r in caplog.records if r.getMessage().startswith("results in ")]
+    assert end and "loss.png" not in end[0] and "ckpt-00000002.pt" in end[0]  # it says what it did write
+
+
+def test_a_run_ends_saying_where_its_results_are_and_what_to_try_next(reference, caplog):
+    """The last lines of a run (make demo's included): the run folder, loss.png, the last checkpoint, and the
+    probe command that evaluates it; the loss plot names the objective of the run."""
+    from train.trainer import objective_name, where_results_are
+
+    cfg = cfg_for("data/shards/sample", reference)
+    ckpt = checkpoint.path_for(reference / "checkpoints", STEPS)
+    text = where_results_are(cfg, reference, ckpt)
+    assert f"results in {reference}/: loss.png" in text and f"last checkpoint {ckpt}" in text
+    assert f'make probe ARGS="checkpoint={ckpt} data.root=data/shards/sample"' in text
+    assert (reference / "loss.png").exists() and objective_name(cfg) == "V-JEPA L1 loss"
+    images = load_config(TrainConfig, None, TINY + ["model.num_frames=1", "model.tubelet_size=1",
+                                                    "model.loss=smooth_l1", "data.num_frames=1"])
+    assert objective_name(images) == "I-JEPA smooth L1 loss" and "head=linear" in where_results_are(images, reference, ckpt)
 
 
 # ----------------------------------------------------------------------------------------------------

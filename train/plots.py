@@ -35,9 +35,11 @@ def read_losses(path: Path) -> List[Dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_losses(losses_jsonl: Path, out_png: Path, title: str = "") -> Path:
-    """The training loss per step (and a 20-step moving average) with the learning rate; below it one panel per
-    collapse signal (train.signals) of the target encoder and the predictor, with its collapse bound."""
+def plot_losses(losses_jsonl: Path, out_png: Path, title: str = "", objective: str = "loss") -> Path:
+    """The training loss per step (and a 20-step moving average) with the learning rate (`objective` names the
+    loss, e.g. "V-JEPA L1 loss"); below it one panel per collapse signal (train.signals) of the target encoder and
+    the predictor, with the target encoder's collapse bound (the predictor's signals have none: its outputs are
+    smooth within a clip from the start, which is healthy)."""
     from train.signals import COLLAPSE, SIGNALS
 
     rows = read_losses(losses_jsonl)
@@ -53,7 +55,7 @@ def plot_losses(losses_jsonl: Path, out_png: Path, title: str = "") -> Path:
         avg = [sum(loss[i - k:i]) / k for i in range(k, len(loss) + 1)]
         ax.plot(steps[k - 1:], avg, lw=1.6, label=f"{k}-step mean")
     ax.set_xlabel("step")
-    ax.set_ylabel("V-JEPA L1 loss")
+    ax.set_ylabel(objective)
     ax2 = ax.twinx()
     ax2.plot(steps, [r["lr"] for r in rows], color="grey", lw=0.8, ls="--")
     ax2.set_ylabel("learning rate", color="grey")
@@ -68,7 +70,9 @@ def plot_losses(losses_jsonl: Path, out_png: Path, title: str = "") -> Path:
             if pts:
                 sub.plot(*zip(*pts), style, lw=1.2, marker=".", ms=3,
                          label="target encoder" if source == "target" else "predictor")
-        sub.axhline(COLLAPSE[name][1], color="red", lw=0.8, ls=":", label="collapse bound (target)")
+        side, bound = COLLAPSE[name]
+        sub.axhline(bound, color="red", lw=0.8, ls=":",
+                    label=f"target encoder collapses {side} this (the predictor has no bound)")
         sub.set_title(labels[name], fontsize=8)
         sub.tick_params(labelsize=7)
         if i == 0:

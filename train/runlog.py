@@ -25,8 +25,9 @@ def trim_losses(path: Path, step: int) -> None:
 class RunLog:
     """Rank 0: every step to losses.jsonl, a line to stdout every `every` steps (window averages)."""
 
-    def __init__(self, path: Path, every: int, last_step: int, world_size: int, enabled: bool):
+    def __init__(self, path: Path, every: int, last_step: int, world_size: int, enabled: bool, unit: str = "clips"):
         self.every, self.last_step, self.world_size, self.enabled = every, last_step, world_size, enabled
+        self.unit = unit  # what a batch holds: clips, or images
         self.file = open(path, "a") if enabled else None
         self.window: List[dict] = []
 
@@ -45,7 +46,7 @@ class RunLog:
         loss = sum(losses) / len(losses) if losses else float("nan")
         eta = duration((self.last_step - row["step"]) * step_s / len(w))
         log.info(f"step {row['step']:>7}/{self.last_step} | loss {loss:.4f} | lr {row['lr']:.3e} | "
-                 f"{clips / step_s:7.1f} clips/s | step {step_s / len(w):.3f} s | data wait {data_s / step_s:4.0%} | "
+                 f"{clips / step_s:7.1f} {self.unit}/s | step {step_s / len(w):.3f} s | data wait {data_s / step_s:4.0%} | "
                  f"eta {eta}" + (f" | skipped {sum(r['skipped'] for r in w)}" if any(r["skipped"] for r in w) else "")
                  + (" | target std {target_std:.2f} erank {target_erank:.2f} clip {target_clip_share:.2f} "
                     "pos {target_position_share:.2f}".format(**row) if "target_std" in row else ""))
