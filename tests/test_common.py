@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Dict, List
 
@@ -165,3 +166,33 @@ def test_log_file_and_console(tmp_path, capsys):
     assert out == "" and "rank 3 saw this" in err
     logs.console(rank=0)
 
+
+
+def test_the_readme_module_map_names_every_product_module_and_only_modules_that_exist():
+    """README's Layout table: every module it names exists, and every module of the product's stages (common,
+    shards, pipeline, model, train) is named. A row's names without a folder are in the folder of the name before
+    them; a folder row names its files in its description."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    table = text[text.index("| folder / module | what |"):]
+    table = table[:table.index("\n\n")]
+    named, missing = set(), []
+    for row in table.splitlines()[2:]:
+        first, what = row.split(" | ", 1)
+        folder = None
+        for token in re.findall(r"`([^`]+)`", first):
+            if token.endswith("/"):
+                folder = token.rstrip("/")
+                continue
+            path = token if "/" in token else f"{folder}/{token}"
+            folder = path.rsplit("/", 1)[0]
+            named.add(path)
+        if first.startswith("| **") and folder in ("benchmarks", "research"):  # their files, in the description
+            named |= {f"{folder}/{t}" for t in re.findall(r"`([\w.]+\.(?:py|sh))`", what)}
+    missing = sorted(p for p in named if not (root / p).exists())
+    assert not missing, f"README names modules that do not exist: {missing}"
+    product = {str(p.relative_to(root)) for stage in ("common", "shards", "pipeline", "model", "train")
+               for p in (root / stage).rglob("*.py") if p.name != "__init__.py"}
+    assert not product - named, f"modules missing from README's module map: {sorted(product - named)}"
