@@ -31,8 +31,8 @@ class CudaHandoff:
         self._pending: Optional[Tuple[object, object]] = None  # (copy done event, the DALI output it reads)
 
     def before_run(self) -> None:
-        """Call before the pipeline's next run(): waits (on the host) for the last copy out of DALI's output to
-        have run, then lets DALI have that output back."""
+        """Call before the pipeline's next run(), and before the pipeline is deleted: waits (on the host) for the
+        last copy out of DALI's output to have run, then lets DALI have that output back."""
         if self._pending is not None:
             self._pending[0].synchronize()
             self._pending = None
@@ -52,6 +52,3 @@ class CudaHandoff:
         clips.record_stream(consumer)
         self._pending = (done, out)
         return clips
-
-    def close(self) -> None:
-        self.before_run()

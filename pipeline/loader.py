@@ -285,6 +285,8 @@ class VideoLoader:
         return replace(bp, rows=rows, records=records, padded=padded), videos, len(bad)
 
     def _close_pipe(self) -> None:
+        if self._handoff is not None:
+            self._handoff.before_run()  # the last copy out of the pipeline's memory has run before it goes
         if self._pipe is not None:
             del self._pipe
             self._pipe = None
@@ -358,6 +360,4 @@ class VideoLoader:
 
     def close(self) -> None:
         self._close_pipe()
-        if self._handoff is not None:
-            self._handoff.close()
         self.store.close()
