@@ -250,11 +250,12 @@ _SERVER: List[int] = []  # the fork server answered (row_processes)
 
 def row_processes(peers: Sequence[str] = ()):
     """The multiprocessing context the rows run in: its fork server, started here once, a process that imported
-    this module, DALI and the `peers` that load, and runs nothing else. Forked from it, a row never inherits the
+    the loaders, DALI and the `peers` that load, and runs nothing else. Forked from it, a row never inherits the
     thread pools (OpenMP's, DALI's, a decoder's) or a CUDA context of this process, which a plain fork could
     deadlock on, and starts without importing (the libraries' code is not in its memory)."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["benchmarks.bench_loader", "nvidia.dali.fn",
+    # what the rows use (not this module itself: run as __main__, a row imports it afresh, at no cost then)
+    ctx.set_forkserver_preload(["pipeline.loader", "pipeline.reference", "benchmarks.peers", "nvidia.dali.fn",
                                 *(MODULES[p] for p in peers if availability(p)[0] is not None)])
     if not _SERVER:
         forkserver.ensure_running()
@@ -300,8 +301,10 @@ def time_loader(batches, n: int, decoded) -> Dict:
         frames += decoded(b)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return {"clips_per_s": clips / (time.perf_counter() - t0), "decoded_frames_per_clip": frames / clips,
-            "clips": clips}
+    seconds = time.perf_counter() - t0
+    if hasattr(it, "close"):  # a generator over a DataLoader: its workers are shut down now, not at exit
+        it.close()
+    return {"clips_per_s": clips / seconds, "decoded_frames_per_clip": frames / clips, "clips": clips}
 
 
 def counted(counter):
