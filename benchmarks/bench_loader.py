@@ -493,7 +493,8 @@ def report(args: BenchLoaderConfig, rows, sets, ratios, payoff, workers: int, ve
           f"grid; {workers} DALI threads / DataLoader processes; {platform.node()}, "
           f"{len(os.sched_getaffinity(0))} cores, device {device}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + "\n")
-    print("| inputs | raw files | raw bytes per video-second | frames between keyframes | B-frames |\n|---|---|---|---|---|")
+    print("| inputs | raw files | raw bytes per video-second | frames between keyframes | B-frames |\n"
+          "|---|---|---|---|---|")
     for kind in args.inputs:
         r = sets[kind]["raw"]
         print(f"| {kind} | {r['size']} | {r['bytes_per_video_second'] / 1e3:.0f} kB | "
@@ -512,7 +513,8 @@ def report(args: BenchLoaderConfig, rows, sets, ratios, payoff, workers: int, ve
         frames = (_fmt(r["decoded_frames_per_clip"]) if r.get("min_decoded_frames_per_clip") is None
                   else f">= {r['min_decoded_frames_per_clip']:.1f}")
         memory = _fmt(r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2 ** 20, ".0f")
-        print(f"| {r['inputs']} | {r['name']} | {r.get('loader', '')} | {_fmt(r['clips_per_s'], '.1f', r.get('error', ''))} | "
+        rate = _fmt(r["clips_per_s"], ".1f", r.get("error", ""))
+        print(f"| {r['inputs']} | {r['name']} | {r.get('loader', '')} | {rate} | "
               f"{frames} | {memory + ' MiB' if memory else ''} |")
     print()
     step = c.frame_stride

@@ -169,7 +169,8 @@ class PeerLoader:
         version, why = availability(peer)
         if version is None:
             raise RuntimeError(f"{peer} {why}")
-        self.peer, self.version, self.videos, self.cfg, self.grid, self.workers = peer, version, videos, cfg, grid, workers
+        self.peer, self.version, self.videos, self.cfg = peer, version, videos, cfg
+        self.grid, self.workers = grid, workers
         self.plan = Plan([(v.nframes, v.height, v.width) for v in videos], batch_size=cfg.batch_size, seed=cfg.seed,
                          num_frames=cfg.num_frames, stride=cfg.frame_stride, scale=cfg.crop_scale,
                          ratio=cfg.crop_aspect, flip=cfg.flip)

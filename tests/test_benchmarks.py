@@ -29,7 +29,8 @@ def test_bench_loader_rows(tmp_path, monkeypatch):
     assert len(rows) == 2 * 6 + 2
     ran = [r for r in rows.values() if "error" not in r]
     assert len(ran) == 2 * 5 + 2 and all(r["clips_per_s"] > 0 and r["peak_memory_bytes"] > 0 for r in ran)
-    assert rows["images", "images (JPEG), DALI"]["decoded_frames_per_clip"] == 1 and result["sets"]["images"]["images"] == 6
+    assert rows["images", "images (JPEG), DALI"]["decoded_frames_per_clip"] == 1
+    assert result["sets"]["images"]["images"] == 6
     for kind in ("generated", "reencoded"):
         today, stepped, aligned = [r["decoded_frames_per_clip"] for r in result["rows"] if r["inputs"] == kind][:3]
         # 8 frames at stride 4 over every frame, keyframes every 16: 29 frames spanned, half a GOP more on average;

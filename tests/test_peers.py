@@ -63,7 +63,8 @@ def test_the_official_transform_crops_flips_and_normalises_like_the_official_cod
     # a resize is the official one: bilinear, not antialiased (tubelet's clips are antialiased)
     whole = frames.permute(3, 0, 1, 2).float()
     plain = F.interpolate(whole, size=(16, 16), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(official_transform(frames, ClipRecord(0, (0, 0, 40, 50), False), 16), (plain - mean) / std)
+    torch.testing.assert_close(official_transform(frames, ClipRecord(0, (0, 0, 40, 50), False), 16),
+                               (plain - mean) / std)
 
 
 @pytest.mark.parametrize("peer", PEERS)
