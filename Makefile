@@ -30,9 +30,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]" "$(DALI)"
 	@$(PY) -c "import torch, nvidia.dali, webdataset, av, pyarrow, omegaconf, prometheus_client, s3fs, moto; print('tubelet setup ok: torch', torch.__version__, 'DALI', nvidia.dali.__version__)"
+	@# the peers make bench-loader compares with (decord, torchcodec): optional, a row says when one is missing
+	@$(PY) -m pip install -q --disable-pip-version-check -e ".[peers]" \
+		|| echo "tubelet setup: the loader peers (pyproject's peers extra) did not install; make bench-loader says so in their rows"
 	@touch $(STAMP)
 
-# Debian tools some targets need (ffmpeg as the benchmark baseline); installed only when missing.
+# Debian tools some targets need (ffmpeg: the benchmark baseline, the CLI that re-encodes bench-loader's inputs, and
+# the shared libraries torchcodec loads); installed only when missing.
 ffmpeg-tool:
 	@command -v ffmpeg >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; }
 
@@ -69,11 +73,11 @@ proof: $(SETUP)
 	$(PY) -m research.learning_proof $(ARGS)
 
 # Everything (CPU; real DALI, video, multi-process DDP and Prometheus): about 9 minutes on 2 cores (GPU checks: make test-gpu).
-test: $(SETUP) prometheus-tool
+test: $(SETUP) prometheus-tool ffmpeg-tool
 	$(PY) -m pytest -q $(ARGS)
 
 # The suite without the long integration tests (marked `slow`): under a minute on 2 cores, for the edit loop.
-test-fast: $(SETUP) prometheus-tool
+test-fast: $(SETUP) prometheus-tool ffmpeg-tool
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 bench-shards: $(SETUP) ffmpeg-tool
@@ -82,7 +86,9 @@ bench-shards: $(SETUP) ffmpeg-tool
 bench-train: $(SETUP)
 	$(PY) -m benchmarks.bench_train $(ARGS)
 
-bench-loader: $(SETUP)
+# tubelet's loader against its PyAV reference and the raw-file peers (decord as the official V-JEPA loader uses
+# it, torchcodec), on generated H.264 inputs and on the same re-encoded with ffmpeg's defaults (the ffmpeg CLI).
+bench-loader: $(SETUP) ffmpeg-tool
 	$(PY) -m benchmarks.bench_loader $(ARGS)
 
 # One GPU: the decode paths and the best loader feeding a ViT-L/16 step, about 4 minutes (a GPU host without a

@@ -290,7 +290,7 @@ def largest_batch(args: BenchTrainConfig, cfg: TrainConfig, env: dist.DistEnv) -
                 batch = (lo + hi) // 2
         return lo, False
     finally:
-        del parts
+        parts = None  # the model's memory is released before the cache is emptied
         free_memory(env.device)
 
 
