@@ -51,6 +51,9 @@ class ModelConfig:
     num_mask_types: int = 2  # mask tokens of the predictor, one per mask type; 1 = one shared token (I-JEPA)
     loss: str = "l1"  # l1 (V-JEPA) | smooth_l1 (I-JEPA)
     uniform_power: bool = True
+    # sincos: fixed 3D sin-cos table added to the tokens (V-JEPA 1); rope: V-JEPA 2's 3D rotary embedding over
+    # (frame, height, width) inside every attention layer of the encoder and predictor, no table (model.rope)
+    pos_embed: str = "sincos"
     # reference: what the official code trains with (its init_video_model re-initialises every Linear and
     # LayerNorm after building the model, so all Linear weights are N(0, 0.02)); depth_scaled: the residual
     # projections of block l (attention proj, MLP fc2) divided by sqrt(2 l), as its model constructors intend
@@ -75,6 +78,7 @@ class ModelConfig:
         check(isinstance(self.activation_checkpointing, bool), "activation_checkpointing",
               f"expected a bool, got {self.activation_checkpointing!r}")
         check(isinstance(self.uniform_power, bool), "uniform_power", f"expected a bool, got {self.uniform_power!r}")
+        check(self.pos_embed in ("sincos", "rope"), "pos_embed", f"expected sincos or rope, got {self.pos_embed!r}")
         check(self.loss in ("l1", "smooth_l1"), "loss", f"expected l1 or smooth_l1, got {self.loss!r}")
         check(self.img_size % self.patch_size == 0, "img_size",
               f"{self.img_size} is not divisible by patch_size={self.patch_size}")
@@ -84,6 +88,10 @@ class ModelConfig:
               f"expected 0 (the encoder's) or a positive integer, got {self.predictor_heads!r}")
         check(self.predictor_width % self.predictor_num_heads == 0, "predictor_width",
               f"{self.predictor_width} is not divisible by predictor_heads={self.predictor_num_heads}")
+        if self.pos_embed == "rope":
+            for name, dim, heads in (("width", self.encoder_width, self.encoder_shape[2]),
+                                     ("predictor_width", self.predictor_width, self.predictor_num_heads)):
+                check(dim // heads >= 6, name, f"rope needs at least 6 channels per head, {name} {dim} / {heads} heads")
         check(self.init in ("reference", "depth_scaled"), "init", f"must be reference or depth_scaled, got {self.init!r}")
         if not self.uniform_power:
             # The non-uniform sin-cos split gives t D/2 and h, w D/4 channels each; all must be even.

@@ -14,6 +14,7 @@ from torch import nn
 
 from model.config import ModelConfig, as_model_config
 from model.pos_embed import sincos_pos_embed_3d
+from model.rope import RotaryTables
 from model.vit import LN_EPS, Block, check_index, init_weights, rescale_residual_projections, run_blocks
 
 
@@ -35,8 +36,13 @@ class Predictor(nn.Module):
         uniform_power: bool = True,
         depth_scaled_init: bool = False,
         activation_checkpointing: bool = False,
+        pos_embed: str = "sincos",
     ):
         super().__init__()
+        if pos_embed not in ("sincos", "rope"):
+            raise ValueError(f"pos_embed must be sincos or rope, got {pos_embed!r}")
+        self.use_rope = pos_embed == "rope"
+        self.head_dim = width // heads
         self.embed_dim = embed_dim
         self.activation_checkpointing = activation_checkpointing
         self.width = width
@@ -48,9 +54,12 @@ class Predictor(nn.Module):
         # One token per mask type: short- and long-range masks hide differently shaped regions,
         # so the predictor is told which kind it is filling in. Zero-init as in the reference.
         self.mask_tokens = nn.Parameter(torch.zeros(num_mask_types, 1, 1, width))
-        # torch.tensor (unlike from_numpy) follows a `with torch.device(...)` context, e.g. meta.
-        pos = torch.tensor(sincos_pos_embed_3d(width, *self.grid, uniform_power=uniform_power))
-        self.register_buffer("pos_embed", pos, persistent=False)  # [N, width]
+        if self.use_rope:  # positions enter each attention layer instead (model.rope)
+            self.pos_embed = None
+        else:
+            # torch.tensor (unlike from_numpy) follows a `with torch.device(...)` context, e.g. meta.
+            pos = torch.tensor(sincos_pos_embed_3d(width, *self.grid, uniform_power=uniform_power))
+            self.register_buffer("pos_embed", pos, persistent=False)  # [N, width]
         self.blocks = nn.ModuleList([Block(width, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(width, eps=LN_EPS)
         self.predictor_proj = nn.Linear(width, embed_dim)
@@ -72,6 +81,7 @@ class Predictor(nn.Module):
             uniform_power=cfg.uniform_power,
             depth_scaled_init=cfg.init == "depth_scaled",
             activation_checkpointing=cfg.activation_checkpointing,
+            pos_embed=cfg.pos_embed,
         )
 
     def forward(
@@ -90,11 +100,17 @@ class Predictor(nn.Module):
             raise ValueError(f"ctx_idx has {ctx_idx.size(1)} indices for {Nc} context tokens")
 
         x = self.predictor_embed(ctx)
-        x = x + self.pos_embed[ctx_idx].to(x.dtype)  # [N, W][B, Nc] -> [B, Nc, W]
         tgt = self.mask_tokens[mask_type].expand(B, tgt_idx.size(1), -1)
-        tgt = tgt + self.pos_embed[tgt_idx].to(tgt.dtype)
+        rope = None
+        if self.use_rope:
+            # Context and mask tokens rotate by their token ids' (t, h, w). The official predictor also sorts the
+            # tokens by id first; attention does not depend on token order, so that is left out.
+            rope = RotaryTables(torch.cat([ctx_idx, tgt_idx], dim=1), self.grid, self.head_dim, x.dtype)
+        else:
+            x = x + self.pos_embed[ctx_idx].to(x.dtype)  # [N, W][B, Nc] -> [B, Nc, W]
+            tgt = tgt + self.pos_embed[tgt_idx].to(tgt.dtype)
         x = torch.cat([x, tgt.to(x.dtype)], dim=1)  # [B, Nc + Nt, W]
-        x = run_blocks(self.blocks, x, self.activation_checkpointing)
+        x = run_blocks(self.blocks, x, self.activation_checkpointing, rope)
         x = self.norm(x[:, Nc:])  # LayerNorm is per token, so normalising only the targets is equivalent
         return self.predictor_proj(x)
 

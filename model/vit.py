@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig, as_model_config
 from model.pos_embed import sincos_pos_embed_3d
+from model.rope import RotaryTables
 
 INIT_STD = 0.02
 LN_EPS = 1e-6
@@ -32,10 +33,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryTables | None = None) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, N, D/heads]
+        if rope is not None:  # rotary positions (pos_embed=rope) act on queries and keys only
+            q, k = rope.apply(q), rope.apply(k)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
@@ -63,8 +66,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = MLP(dim, mlp_hidden or 4 * dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, rope: RotaryTables | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope)
         return x + self.mlp(self.norm2(x))
 
 
@@ -107,12 +110,15 @@ def rescale_residual_projections(blocks: nn.ModuleList) -> None:
         block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, recompute: bool) -> torch.Tensor:
+def run_blocks(
+    blocks: nn.ModuleList, x: torch.Tensor, recompute: bool, rope: RotaryTables | None = None
+) -> torch.Tensor:
     """x through every block; with `recompute` (activation checkpointing) only each block's input is kept for
-    the backward pass, which runs the block's forward again: when training, that is, when gradients flow."""
+    the backward pass, which runs the block's forward again: when training, that is, when gradients flow.
+    rope: the rotary tables of x's token positions (pos_embed=rope), shared by all blocks."""
     recompute = recompute and torch.is_grad_enabled()
     for block in blocks:
-        x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+        x = checkpoint(block, x, rope, use_reentrant=False) if recompute else block(x, rope)
     return x
 
 
@@ -135,7 +141,9 @@ class VisionTransformer(nn.Module):
 
     Input clips [B, 3, T, H, W] must have exactly the configured T=num_frames, H=W=img_size (the
     position table is not interpolated). The fixed sin-cos table is a non-persistent buffer: it is
-    a pure function of the config, so it is neither trained nor stored in state_dicts.
+    a pure function of the config, so it is neither trained nor stored in state_dicts. With
+    pos_embed="rope" there is no table (pos_embed is None): V-JEPA 2's 3D rotary embedding in every attention
+    layer carries the positions instead (model.rope).
     """
 
     def __init__(
@@ -151,8 +159,11 @@ class VisionTransformer(nn.Module):
         depth_scaled_init: bool = False,
         mlp_hidden: int = 0,
         activation_checkpointing: bool = False,
+        pos_embed: str = "sincos",
     ):
         super().__init__()
+        if pos_embed not in ("sincos", "rope"):
+            raise ValueError(f"pos_embed must be sincos or rope, got {pos_embed!r}")
         if img_size % patch_size or num_frames % tubelet_size:
             raise ValueError(
                 f"img_size={img_size} must be divisible by patch_size={patch_size} and "
@@ -167,11 +178,16 @@ class VisionTransformer(nn.Module):
         self.config: ModelConfig | None = None  # set by from_config; used by export / feature users
         self.grid = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
         self.num_tokens = math.prod(self.grid)
+        self.use_rope = pos_embed == "rope"
+        self.num_heads = num_heads
 
         self.patch_embed = TubeletEmbed(patch_size, tubelet_size, embed_dim)
-        # torch.tensor (unlike from_numpy) follows a `with torch.device(...)` context, e.g. meta.
-        pos = torch.tensor(sincos_pos_embed_3d(embed_dim, *self.grid, uniform_power=uniform_power))
-        self.register_buffer("pos_embed", pos, persistent=False)  # [N, D]
+        if self.use_rope:
+            self.pos_embed = None
+        else:
+            # torch.tensor (unlike from_numpy) follows a `with torch.device(...)` context, e.g. meta.
+            pos = torch.tensor(sincos_pos_embed_3d(embed_dim, *self.grid, uniform_power=uniform_power))
+            self.register_buffer("pos_embed", pos, persistent=False)  # [N, D]
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_hidden) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
 
@@ -195,12 +211,13 @@ class VisionTransformer(nn.Module):
             depth_scaled_init=cfg.init == "depth_scaled",
             mlp_hidden=cfg.mlp_hidden,
             activation_checkpointing=cfg.activation_checkpointing,
+            pos_embed=cfg.pos_embed,
         )
         model.config = cfg
         return model
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Tubelet tokens plus positions. x: [B, 3, T, H, W] -> [B, N, D]."""
+        """Tubelet tokens plus positions (sin-cos; with rope the tokens alone). x: [B, 3, T, H, W] -> [B, N, D]."""
         expected = (3, self.num_frames, self.img_size, self.img_size)
         if x.dim() != 5 or tuple(x.shape[1:]) != expected:
             raise ValueError(
@@ -208,7 +225,7 @@ class VisionTransformer(nn.Module):
                 f"got {list(x.shape)}"
             )
         x = self.patch_embed(x)
-        return x + self.pos_embed.to(x.dtype)
+        return x if self.pos_embed is None else x + self.pos_embed.to(x.dtype)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, 3, T, H, W]; keep: [B, K] int64 token indices or None.
@@ -219,4 +236,8 @@ class VisionTransformer(nn.Module):
         if keep is not None:
             check_index("keep", keep, x.size(0))
             x = gather_tokens(x, keep)
-        return self.norm(run_blocks(self.blocks, x, self.activation_checkpointing))
+        rope = None
+        if self.use_rope:  # kept tokens rotate by their own ids' positions
+            ids = keep if keep is not None else torch.arange(self.num_tokens, device=x.device)
+            rope = RotaryTables(ids, self.grid, self.embed_dim // self.num_heads, x.dtype)
+        return self.norm(run_blocks(self.blocks, x, self.activation_checkpointing, rope))
