@@ -118,3 +118,138 @@ def test_rope_context_tokens_keep_their_positions_in_any_order():
         a = enc(clips, keep=keep)
         b = enc(clips, keep=keep[:, perm])
     torch.testing.assert_close(b, a[:, perm], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face transformers' VJEPA2Model: import, export, and the same outputs
+
+try:
+    import transformers
+except ImportError:  # the test extra installs it; the rope tests above run without it
+    transformers = None
+needs_hf = pytest.mark.skipif(transformers is None, reason="transformers is not installed (pip install .[test])")
+
+HF_TINY = dict(patch_size=8, crop_size=32, frames_per_clip=4, tubelet_size=2, hidden_size=64, num_attention_heads=2,
+               num_hidden_layers=2, pred_hidden_size=48, pred_num_attention_heads=2, pred_num_hidden_layers=2,
+               pred_num_mask_tokens=3, num_pooler_layers=1)
+ATOL = 1e-5  # float32, same operations in a different order (fused vs separate qkv, sorted vs unsorted tokens)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    model = transformers.VJEPA2Model(transformers.VJEPA2Config(**HF_TINY)).eval()
+    fill_deterministic(model, 3)
+    folder = tmp_path_factory.mktemp("hf") / "tiny"
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def hf_outputs(model, clips, keep, tgt):
+    with torch.no_grad():
+        out = model(pixel_values_videos=clips.permute(0, 2, 1, 3, 4), context_mask=[keep], target_mask=[tgt])
+    return out.last_hidden_state, out.predictor_output.last_hidden_state
+
+
+def tubelet_outputs(enc, pred, clips, keep, tgt):
+    from model.vit import gather_tokens
+    with torch.no_grad():
+        full = enc(clips)
+        # HF's predictor takes the full encoder output at the context ids (V-JEPA 2's released pipeline)
+        return full, pred(gather_tokens(full, keep), keep, tgt, mask_type=1)  # HF uses mask token 1
+
+
+def load_checkpoint_models(path):
+    from model.exports import read_checkpoint
+    cfg, enc, pred = read_checkpoint(path, "target_encoder")
+    return cfg, enc, pred
+
+
+@needs_hf
+def test_hf_import_gives_hf_outputs_and_export_loads_back_into_transformers(hf_folder, tmp_path):
+    from model.exports import main as export_main
+    from model.features import load_encoder
+    from model.imports import main as import_main
+    folder, hf_model = hf_folder
+    clips, keep, tgt = rope_inputs()
+    ckpt = tmp_path / "imported.pt"
+    assert import_main([str(folder), f"out={ckpt}"]) == 0
+    cfg, enc, pred = load_checkpoint_models(ckpt)
+    assert (cfg.pos_embed, cfg.encoder_shape, cfg.num_mask_types) == ("rope", (64, 2, 2), 3)
+    ref_full, ref_pred = hf_outputs(hf_model, clips, keep, tgt)
+    full, pred_out = tubelet_outputs(enc, pred, clips, keep, tgt)
+    torch.testing.assert_close(full, ref_full, atol=ATOL, rtol=0)
+    torch.testing.assert_close(pred_out, ref_pred, atol=ATOL, rtol=0)
+    # the feature extractor (and tubelet-probe, same reader) take the imported checkpoint
+    torch.testing.assert_close(load_encoder(ckpt)(clips), full, atol=0, rtol=0)
+
+    out = tmp_path / "exported"
+    assert export_main([f"checkpoint={ckpt}", "format=hf", f"out={out}"]) == 0
+    back, info = transformers.VJEPA2Model.from_pretrained(out, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}, info  # no missing / unexpected / mismatched keys
+    again_full, again_pred = hf_outputs(back.eval(), clips, keep, tgt)
+    torch.testing.assert_close(again_full, ref_full, atol=ATOL, rtol=0)
+    torch.testing.assert_close(again_pred, ref_pred, atol=ATOL, rtol=0)
+    # the default format is still tubelet's encoder file
+    assert export_main([f"checkpoint={ckpt}", f"out={tmp_path / 'enc.safetensors'}"]) == 0
+    assert (tmp_path / "enc.safetensors").is_file()
+
+
+def _bad_import(tmp_path, source, capsys, match):
+    from model.imports import main as import_main
+    out = tmp_path / "never.pt"
+    assert import_main([str(source), f"out={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0] and str(source) in err[0], err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+
+
+@needs_hf
+def test_bad_hf_inputs_are_one_error_line_each_and_write_nothing(hf_folder, tmp_path, capsys):
+    import json
+    import shutil
+    folder, _ = hf_folder
+    no_config = tmp_path / "no_config"
+    shutil.copytree(folder, no_config)
+    (no_config / "config.json").unlink()
+    _bad_import(tmp_path, no_config, capsys, "no config.json")
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(folder, truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _bad_import(tmp_path, truncated, capsys, "cannot be read as safetensors")
+
+    unknown = tmp_path / "weights.bin"
+    unknown.write_bytes(b"\0" * 64)
+    _bad_import(tmp_path, unknown, capsys, "unknown layout")
+
+    misfit = tmp_path / "misfit"
+    shutil.copytree(folder, misfit)
+    raw = json.loads((misfit / "config.json").read_text())
+    raw["pred_hidden_size"] = 96  # the weights are 48 wide
+    (misfit / "config.json").write_text(json.dumps(raw))
+    _bad_import(tmp_path, misfit, capsys, "shape")
+
+    deeper = tmp_path / "deeper"
+    shutil.copytree(folder, deeper)
+    raw = json.loads((deeper / "config.json").read_text())
+    raw["num_hidden_layers"] = 1  # the file has 2: layer 1's tensors have no place
+    (deeper / "config.json").write_text(json.dumps(raw))
+    _bad_import(tmp_path, deeper, capsys, "no place")
+
+
+def test_hf_export_refuses_sincos_models_and_existing_folders(tmp_path, capsys):
+    from model.exports import main as export_main
+    from model.imports import checkpoint_from_models
+    from common.torch_file import write_torch_file
+    cfg = ModelConfig(size="tiny", **ROPE_TINY)  # sincos
+    enc, pred = VisionTransformer.from_config(cfg), Predictor.from_config(cfg)
+    ckpt = write_torch_file(tmp_path / "sincos.pt", checkpoint_from_models(cfg, enc, enc, pred, "test"))
+    assert export_main([f"checkpoint={ckpt}", "format=hf", f"out={tmp_path / 'hf'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rotary positions only" in err[0], err
+    assert not (tmp_path / "hf").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["sincos.pt"]
+    (tmp_path / "taken").mkdir()
+    assert export_main([f"checkpoint={ckpt}", "format=hf", f"out={tmp_path / 'taken'}"]) == 2
+    assert "already exists" in capsys.readouterr().err

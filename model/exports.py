@@ -1,0 +1,103 @@
+"""A tubelet checkpoint -> weights another tool reads.
+
+format=features (the default, what tubelet-export always did): the target encoder as one safetensors file with
+the model config in its metadata (model.features.export_encoder).
+format=hf: a Hugging Face folder (config.json + model.safetensors) that transformers' `VJEPA2Model.from_pretrained`
+loads with no missing or unexpected keys: the chosen encoder (weights=target_encoder|encoder) and the predictor.
+Only pos_embed=rope models have an HF counterpart. The folder is written under a temporary name and renamed, so
+`out` is complete or absent; an existing `out` is never replaced.
+
+CLI:  tubelet-export checkpoint=CKPT out=OUT [format=features|hf] [weights=target_encoder|encoder]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from common.cli import main_for
+from common.config import check
+from common.files import fsync_dir
+from common.torch_file import CheckpointError, read_torch_file
+from model.features import export_encoder, model_config_of
+from model.imports import HF_WEIGHTS, build_models
+from model.layouts import LayoutError, model_config_to_hf, tubelet_to_hf
+
+
+def read_checkpoint(path: str | os.PathLike, weights: str) -> tuple:
+    """(ModelConfig, encoder, predictor) of a training (or imported) checkpoint, loaded strictly."""
+    ckpt = read_torch_file(path, mmap=True)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    for key in (weights, "predictor", "config"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: missing key {key!r} (found keys: {sorted(map(str, ckpt))})")
+    if not isinstance(ckpt["config"], dict) or "model" not in ckpt["config"]:
+        raise CheckpointError(f"{path}: missing key 'config.model' (the ModelConfig fields)")
+    cfg = model_config_of(ckpt, path)
+    enc, pred = build_models(cfg, dict(ckpt[weights]), dict(ckpt["predictor"]), f"{path}")
+    return cfg, enc, pred
+
+
+def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, weights: str = "target_encoder") -> Path:
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists; name a new folder")
+    cfg, enc, pred = read_checkpoint(ckpt_path, weights)
+    hf_config = {"model_type": "vjepa2", "architectures": ["VJEPA2Model"], "torch_dtype": "float32",
+                 **model_config_to_hf(cfg)}
+    tensors = tubelet_to_hf(enc.state_dict(), pred.state_dict(), cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
+        for name in ("config.json", HF_WEIGHTS):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; what tubelet writes is for every reader
+        os.rename(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = ""  # a training (or tubelet-import) checkpoint (.pt)
+    out: str = ""  # format=features: the .safetensors file; format=hf: the folder to create
+    format: str = "features"  # features (tubelet's encoder file) | hf (Hugging Face VJEPA2Model folder)
+    weights: str = "target_encoder"  # format=hf: the encoder exported, target_encoder | encoder
+
+    def validate(self) -> None:
+        check(bool(self.checkpoint), "checkpoint", "name a training checkpoint (.pt)")
+        check(bool(self.out), "out", "name the file (format=features) or folder (format=hf) to write")
+        check(self.format in ("features", "hf"), "format", f"expected features or hf, got {self.format!r}")
+        check(self.weights in ("target_encoder", "encoder"), "weights",
+              f"expected target_encoder or encoder, got {self.weights!r}")
+        check(self.format == "hf" or self.weights == "target_encoder", "weights",
+              "format=features exports the target encoder; weights=encoder needs format=hf")
+
+
+def main(argv: list[str] | None = None) -> int:
+    def run(cfg: ExportConfig) -> None:
+        if cfg.format == "features":
+            print(f"wrote {export_encoder(cfg.checkpoint, cfg.out)}")
+        else:
+            print(f"wrote {export_hf(cfg.checkpoint, cfg.out, cfg.weights)}")
+
+    return main_for(ExportConfig, run, argv, prog="tubelet-export", doc=__doc__,
+                    errors={CheckpointError: 2, LayoutError: 2, FileNotFoundError: 2, FileExistsError: 2})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

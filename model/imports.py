@@ -1,0 +1,151 @@
+"""Released weights -> a tubelet checkpoint: the format train/checkpoint.py writes (step 0, encoder, predictor,
+target_encoder, config.model), so tubelet-probe, feature extraction and tubelet-export take it like a trained one.
+
+SOURCE is a Hugging Face V-JEPA 2 folder (config.json + model.safetensors, or a model.safetensors.index.json with
+its shards), as `VJEPA2Model.save_pretrained` writes and the hub holds. Its one encoder (the release's target
+encoder) is stored as both encoder and target_encoder.
+
+Nothing runs code from the source: config.json is JSON, the weights are safetensors. Every tensor is placed in the
+model built from the config or the import fails naming the file and key, and nothing is written.
+
+CLI:  tubelet-import SOURCE out=CKPT.pt    (or source=SOURCE; python -m model.imports)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from common.cli import main_for
+from common.config import check
+from common.torch_file import CheckpointError, write_torch_file
+from model.config import ModelConfig
+from model.layouts import LayoutError, check_shapes, hf_to_model_config, hf_to_tubelet
+from model.predictor import Predictor
+from model.vit import VisionTransformer
+
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+
+
+def read_json(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LayoutError(f"{path}: cannot be read as JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise LayoutError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file; a damaged or truncated file is a LayoutError naming it."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors' own error type (SafetensorError) is not importable from python
+        raise LayoutError(f"{path}: cannot be read as safetensors (damaged or truncated?): {e}") from None
+
+
+def read_hf_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json fields, every tensor) of a Hugging Face model folder."""
+    if not (folder / "config.json").is_file():
+        raise LayoutError(f"{folder}: no config.json; a Hugging Face model folder holds config.json and "
+                          f"{HF_WEIGHTS} (or {HF_INDEX} with its shards)")
+    raw = read_json(folder / "config.json")
+    if (folder / HF_WEIGHTS).is_file():
+        files = [folder / HF_WEIGHTS]
+    elif (folder / HF_INDEX).is_file():
+        weight_map = read_json(folder / HF_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LayoutError(f"{folder / HF_INDEX}: no 'weight_map' object")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        raise LayoutError(f"{folder}: no {HF_WEIGHTS} or {HF_INDEX} (only safetensors weights are read)")
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        if not path.is_file():
+            raise LayoutError(f"{path}: listed in {HF_INDEX} but missing")
+        tensors = read_safetensors(path)
+        twice = sorted(set(tensors) & set(state))
+        if twice:
+            raise LayoutError(f"{path}: tensors also in another shard: {twice[:4]}")
+        state.update(tensors)
+    return raw, state
+
+
+def build_models(cfg: ModelConfig, encoder: dict, predictor: dict, where: str
+                 ) -> tuple[VisionTransformer, Predictor]:
+    """The config's encoder and predictor with `encoder` / `predictor` loaded; a key or shape that does not fit is
+    a LayoutError naming `where`."""
+    enc, pred = VisionTransformer.from_config(cfg), Predictor.from_config(cfg)
+    check_shapes(enc.state_dict(), encoder, f"{where} (encoder)")
+    check_shapes(pred.state_dict(), predictor, f"{where} (predictor)")
+    enc.load_state_dict(encoder, strict=True)
+    pred.load_state_dict(predictor, strict=True)
+    return enc.eval(), pred.eval()
+
+
+def checkpoint_from_models(cfg: ModelConfig, enc: VisionTransformer, target: VisionTransformer, pred: Predictor,
+                           source: str) -> dict:
+    """A step-0 training checkpoint (train/checkpoint.py's parts a reader needs; no optimizer: a run started from
+    it builds a fresh one)."""
+    return {"step": 0, "skipped_steps": 0, "encoder": enc.state_dict(), "target_encoder": target.state_dict(),
+            "predictor": pred.state_dict(), "config": {"model": dataclasses.asdict(cfg)}, "imported_from": source}
+
+
+def import_hf(folder: Path) -> dict:
+    raw, state = read_hf_folder(folder)
+    cfg = hf_to_model_config(raw, str(folder / "config.json"))
+    where = str(folder / (HF_WEIGHTS if (folder / HF_WEIGHTS).is_file() else HF_INDEX))
+    enc_state, pred_state = hf_to_tubelet(state, cfg, where)
+    enc, pred = build_models(cfg, enc_state, pred_state, where)
+    return checkpoint_from_models(cfg, enc, enc, pred, f"hf:{folder}")
+
+
+def import_weights(source: str | Path, weights: str = "target_encoder") -> dict:
+    """The tubelet checkpoint (a dict, not yet written) of a released model at `source`."""
+    path = Path(source)
+    if path.is_dir():
+        if weights != "target_encoder":
+            raise LayoutError(f"{path}: a Hugging Face folder has one encoder (the release's target encoder); "
+                              f"weights={weights} applies to official .pth files that hold both")
+        return import_hf(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    raise LayoutError(f"{path}: unknown layout; expected a Hugging Face folder (config.json + {HF_WEIGHTS})")
+
+
+@dataclass
+class ImportConfig:
+    source: str = ""  # a Hugging Face V-JEPA 2 folder (config.json + model.safetensors)
+    out: str = ""  # the tubelet checkpoint (.pt) to write
+    weights: str = "target_encoder"  # target_encoder | encoder: which encoder of a source that holds both
+
+    def validate(self) -> None:
+        check(bool(self.source), "source", "name the released weights (a Hugging Face folder)")
+        check(bool(self.out), "out", "name the checkpoint (.pt) to write")
+        check(self.weights in ("target_encoder", "encoder"), "weights",
+              f"expected target_encoder or encoder, got {self.weights!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    def run(cfg: ImportConfig) -> None:
+        state = import_weights(cfg.source, cfg.weights)  # everything is checked before anything is written
+        print(f"wrote {write_torch_file(cfg.out, state)}")
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and "=" not in args[0] and not args[0].startswith("-"):
+        args[0] = f"source={args[0]}"  # the source may come first, bare
+    return main_for(ImportConfig, run, args, prog="tubelet-import", doc=__doc__,
+                    errors={LayoutError: 2, CheckpointError: 2, FileNotFoundError: 2})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

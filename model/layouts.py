@@ -1,0 +1,186 @@
+"""Weight layouts of other V-JEPA implementations and tubelet's own: key names, the config fields that fix the
+architecture, and strict conversion in both directions (every tensor placed, or an error naming it).
+
+hf: Hugging Face transformers' VJEPA2Model (transformers/models/vjepa2/modeling_vjepa2.py), a folder with
+config.json and safetensors. It always uses rotary positions, so it maps to and from pos_embed=rope models only.
+Its attention has separate query / key / value projections where tubelet has one fused qkv (rows [q | k | v],
+the order `Attention.forward` splits them in).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+
+from model.config import MLP_RATIOS, VIT_SIZES, ModelConfig, as_model_config
+
+
+class LayoutError(ValueError):
+    """Weights or a config that do not fit a layout; the message names the file and the key."""
+
+
+# tubelet block key suffix -> HF layer key suffix (besides the fused qkv, split below)
+_BLOCK = {"norm1": "norm1", "attn.proj": "attention.proj", "norm2": "norm2", "mlp.fc1": "mlp.fc1",
+          "mlp.fc2": "mlp.fc2"}
+_QKV = ("query", "key", "value")
+
+
+def _block_keys(tub_prefix: str, hf_prefix: str) -> dict[str, str]:
+    return {f"{tub_prefix}.{t}.{p}": f"{hf_prefix}.{h}.{p}" for t, h in _BLOCK.items() for p in ("weight", "bias")}
+
+
+def hf_key_map(part: str, depth: int) -> dict[str, str]:
+    """tubelet key -> HF VJEPA2Model key for the encoder or predictor (the fused qkv keys excluded)."""
+    if part == "encoder":
+        out = {"patch_embed.proj.weight": "encoder.embeddings.patch_embeddings.proj.weight",
+               "patch_embed.proj.bias": "encoder.embeddings.patch_embeddings.proj.bias",
+               "norm.weight": "encoder.layernorm.weight", "norm.bias": "encoder.layernorm.bias"}
+        for i in range(depth):
+            out.update(_block_keys(f"blocks.{i}", f"encoder.layer.{i}"))
+        return out
+    out = {"predictor_embed.weight": "predictor.embeddings.predictor_embeddings.weight",
+           "predictor_embed.bias": "predictor.embeddings.predictor_embeddings.bias",
+           "mask_tokens": "predictor.embeddings.mask_tokens",
+           "norm.weight": "predictor.layernorm.weight", "norm.bias": "predictor.layernorm.bias",
+           "predictor_proj.weight": "predictor.proj.weight", "predictor_proj.bias": "predictor.proj.bias"}
+    for i in range(depth):
+        out.update(_block_keys(f"blocks.{i}", f"predictor.layer.{i}"))
+    return out
+
+
+def _hf_qkv(part: str, i: int) -> tuple[str, str]:
+    return f"blocks.{i}.attn.qkv", f"{part}.layer.{i}.attention"
+
+
+def tubelet_to_hf(encoder: Mapping[str, torch.Tensor], predictor: Mapping[str, torch.Tensor],
+                  cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """tubelet encoder and predictor state_dicts -> one HF VJEPA2Model state_dict. Strict: a tubelet key left
+    over, or one the layout needs and the state lacks, is a LayoutError."""
+    out: dict[str, torch.Tensor] = {}
+    for part, state, depth in (("encoder", encoder, cfg.encoder_shape[1]), ("predictor", predictor,
+                                                                            cfg.predictor_depth)):
+        state = dict(state)
+        for tub, hf in hf_key_map(part, depth).items():
+            if tub not in state:
+                raise LayoutError(f"{part}: missing tubelet key {tub!r}")
+            out[hf] = state.pop(tub).detach().contiguous()
+        for i in range(depth):
+            tub, hf = _hf_qkv(part, i)
+            for p in ("weight", "bias"):
+                if f"{tub}.{p}" not in state:
+                    raise LayoutError(f"{part}: missing tubelet key {tub}.{p!r}")
+                for name, chunk in zip(_QKV, state.pop(f"{tub}.{p}").chunk(3, dim=0)):
+                    out[f"{hf}.{name}.{p}"] = chunk.detach().contiguous()
+        if state:
+            raise LayoutError(f"{part}: tubelet keys with no place in the HF layout: {sorted(state)[:8]}")
+    return out
+
+
+def hf_to_tubelet(state: Mapping[str, torch.Tensor], cfg: ModelConfig, where: str
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One HF VJEPA2Model state_dict -> (encoder, predictor) tubelet state_dicts. Strict: an HF key that is not
+    placed, or one that is missing, is a LayoutError naming `where` (the file) and the key."""
+    state = dict(state)
+    parts = []
+    for part, depth in (("encoder", cfg.encoder_shape[1]), ("predictor", cfg.predictor_depth)):
+        out = {}
+        for tub, hf in hf_key_map(part, depth).items():
+            if hf not in state:
+                raise LayoutError(f"{where}: missing key {hf!r} (config: {part} depth {depth})")
+            out[tub] = state.pop(hf)
+        for i in range(depth):
+            tub, hf = _hf_qkv(part, i)
+            for p in ("weight", "bias"):
+                names = [f"{hf}.{n}.{p}" for n in _QKV]
+                absent = [n for n in names if n not in state]
+                if absent:
+                    raise LayoutError(f"{where}: missing key {absent[0]!r}")
+                out[f"{tub}.{p}"] = torch.cat([state.pop(n) for n in names], dim=0)
+        parts.append(out)
+    if state:
+        extra = sorted(state)
+        raise LayoutError(f"{where}: {len(extra)} tensors with no place in a tubelet encoder + predictor "
+                          f"(more layers than config.json says, or another model's weights): {extra[:6]}")
+    return parts[0], parts[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# configs
+
+
+def _need(raw: Mapping, key: str, where: str):
+    if key not in raw:
+        raise LayoutError(f"{where}: missing field {key!r}")
+    return raw[key]
+
+
+def _size_for(width: int, depth: int, heads: int, mlp_ratio: float, where: str) -> dict:
+    """ModelConfig size fields for an encoder shape: the published size of that width whose MLP ratio matches,
+    with depth/heads overrides where they differ; a ratio no size has is an error (tubelet's MLP width follows
+    the size)."""
+    for size, (w, d, h) in VIT_SIZES.items():
+        if w == width and abs(MLP_RATIOS.get(size, 4.0) - mlp_ratio) < 1e-9:
+            return {"size": size, "depth": 0 if d == depth else depth, "heads": 0 if h == heads else heads}
+    if abs(mlp_ratio - 4.0) < 1e-9:
+        return {"size": "tiny", "width": width, "depth": depth, "heads": heads}
+    raise LayoutError(f"{where}: mlp_ratio {mlp_ratio} with hidden_size {width} is not an architecture tubelet "
+                      f"builds (MLP ratio 4, or {MLP_RATIOS} for those sizes)")
+
+
+def hf_to_model_config(raw: Mapping, where: str) -> ModelConfig:
+    """HF VJEPA2Config fields (config.json) -> ModelConfig (pos_embed=rope). Fields tubelet cannot represent
+    (another activation, no qkv bias, a predictor MLP ratio but 4, ...) are errors naming the field."""
+    if raw.get("model_type") != "vjepa2":
+        raise LayoutError(f"{where}: model_type is {raw.get('model_type')!r}, expected 'vjepa2'")
+    fixed = {"hidden_act": "gelu", "qkv_bias": True, "in_chans": 3, "pred_mlp_ratio": 4.0, "layer_norm_eps": 1e-6}
+    for key, want in fixed.items():
+        if key in raw and raw[key] != want:
+            raise LayoutError(f"{where}: {key}={raw[key]!r}, tubelet's models have {want!r}")
+    patch = _need(raw, "patch_size", where)
+    if not isinstance(patch, int):
+        raise LayoutError(f"{where}: patch_size {patch!r}: only square patches (an int) are supported")
+    fields = _size_for(_need(raw, "hidden_size", where), _need(raw, "num_hidden_layers", where),
+                       _need(raw, "num_attention_heads", where), float(raw.get("mlp_ratio", 4.0)), where)
+    try:
+        return as_model_config(dict(
+            fields, img_size=_need(raw, "crop_size", where), num_frames=_need(raw, "frames_per_clip", where),
+            patch_size=patch, tubelet_size=_need(raw, "tubelet_size", where),
+            predictor_width=_need(raw, "pred_hidden_size", where),
+            predictor_depth=_need(raw, "pred_num_hidden_layers", where),
+            predictor_heads=_need(raw, "pred_num_attention_heads", where),
+            num_mask_types=_need(raw, "pred_num_mask_tokens", where), pos_embed="rope"))
+    except ValueError as e:
+        raise LayoutError(f"{where}: {e}") from None
+
+
+def model_config_to_hf(cfg: ModelConfig) -> dict:
+    """ModelConfig -> VJEPA2Config keyword arguments. Only rope models have an HF counterpart."""
+    if cfg.pos_embed != "rope":
+        raise LayoutError("model.pos_embed is sincos; Hugging Face's VJEPA2Model has rotary positions only "
+                          "(export a pos_embed=rope model)")
+    width, depth, heads = cfg.encoder_shape
+    return dict(patch_size=cfg.patch_size, crop_size=cfg.img_size, frames_per_clip=cfg.num_frames,
+                tubelet_size=cfg.tubelet_size, hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
+                mlp_ratio=cfg.mlp_hidden / width, in_chans=3, qkv_bias=True, hidden_act="gelu",
+                layer_norm_eps=1e-6, pred_hidden_size=cfg.predictor_width, pred_num_hidden_layers=cfg.predictor_depth,
+                pred_num_attention_heads=cfg.predictor_num_heads, pred_num_mask_tokens=cfg.num_mask_types,
+                pred_mlp_ratio=4.0)
+
+
+def check_shapes(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Same keys and shapes as a freshly built module's state_dict, or a LayoutError naming the first misfit."""
+    for key in sorted(set(expected) | set(state)):
+        if key not in state:
+            raise LayoutError(f"{where}: missing {key!r}")
+        if key not in expected:
+            raise LayoutError(f"{where}: unexpected {key!r}")
+        if tuple(state[key].shape) != tuple(expected[key].shape):
+            raise LayoutError(f"{where}: {key} has shape {tuple(state[key].shape)}, the config's model needs "
+                              f"{tuple(expected[key].shape)}")
+
+
+def config_dict(cfg: ModelConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
