@@ -4,10 +4,13 @@ format=features (the default, what tubelet-export always did): the target encode
 the model config in its metadata (model.features.export_encoder).
 format=hf: a Hugging Face folder (config.json + model.safetensors) that transformers' `VJEPA2Model.from_pretrained`
 loads with no missing or unexpected keys: the chosen encoder (weights=target_encoder|encoder) and the predictor.
-Only pos_embed=rope models have an HF counterpart. The folder is written under a temporary name and renamed, so
+Only pos_embed=rope models have an HF counterpart.
+format=official: a torch file in the official V-JEPA training checkpoints' layout ({'encoder', 'target_encoder',
+'predictor', 'epoch'}, keys under `module.backbone.`), which the official code's loaders read.
+The HF folder is written under a temporary name and renamed, so
 `out` is complete or absent; an existing `out` is never replaced.
 
-CLI:  tubelet-export checkpoint=CKPT out=OUT [format=features|hf] [weights=target_encoder|encoder]
+CLI:  tubelet-export checkpoint=CKPT out=OUT [format=features|hf|official] [weights=target_encoder|encoder]
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from safetensors.torch import save_file
 from common.cli import main_for
 from common.config import check
 from common.files import fsync_dir
-from common.torch_file import CheckpointError, read_torch_file
+from common.torch_file import CheckpointError, read_torch_file, write_torch_file
 from model.features import export_encoder, model_config_of
 from model.imports import HF_WEIGHTS, build_models
-from model.layouts import LayoutError, model_config_to_hf, tubelet_to_hf
+from model.layouts import LayoutError, model_config_to_hf, tubelet_to_hf, tubelet_to_official
 
 
 def read_checkpoint(path: str | os.PathLike, weights: str) -> tuple:
@@ -71,17 +74,31 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, weights: str
     return out
 
 
+def export_official(ckpt_path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Both encoders and the predictor in the official layout (the sin-cos tables included, as the official
+    models keep them as parameters)."""
+    _, target, pred = read_checkpoint(ckpt_path, "target_encoder")
+    _, enc, _ = read_checkpoint(ckpt_path, "encoder")
+    tables = (target.pos_embed, pred.pos_embed)
+    enc_state, pred_state = tubelet_to_official(*tables, enc.state_dict(), pred.state_dict())
+    target_state, _ = tubelet_to_official(*tables, target.state_dict(), pred.state_dict())
+    return write_torch_file(out, {"encoder": enc_state, "target_encoder": target_state, "predictor": pred_state,
+                                  "epoch": 0})
+
+
 @dataclass
 class ExportConfig:
     checkpoint: str = ""  # a training (or tubelet-import) checkpoint (.pt)
     out: str = ""  # format=features: the .safetensors file; format=hf: the folder to create
-    format: str = "features"  # features (tubelet's encoder file) | hf (Hugging Face VJEPA2Model folder)
+    # features (tubelet's encoder file) | hf (Hugging Face VJEPA2Model folder) | official (V-JEPA's .pt layout)
+    format: str = "features"
     weights: str = "target_encoder"  # format=hf: the encoder exported, target_encoder | encoder
 
     def validate(self) -> None:
         check(bool(self.checkpoint), "checkpoint", "name a training checkpoint (.pt)")
         check(bool(self.out), "out", "name the file (format=features) or folder (format=hf) to write")
-        check(self.format in ("features", "hf"), "format", f"expected features or hf, got {self.format!r}")
+        check(self.format in ("features", "hf", "official"), "format",
+              f"expected features, hf or official, got {self.format!r}")
         check(self.weights in ("target_encoder", "encoder"), "weights",
               f"expected target_encoder or encoder, got {self.weights!r}")
         check(self.format == "hf" or self.weights == "target_encoder", "weights",
@@ -92,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     def run(cfg: ExportConfig) -> None:
         if cfg.format == "features":
             print(f"wrote {export_encoder(cfg.checkpoint, cfg.out)}")
+        elif cfg.format == "official":
+            print(f"wrote {export_official(cfg.checkpoint, cfg.out)}")
         else:
             print(f"wrote {export_hf(cfg.checkpoint, cfg.out, cfg.weights)}")
 

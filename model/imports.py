@@ -1,14 +1,20 @@
 """Released weights -> a tubelet checkpoint: the format train/checkpoint.py writes (step 0, encoder, predictor,
 target_encoder, config.model), so tubelet-probe, feature extraction and tubelet-export take it like a trained one.
 
-SOURCE is a Hugging Face V-JEPA 2 folder (config.json + model.safetensors, or a model.safetensors.index.json with
-its shards), as `VJEPA2Model.save_pretrained` writes and the hub holds. Its one encoder (the release's target
-encoder) is stored as both encoder and target_encoder.
+SOURCE is
+- a Hugging Face V-JEPA 2 folder (config.json + model.safetensors, or a model.safetensors.index.json with its
+  shards), as `VJEPA2Model.save_pretrained` writes and the hub holds. Its one encoder (the release's target
+  encoder) is stored as both encoder and target_encoder;
+- an official V-JEPA 1/2 checkpoint (.pt, .pth, .pth.tar: {'encoder', 'target_encoder', 'predictor', ...}), with
+  release=NAME naming its architecture (model.releases: the file holds weights only). weights=target_encoder
+  (the EMA encoder, the default) or encoder picks the one stored as target_encoder; the other slot gets the same.
 
-Nothing runs code from the source: config.json is JSON, the weights are safetensors. Every tensor is placed in the
+Nothing runs code from the source: config.json is JSON, the weights are safetensors or a torch file read with
+`torch.load(weights_only=True)`. Every tensor is placed in the
 model built from the config or the import fails naming the file and key, and nothing is written.
 
-CLI:  tubelet-import SOURCE out=CKPT.pt    (or source=SOURCE; python -m model.imports)
+CLI:  tubelet-import SOURCE out=CKPT.pt [release=NAME] [weights=target_encoder|encoder]
+      (or source=SOURCE; python -m model.imports)
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ from common.cli import main_for
 from common.config import check
 from common.torch_file import CheckpointError, write_torch_file
 from model.config import ModelConfig
-from model.layouts import LayoutError, check_shapes, hf_to_model_config, hf_to_tubelet
+from model.layouts import (LayoutError, check_shapes, hf_to_model_config, hf_to_tubelet, official_to_tubelet_encoder,
+                           official_to_tubelet_predictor)
+from model.releases import RELEASES, release_config
+from model.pos_embed import sincos_pos_embed_3d
 from model.predictor import Predictor
 from model.vit import VisionTransformer
 
@@ -109,17 +118,60 @@ def import_hf(folder: Path) -> dict:
     return checkpoint_from_models(cfg, enc, enc, pred, f"hf:{folder}")
 
 
-def import_weights(source: str | Path, weights: str = "target_encoder") -> dict:
+OFFICIAL_SUFFIXES = (".pt", ".pth", ".pth.tar", ".tar")
+
+
+def read_official(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # an unpickling error (code objects refused), or a damaged file
+        try:  # old-style (non-zip) torch files cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            raise LayoutError(f"{path}: cannot be read as a torch file of tensors (weights_only=True): {e}") from None
+    missing = [k for k in ("encoder", "target_encoder", "predictor") if not isinstance(state, dict) or k not in state]
+    if missing:
+        found = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise LayoutError(f"{path}: not an official V-JEPA checkpoint, no {missing} (found: {found})")
+    return state
+
+
+def sincos_tables(cfg: ModelConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The encoder's and predictor's sin-cos tables of `cfg` (None with rope), without building the models."""
+    if cfg.pos_embed == "rope":
+        return None, None
+    return tuple(torch.tensor(sincos_pos_embed_3d(width, *cfg.grid, uniform_power=cfg.uniform_power))
+                 for width in (cfg.encoder_width, cfg.predictor_width))
+
+
+def import_official(path: Path, cfg: ModelConfig, weights: str = "target_encoder") -> dict:
+    """An official V-JEPA training checkpoint with the architecture `cfg` -> the tubelet checkpoint dict."""
+    state = read_official(path)
+    enc_table, pred_table = sincos_tables(cfg)
+    enc_state = official_to_tubelet_encoder(state[weights], enc_table, f"{path} ({weights})")
+    pred_state = official_to_tubelet_predictor(state["predictor"], pred_table, cfg.predictor_depth,
+                                               f"{path} (predictor)")
+    enc, pred = build_models(cfg, enc_state, pred_state, f"{path} ({weights})")
+    return checkpoint_from_models(cfg, enc, enc, pred, f"official:{path}:{weights}")
+
+
+def import_weights(source: str | Path, weights: str = "target_encoder", release: str = "") -> dict:
     """The tubelet checkpoint (a dict, not yet written) of a released model at `source`."""
     path = Path(source)
     if path.is_dir():
-        if weights != "target_encoder":
-            raise LayoutError(f"{path}: a Hugging Face folder has one encoder (the release's target encoder); "
-                              f"weights={weights} applies to official .pth files that hold both")
+        if weights != "target_encoder" or release:
+            raise LayoutError(f"{path}: a Hugging Face folder has one encoder (the release's target encoder) and "
+                              f"its config.json; weights= and release= apply to official checkpoint files")
         return import_hf(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
-    raise LayoutError(f"{path}: unknown layout; expected a Hugging Face folder (config.json + {HF_WEIGHTS})")
+    if path.name.endswith(OFFICIAL_SUFFIXES):
+        if not release:
+            raise LayoutError(f"{path}: an official checkpoint holds weights only; name its architecture with "
+                              f"release=NAME, one of {sorted(RELEASES)}")
+        return import_official(path, release_config(release), weights)
+    raise LayoutError(f"{path}: unknown layout; expected a Hugging Face folder (config.json + {HF_WEIGHTS}) or an "
+                      f"official checkpoint ({', '.join(OFFICIAL_SUFFIXES)})")
 
 
 @dataclass
@@ -127,9 +179,10 @@ class ImportConfig:
     source: str = ""  # a Hugging Face V-JEPA 2 folder (config.json + model.safetensors)
     out: str = ""  # the tubelet checkpoint (.pt) to write
     weights: str = "target_encoder"  # target_encoder | encoder: which encoder of a source that holds both
+    release: str = ""  # an official checkpoint's architecture (model.releases), e.g. vjepa2-vitl
 
     def validate(self) -> None:
-        check(bool(self.source), "source", "name the released weights (a Hugging Face folder)")
+        check(bool(self.source), "source", "name the released weights (a Hugging Face folder or official .pt)")
         check(bool(self.out), "out", "name the checkpoint (.pt) to write")
         check(self.weights in ("target_encoder", "encoder"), "weights",
               f"expected target_encoder or encoder, got {self.weights!r}")
@@ -137,14 +190,14 @@ class ImportConfig:
 
 def main(argv: list[str] | None = None) -> int:
     def run(cfg: ImportConfig) -> None:
-        state = import_weights(cfg.source, cfg.weights)  # everything is checked before anything is written
+        state = import_weights(cfg.source, cfg.weights, cfg.release)  # everything is checked before anything is written
         print(f"wrote {write_torch_file(cfg.out, state)}")
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and "=" not in args[0] and not args[0].startswith("-"):
         args[0] = f"source={args[0]}"  # the source may come first, bare
     return main_for(ImportConfig, run, args, prog="tubelet-import", doc=__doc__,
-                    errors={LayoutError: 2, CheckpointError: 2, FileNotFoundError: 2})
+                    errors={LayoutError: 2, CheckpointError: 2, FileNotFoundError: 2, ValueError: 2})
 
 
 if __name__ == "__main__":

@@ -184,3 +184,89 @@ def check_shapes(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch
 def config_dict(cfg: ModelConfig) -> dict:
     return dataclasses.asdict(cfg)
 
+
+
+# --------------------------------------------------------------------------------------------------------------
+# official: facebookresearch/jepa (V-JEPA 1) and vjepa2 training checkpoints, a torch file holding
+# {'encoder', 'target_encoder', 'predictor', ...} state_dicts whose keys carry the wrappers' prefixes
+# (DistributedDataParallel's `module.`, MultiSeqWrapper's `backbone.`). Encoder keys are tubelet's; the predictor
+# names its blocks predictor_blocks, its norm predictor_norm and keeps one Parameter per mask token. Sin-cos models
+# store their (fixed) table as pos_embed / predictor_pos_embed.
+
+OFFICIAL_PREFIXES = ("module.", "backbone.")
+OFFICIAL_WRITE_PREFIX = "module.backbone."  # what the official training code's wrappers produce
+
+
+def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop `module.` / `backbone.` while every key carries the same one."""
+    state = dict(state)
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in OFFICIAL_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def _check_table(state: dict, key: str, table: torch.Tensor | None, where: str) -> None:
+    """An official sin-cos table must be the one tubelet computes for the config (same positions); a rope model
+    has none."""
+    if key not in state:
+        if table is not None:
+            raise LayoutError(f"{where}: no {key!r}, but the config has sin-cos positions (pos_embed=sincos)")
+        return
+    found = state.pop(key)
+    if table is None:
+        raise LayoutError(f"{where}: has a {key!r} table but the config has rotary positions (pos_embed=rope)")
+    if tuple(found.shape[-2:]) != tuple(table.shape) or not torch.allclose(found.reshape(table.shape).float(),
+                                                                           table.float(), atol=1e-5):
+        raise LayoutError(f"{where}: {key} {tuple(found.shape)} is not the sin-cos table of the config "
+                          f"({tuple(table.shape)}; check img_size, num_frames, uniform_power)")
+
+
+def official_to_tubelet_encoder(state: Mapping[str, torch.Tensor], table: torch.Tensor | None, where: str) -> dict:
+    state = strip_prefixes(state)
+    _check_table(state, "pos_embed", table, where)
+    return state
+
+
+def official_to_tubelet_predictor(state: Mapping[str, torch.Tensor], table: torch.Tensor | None, depth: int,
+                                  where: str) -> dict:
+    state = strip_prefixes(state)
+    _check_table(state, "predictor_pos_embed", table, where)
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("predictor_blocks.")}
+    if len(blocks) != depth:
+        raise LayoutError(f"{where}: the predictor has {len(blocks)} blocks, the config's predictor_depth is {depth}")
+    tokens = sorted((k for k in state if k.startswith("mask_tokens.")), key=lambda k: int(k.split(".")[1]))
+    out = {}
+    if tokens:
+        out["mask_tokens"] = torch.stack([state.pop(k).reshape(1, 1, -1) for k in tokens])
+    for k, v in state.items():
+        for old, new in (("predictor_blocks.", "blocks."), ("predictor_norm.", "norm.")):
+            if k.startswith(old):
+                k = new + k[len(old):]
+        out[k] = v
+    return out
+
+
+def tubelet_to_official(encoder_table: torch.Tensor | None, predictor_table: torch.Tensor | None,
+                        encoder: Mapping, predictor: Mapping) -> tuple[dict, dict]:
+    """tubelet encoder / predictor state_dicts -> the official ones, with the official wrappers' prefixes."""
+    enc = dict(encoder)
+    if encoder_table is not None:
+        enc["pos_embed"] = encoder_table.unsqueeze(0)
+    pred = {}
+    for k, v in predictor.items():
+        if k == "mask_tokens":
+            pred.update({f"mask_tokens.{i}": v[i] for i in range(v.shape[0])})
+            continue
+        if k.startswith(("blocks.", "norm.")):
+            k = "predictor_" + k
+        pred[k] = v
+    if predictor_table is not None:
+        pred["predictor_pos_embed"] = predictor_table.unsqueeze(0)
+    add = OFFICIAL_WRITE_PREFIX
+    return ({add + k: v.detach().contiguous() for k, v in enc.items()},
+            {add + k: v.detach().contiguous() for k, v in pred.items()})

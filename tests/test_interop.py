@@ -253,3 +253,86 @@ def test_hf_export_refuses_sincos_models_and_existing_folders(tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     assert export_main([f"checkpoint={ckpt}", "format=hf", f"out={tmp_path / 'taken'}"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# official V-JEPA checkpoints ({'encoder', 'target_encoder', 'predictor'} under module.backbone.) and the releases
+
+
+def _write_tubelet_checkpoint(path, cfg, enc, target, pred):
+    from common.torch_file import write_torch_file
+    from model.imports import checkpoint_from_models
+    return write_torch_file(path, checkpoint_from_models(cfg, enc, target, pred, "test"))
+
+
+@pytest.mark.parametrize("pos_embed", ["rope", "sincos"])
+def test_official_layout_round_trip(tmp_path, pos_embed):
+    """tubelet -> official file -> tubelet gives the same outputs; the key names are the official modules' (the
+    mapping was checked by loading these state_dicts strictly into the official VisionTransformer and
+    VisionTransformerPredictor, as for GOLDEN)."""
+    from model.exports import main as export_main
+    from model.imports import import_official
+    cfg = ModelConfig(size="tiny", pos_embed=pos_embed, **ROPE_TINY)
+    enc, pred = tiny_rope_models() if pos_embed == "rope" else (VisionTransformer.from_config(cfg).eval(),
+                                                                 Predictor.from_config(cfg).eval())
+    fill_deterministic(pred, 5)
+    online = VisionTransformer.from_config(cfg).eval()
+    fill_deterministic(online, 6)  # encoder and target_encoder differ, so weights= is seen
+    ckpt = _write_tubelet_checkpoint(tmp_path / "t.pt", cfg, online, enc, pred)
+    official = tmp_path / "official.pth.tar"
+    assert export_main([f"checkpoint={ckpt}", "format=official", f"out={official}"]) == 0
+    raw = torch.load(official, weights_only=True)
+    assert "module.backbone.blocks.0.attn.qkv.weight" in raw["encoder"]
+    assert "module.backbone.predictor_blocks.1.mlp.fc2.bias" in raw["predictor"]
+    assert raw["predictor"]["module.backbone.mask_tokens.1"].shape == (1, 1, 64)
+    assert ("module.backbone.pos_embed" in raw["target_encoder"]) == (pos_embed == "sincos")
+    clips, keep, tgt = rope_inputs()
+    for weights, source in (("target_encoder", enc), ("encoder", online)):
+        state = import_official(official, cfg, weights)
+        back = VisionTransformer.from_config(cfg).eval()
+        back.load_state_dict(state["target_encoder"])
+        back_pred = Predictor.from_config(cfg).eval()
+        back_pred.load_state_dict(state["predictor"])
+        with torch.no_grad():
+            torch.testing.assert_close(back(clips, keep=keep), source(clips, keep=keep), atol=0, rtol=0)
+            ctx = source(clips, keep=keep)
+            torch.testing.assert_close(back_pred(ctx, keep, tgt, 1), pred(ctx, keep, tgt, 1), atol=0, rtol=0)
+
+
+def test_official_import_errors(tmp_path, capsys):
+    from model.imports import import_official, main as import_main
+    from model.layouts import LayoutError
+    cfg = ModelConfig(size="tiny", **ROPE_TINY)  # sincos
+    enc, pred = VisionTransformer.from_config(cfg), Predictor.from_config(cfg)
+    ckpt = _write_tubelet_checkpoint(tmp_path / "t.pt", cfg, enc, enc, pred)
+    from model.exports import export_official
+    official = export_official(ckpt, tmp_path / "official.pt")
+    shallow = ModelConfig(size="tiny", **{**ROPE_TINY, "predictor_depth": 1})
+    with pytest.raises(LayoutError, match="the predictor has 2 blocks, the config's predictor_depth is 1"):
+        import_official(official, shallow)
+    with pytest.raises(LayoutError, match="rotary positions"):
+        import_official(official, ModelConfig(size="tiny", pos_embed="rope", **ROPE_TINY))
+    with pytest.raises(LayoutError, match="not the sin-cos table"):
+        import_official(official, ModelConfig(size="tiny", uniform_power=False, **ROPE_TINY))
+    out = tmp_path / "never.pt"
+    assert import_main([str(official), f"out={out}"]) == 2  # no release=
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "release=NAME" in err[0] and str(official) in err[0]
+    assert import_main([str(official), f"out={out}", "release=vjepa2-vitl"]) == 2  # a tiny file, not ViT-L
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(official) in err[0], err
+    assert not out.exists()
+
+
+def test_releases_name_the_official_architectures():
+    from model.releases import RELEASES, release_config
+    g = release_config("vjepa2-vitg")
+    assert (g.encoder_shape, g.mlp_hidden, g.pos_embed, g.img_size, g.num_frames) == ((1408, 40, 22), 6144, "rope",
+                                                                                        256, 64)
+    assert release_config("vjepa2-vitl").encoder_shape == (1024, 24, 16)
+    assert release_config("vjepa2-vith").encoder_shape == (1280, 32, 16)
+    assert release_config("vjepa2-vitg-384").img_size == 384
+    assert all((c := release_config(n)).predictor_width == 384 and c.predictor_depth == 12
+               and c.predictor_num_heads == 12 and c.num_mask_types == 10 for n in RELEASES)
+    with pytest.raises(ValueError, match="unknown release"):
+        release_config("vjepa3")
