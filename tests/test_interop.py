@@ -7,6 +7,8 @@ rope_inputs): the official code is not needed to run these tests.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -336,3 +338,30 @@ def test_releases_name_the_official_architectures():
                and c.predictor_num_heads == 12 and c.num_mask_types == 10 for n in RELEASES)
     with pytest.raises(ValueError, match="unknown release"):
         release_config("vjepa3")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# init_from: a new run from imported weights
+
+
+def test_init_from_loads_the_imported_weights_and_checks_the_model_config(tmp_path):
+    from common.torch_file import CheckpointError
+    from model.vjepa import VJEPA
+    from train.init_from import initialise
+    cfg = ModelConfig(size="tiny", pos_embed="rope", **ROPE_TINY)
+    enc, pred = tiny_rope_models()
+    ckpt = _write_tubelet_checkpoint(tmp_path / "imported.pt", cfg, enc, enc, pred)
+    model = VJEPA.from_config(dataclasses.replace(cfg, activation_checkpointing=True))  # how it trains may differ
+    initialise(model, model.encoder.config, ckpt)
+    for part, source in (("encoder", enc), ("target_encoder", enc), ("predictor", pred)):
+        for (name, a), (_, b) in zip(getattr(model, part).state_dict().items(), source.state_dict().items()):
+            assert torch.equal(a, b), (part, name)
+    other = VJEPA.from_config(dataclasses.replace(cfg, pos_embed="sincos"))
+    with pytest.raises(CheckpointError, match="pos_embed: 'rope' there, 'sincos' here"):
+        initialise(other, dataclasses.replace(cfg, pos_embed="sincos"), ckpt)
+
+
+def test_train_config_has_init_from():
+    from common.config import load_config
+    from train.config import TrainConfig
+    assert load_config(TrainConfig, overrides=["init_from=x.pt"]).init_from == "x.pt"

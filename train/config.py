@@ -130,6 +130,9 @@ class TrainConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     run_dir: str = "runs/train"  # config.yaml, losses.jsonl and checkpoints/; resumed from when present
+    # a checkpoint (tubelet-import of released weights, or another run's) whose weights a new run starts from, with
+    # a fresh optimizer; ignored once run_dir has checkpoints of its own (train/init_from.py)
+    init_from: str = ""
     seed: int = 0  # model init (the data order, crops and masks follow data.seed)
     deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable runs and resumes
     nonfinite: str = "stop"  # a NaN/inf loss or grad norm: stop (error naming the step) | skip (the update)

@@ -42,6 +42,7 @@ from shards.manifest import ManifestError
 from train import checkpoint, dist
 from train.config import TrainConfig
 from train.faults import Faults
+from train.init_from import initialise
 from train.metrics import build_metrics
 from train.plots import plot_losses, try_plot
 from train.runlog import RunLog, trim_losses
@@ -166,6 +167,8 @@ def run(cfg: TrainConfig) -> Dict:
         stack.callback(loader.close)
         config = to_dict(cfg)
         step, skipped = checkpoint.resume(p, loader, ckpt_dir, config)
+        if step == 0 and cfg.init_from:  # a new run from given weights; a resume keeps its own
+            initialise(p.model, cfg.model, cfg.init_from)
         n = dist.assert_same_across_ranks(p.named_weights())
         if env.is_main:
             atomic_write(run_dir / "config.yaml", to_yaml(cfg))
