@@ -91,7 +91,8 @@ class ModelConfig:
         if self.pos_embed == "rope":
             for name, dim, heads in (("width", self.encoder_width, self.encoder_shape[2]),
                                      ("predictor_width", self.predictor_width, self.predictor_num_heads)):
-                check(dim // heads >= 6, name, f"rope needs at least 6 channels per head, {name} {dim} / {heads} heads")
+                check(dim // heads >= 6, name,
+                      f"rope needs at least 6 channels per head, {name} {dim} / {heads} heads")
         check(self.init in ("reference", "depth_scaled"), "init", f"must be reference or depth_scaled, got {self.init!r}")
         if not self.uniform_power:
             # The non-uniform sin-cos split gives t D/2 and h, w D/4 channels each; all must be even.

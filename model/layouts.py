@@ -9,7 +9,6 @@ the order `Attention.forward` splits them in).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 
 import torch
@@ -179,10 +178,6 @@ def check_shapes(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch
         if tuple(state[key].shape) != tuple(expected[key].shape):
             raise LayoutError(f"{where}: {key} has shape {tuple(state[key].shape)}, the config's model needs "
                               f"{tuple(expected[key].shape)}")
-
-
-def config_dict(cfg: ModelConfig) -> dict:
-    return dataclasses.asdict(cfg)
 
 
 
