@@ -984,3 +984,27 @@ def test_gradients_are_clipped_only_after_clip_start(monkeypatch):
         train_step(parts, batch, step)
         assert len(clipped) == 2 * max(0, step - 3)  # encoder and predictor, each, from step 4 on
     assert set(clipped) == {0.5}
+
+
+def test_init_from_starts_a_new_run_from_another_checkpoints_weights(reference, small_shards, tmp_path):
+    """init_from: step 1 of a new run (fresh optimizer: one step in its state) from the given weights. With an LR
+    of at most 1e-9 an AdamW update moves each weight by about that much, so the weights after it are the source's
+    to 1e-6, and far from the source run's own checkpoint 4 updates before."""
+    source = checkpoint.path_for(reference / "checkpoints", STEPS)
+    run_dir = tmp_path / "from"
+    summary = run(cfg_for(small_shards, run_dir, f"init_from={source}", "optim.start_lr=0.0", "optim.lr=1e-9",
+                          "optim.final_lr=0.0", "schedule.stop_at=1"))
+    assert (summary["first_step"], summary["step"]) == (0, 1)
+    got = torch.load(checkpoint.path_for(run_dir / "checkpoints", 1), weights_only=True)
+    want = torch.load(source, weights_only=True)
+    earlier = torch.load(checkpoint.path_for(reference / "checkpoints", 2), weights_only=True)
+    for part in ("encoder", "predictor"):
+        for k, v in want[part].items():
+            torch.testing.assert_close(got[part][k], v, atol=1e-6, rtol=0, msg=f"{part}.{k}")
+        assert any((earlier[part][k] - v).abs().max() > 1e-4 for k, v in want[part].items())
+    assert all(int(s["step"]) == 1 for s in got["optimizer"]["state"].values())
+    assert losses(run_dir)[0][1] != losses(reference)[0][1]  # not the random init's first loss
+    # once the run has its own checkpoint it resumes from it, not from init_from
+    again = run(cfg_for(small_shards, run_dir, f"init_from={source}", "optim.start_lr=0.0", "optim.lr=1e-9",
+                        "optim.final_lr=0.0", "schedule.stop_at=2"))
+    assert (again["first_step"], again["step"]) == (1, 2)
