@@ -10,6 +10,9 @@ keep their real positions.
 The frequencies are the official ones including its quirk: the D/2 angles of a part are laid out as
 [f_0 .. f_{D/2-1}, f_0 .. f_{D/2-1}] while the rotation pairs channels (2i, 2i+1), so a pair's two channels see
 different angles. Released V-JEPA 2 weights were trained with it, so it is kept (their code notes the same).
+The angles are computed in float32 and the cos / sin tables rounded to the queries' dtype; the official code
+computes them in the queries' dtype (bf16 under autocast), so bf16 outputs differ from it at bf16 rounding, fp32
+outputs not at all (tests/test_interop.py).
 """
 
 from __future__ import annotations
