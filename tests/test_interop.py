@@ -365,3 +365,15 @@ def test_train_config_has_init_from():
     from common.config import load_config
     from train.config import TrainConfig
     assert load_config(TrainConfig, overrides=["init_from=x.pt"]).init_from == "x.pt"
+
+
+def test_release_configs_survive_the_hf_config_round_trip():
+    """A release's architecture -> config.json fields -> the same ModelConfig (ViT-g's 22 heads and 48/11 ratio:
+    int(1408 * ratio) is 6144 both ways)."""
+    from model.layouts import hf_to_model_config, model_config_to_hf
+    from model.releases import RELEASES, release_config
+    for name in RELEASES:
+        cfg = release_config(name)
+        assert hf_to_model_config({"model_type": "vjepa2", **model_config_to_hf(cfg)}, name) == cfg, name
+    hf_g = model_config_to_hf(release_config("vjepa2-vitg"))
+    assert int(hf_g["hidden_size"] * hf_g["mlp_ratio"]) == 6144 and hf_g["num_attention_heads"] == 22
