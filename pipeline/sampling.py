@@ -6,14 +6,17 @@ stream, with any number of data workers, and with another number of ranks the re
 served exactly once. DALI's own checkpointing cannot do this (its video decoder refuses checkpointing).
 
 Order, two kinds (`data.shuffle`):
-- global: a permutation of the whole dataset per epoch. Every rank reads from every shard: right for a local
-  set, wrong for a remote one far larger than a node's disk.
+- global: a permutation of the whole dataset per epoch, evaluated per position (`PermutedOrder`: no array of
+  the set's size). Every rank reads from every shard: right for a local set, wrong for a remote one far larger
+  than a node's disk.
 - window (the default for remote sets): the shards are permuted per epoch and their samples, in that order, cut
   into `partitions` equal ranges (the canonical nodes); each range is shuffled within windows of about
   `window` shards' samples, and the ranges are interleaved: position g is sample g // C of partition g % C.
   When the number of nodes N divides C, node n takes the positions g = n (mod N) of every step, so it reads
   only the partitions p = n (mod N): about 1/N of the shards, each about once per epoch, a window at a time.
   The order depends on (seed, epoch, C, window), never on the number of ranks, so exact and elastic resume hold.
+Both orders are built from per-shard sample counts only (rows numbered shard after shard); a row's geometry is
+looked up when a step draws it, so a plan of 22M samples holds arrays of its shards, never of its samples.
 Steps: each step takes the next `world_size * batch_size` positions (a prefix of the epoch's order is always
 what has been consumed); rank r takes a contiguous slice of them (window order: of its node's share). The last
 step of an epoch may be short: its samples are spread evenly over the ranks (sizes differ by at most one), so

@@ -167,6 +167,10 @@ class SplitIndex:
         r, i = self._at(row)
         return r.keys[i]
 
+    def ext(self, row: int) -> str:
+        r, i = self._at(row)
+        return r.exts[i]
+
     def nframes(self, row: int) -> int:
         r, i = self._at(row)
         return int(r.nframes[i])

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.files import atomic_open, is_local, join, sha256_file, url_to_fs
+from common.files import atomic_open, is_local, join, publish, sha256_file, temp_path, url_to_fs
 from shards.wds import parse_index
 
 MANIFEST = "manifest.parquet"  # the shards of the set, written last
@@ -145,9 +145,9 @@ class ManifestWriter:
 
     def __init__(self, root: str):
         self.root = root
-        self._files = contextlib.ExitStack()
-        self._out = self._files.enter_context(atomic_open(join(root, SAMPLES)))
-        self._writer = pa.ipc.new_file(self._out, SAMPLE_SCHEMA, options=pa.ipc.IpcWriteOptions(compression="zstd"))
+        self._tmp = temp_path(join(root, SAMPLES))  # local (beside a local set): published by `close`
+        self._writer = pa.ipc.new_file(self._tmp, SAMPLE_SCHEMA, options=pa.ipc.IpcWriteOptions(compression="zstd"))
+        self._open = True
         self._rows = 0
         self.shards: List[Dict[str, Any]] = []
 
@@ -175,9 +175,13 @@ class ManifestWriter:
         return self._rows
 
     def close(self, rejects: List[Dict[str, Any]], meta: Dict[str, Any]) -> None:
-        """Publish samples.arrow and rejects.parquet, then manifest.parquet (the set's commit point)."""
-        self._writer.close()
-        self._files.close()
+        """Publish samples.arrow and rejects.parquet, then manifest.parquet (the set's commit point). Safe to call
+        again after a storage error (a retry): each file is published whole or not at all."""
+        if self._open:
+            self._writer.close()
+            self._open = False
+        if os.path.exists(self._tmp):
+            publish(self._tmp, join(self.root, SAMPLES))
         write_table_atomic(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), join(self.root, REJECTS))
         meta = dict(meta, format_version=FORMAT_VERSION, rows=self._rows)
         write_table_atomic(pa.Table.from_pylist(self.shards, schema=SHARD_SCHEMA), join(self.root, MANIFEST), meta)
@@ -186,7 +190,8 @@ class ManifestWriter:
         """Publish nothing; the temp file of samples.arrow is removed."""
         with contextlib.suppress(Exception):
             self._writer.close()
-        self._files.__exit__(ManifestError, ManifestError("aborted"), None)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)
 
 
 def write_manifest(root: str, rows: List[Dict[str, Any]], shards: List[Dict[str, Any]],
