@@ -626,3 +626,51 @@ def test_the_copy_out_of_dali_is_ordered_with_the_training_stream():
     assert rec.log == []
     with pytest.raises(ValueError, match="explicit GPU"):
         CudaHandoff(torch.device("cuda"), cuda=rec, empty=rec.empty)
+
+
+def test_global_order_is_a_permutation_evaluated_per_position():
+    """The global order is a bijection of [0, n) per epoch, a pure function of (seed, epoch, position), another
+    per epoch and seed, with no array of n."""
+    from pipeline.sampling import PermutedOrder
+
+    for n in (1, 2, 3, 7, 1000, 4097):
+        order = PermutedOrder(n, seed=3, epoch=1)
+        rows = order.map(np.arange(n))
+        assert sorted(rows.tolist()) == list(range(n))
+        assert [order[g] for g in range(0, n, max(1, n // 7))] == rows[::max(1, n // 7)].tolist()
+    a, b = PermutedOrder(1000, 3, 1).map(np.arange(1000)), PermutedOrder(1000, 3, 2).map(np.arange(1000))
+    assert (a != b).mean() > 0.9 and (a != PermutedOrder(1000, 4, 1).map(np.arange(1000))).mean() > 0.9
+    assert np.corrcoef(np.arange(1000), a)[0, 1] ** 2 < 0.01  # no trace of the input order
+
+
+class _Rows:
+    """A set of `n` samples that answers a row's geometry on demand, as a SplitIndex does."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, row):
+        assert 0 <= row < self.n
+        return 40, 64, 64
+
+
+@pytest.mark.parametrize("shuffle", ["global", "window"])
+def test_a_plan_of_a_billion_samples_holds_no_array_of_them(shuffle):
+    """A plan is built from per-shard counts: a billion samples in a million shards plan their first steps (and
+    what to prefetch) in a few MB, on any rank."""
+    import tracemalloc
+
+    n, shards = 10**9, 10**6
+    tracemalloc.start()
+    plan = Plan(_Rows(n), batch_size=8, rank=5, world_size=16, ranks_per_node=8, seed=1, shuffle=shuffle,
+                shard_counts=np.full(shards, n // shards))
+    steps = [next(plan) for _ in range(3)]
+    upcoming = plan.upcoming_rows(4)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 64 * 2**20, peak  # the shard arrays (8 MB each), never 8 GB of rows
+    rows = [r for b in steps for r in b.rows] + upcoming
+    assert len(rows) == 7 * 8 and len(set(rows)) == len(rows) and all(0 <= r < n for r in rows)
