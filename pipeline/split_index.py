@@ -32,9 +32,9 @@ from pipeline.store import ShardStore
 from shards.manifest import SAMPLES, CorruptSample, ManifestError, read_set_index
 
 # the columns a loader reads per shard (the others, source paths and the like, stay in the file)
-_ROW_COLUMNS = ("key", "ext", "video_offset", "video_size", "video_crc32", "nframes", "fps", "height", "width",
+_ROW_COLUMNS = ("key", "shard", "ext", "video_offset", "video_size", "video_crc32", "nframes", "fps", "height", "width",
                 "label_index")
-_KEEP_SHARDS = 64  # decoded shards kept per process: a node's windows (8 partitions x 4 shards) with room
+_KEEP_SHARDS = 256  # decoded shards kept per process (~60 kB each): a node's windows (8 partitions x 4 shards)
 
 
 @dataclass
@@ -65,12 +65,14 @@ class _Samples:
                 self._source = pa.memory_map(path)  # pages read when touched: a batch costs its bytes
             else:  # ranged reads of what is asked for, not fsspec's read-ahead blocks
                 self._source = fs.open(path, "rb", block_size=1 << 16)
-            self._reader = pa.ipc.open_file(self._source)
+            names = pa.ipc.open_file(self._source).schema.names
+            # only the loader's columns of a shard's batch are read (the source paths and the like stay on disk)
+            opts = pa.ipc.IpcReadOptions(included_fields=[names.index(c) for c in _ROW_COLUMNS])
+            self._reader = pa.ipc.open_file(self._source, options=opts)
         except FileNotFoundError:
             raise ManifestError(f"{root} has a manifest.parquet but no {SAMPLES}: the set is damaged; rebuild it "
                                 "with `make shards`") from None
-        names = self._reader.schema.names
-        self._fields = [names.index(c) for c in _ROW_COLUMNS]
+        self._names = names
         self._lock = threading.Lock()
 
     @property
@@ -84,7 +86,7 @@ class _Samples:
     def column(self, name: str) -> pa.ChunkedArray:
         """One column of every sample, read by itself (only its buffers are read)."""
         fs, path = self.fs, self.path
-        opts = pa.ipc.IpcReadOptions(included_fields=[self._reader.schema.names.index(name)])
+        opts = pa.ipc.IpcReadOptions(included_fields=[self._names.index(name)])
         source = pa.memory_map(path) if is_local(fs) else fs.open(path, "rb", block_size=1 << 16)
         try:
             return pa.ipc.open_file(source, options=opts).read_all().column(name)
