@@ -41,8 +41,8 @@ _KEEP_SHARDS = 256  # decoded shards kept per process (~60 kB each): a node's wi
 class ShardRows:
     """One shard's samples, as arrays."""
 
-    keys: List[str]
-    exts: List[str]
+    keys: pa.Array  # strings, turned into Python ones only for the rows read (a global order reads a few a shard)
+    exts: pa.Array
     offsets: np.ndarray
     sizes: np.ndarray
     crc32: np.ndarray  # of each video's bytes, as the manifest recorded them
@@ -147,7 +147,7 @@ class SplitIndex:
                                 "not belong together; rebuild it with `make shards`")
         col = lambda name: b.column(b.schema.get_field_index(name))  # noqa: E731
         num = lambda name: col(name).to_numpy(zero_copy_only=False)  # noqa: E731
-        rows = ShardRows(col("key").to_pylist(), col("ext").to_pylist(), num("video_offset"), num("video_size"),
+        rows = ShardRows(col("key"), col("ext"), num("video_offset"), num("video_size"),
                          num("video_crc32"), num("nframes"), num("fps"), num("height"), num("width"),
                          col("label_index").fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64))
         with self._lock:
@@ -167,11 +167,11 @@ class SplitIndex:
 
     def key(self, row: int) -> str:
         r, i = self._at(row)
-        return r.keys[i]
+        return r.keys[i].as_py()
 
     def ext(self, row: int) -> str:
         r, i = self._at(row)
-        return r.exts[i]
+        return r.exts[i].as_py()
 
     def nframes(self, row: int) -> int:
         r, i = self._at(row)
@@ -229,10 +229,11 @@ class SplitIndex:
         """The encoded video of split row `row`, checked against its CRC-32 (CorruptSample when it differs)."""
         s, i = self.locate(row)
         r, shard = self.shard_rows(s), self.shards[s]
-        data = store.read(shard, int(r.offsets[i]), int(r.sizes[i]), f"{r.keys[i]}.{r.exts[i]}",
+        key = r.keys[i].as_py()
+        data = store.read(shard, int(r.offsets[i]), int(r.sizes[i]), f"{key}.{r.exts[i].as_py()}",
                           self.shard_bytes[shard], self.shard_sha256[shard])
         if zlib.crc32(data) != int(r.crc32[i]):
-            raise CorruptSample(self.root, shard, r.keys[i])
+            raise CorruptSample(self.root, shard, key)
         return data
 
 
