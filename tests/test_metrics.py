@@ -759,6 +759,21 @@ def wait_for(what, timeout: float, poll: float = 0.5):
     return value
 
 
+def wait_exit(job: subprocess.Popen, log, quiet_s: float = 240, limit_s: float = 1800) -> int:
+    """The job's exit status, however slow the machine: it may take as long as it keeps writing its log; it fails
+    only after `quiet_s` seconds without a new byte in `log` (a hung job) or `limit_s` in all."""
+    deadline, size, heard = time.monotonic() + limit_s, -1, time.monotonic()
+    while (code := job.poll()) is None:
+        now, grown = time.monotonic(), log.stat().st_size if log.exists() else 0
+        if grown != size:
+            size, heard = grown, now
+        if now - heard > quiet_s or now > deadline:
+            raise AssertionError(f"the job neither ended nor logged for {now - heard:.0f} s:\n"
+                                 + log.read_text()[-3000:])
+        time.sleep(0.5)
+    return code
+
+
 def rank_pids(job: subprocess.Popen) -> dict:
     """RANK -> pid of torchrun's worker processes (its children, in sessions of their own)."""
     out = {}
@@ -786,7 +801,7 @@ def test_a_nan_stop_reaches_prometheus_fires_its_alerts_and_reaches_the_webhook(
     log = tmp_path / "train.log"
     job = torchrun(tmp_path, small_shards, base, log, env={"TUBELET_FAULT_NAN": "3"})
     try:
-        assert job.wait(timeout=150) != 0, log.read_text()[-3000:]
+        assert wait_exit(job, log) != 0, log.read_text()[-3000:]
         assert "non-finite loss or gradient at step 3" in log.read_text()
         stopped = wait_for(lambda: firing(p, "TubeletNonFiniteStop"), 60)
         assert stopped, log.read_text()[-3000:]
@@ -867,7 +882,7 @@ def test_a_slow_loader_fires_the_data_stall_alert_and_the_end_of_the_run_is_scra
     try:
         stall = wait_for(lambda: firing(p, "TubeletDataStall"), 120)
         assert stall and stall[0]["run"] == "slow", log.read_text()[-3000:]
-        assert job.wait(timeout=150) == 0, log.read_text()[-3000:]
+        assert wait_exit(job, log) == 0, log.read_text()[-3000:]
         at = time.time()
         final = {name: [float(r["value"][1]) for r in p.query(f"last_over_time({name}[1m])", at)]
                  for name in ("tubelet_train_step", "tubelet_train_checkpoint_step", "tubelet_train_running")}
