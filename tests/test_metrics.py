@@ -674,9 +674,9 @@ def test_dashboards_and_rules_on_two_exporters(tmp_path):
     p = Prometheus(tmp_path, [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"])
     procs = []
     try:
-        procs = [subprocess.Popen([sys.executable, "-c", FEEDER, str(r), str(base), "60"], cwd=ROOT)
-                 for r in (0, 1)]
-        check_dashboards_against(p, procs, ["0", "1"], timeout=50, run="feeder")
+        procs = [subprocess.Popen([sys.executable, "-c", FEEDER, str(r), str(base), "900"], cwd=ROOT)
+                 for r in (0, 1)]  # they feed until the panels are seen (or the bound), then are stopped
+        check_dashboards_against(p, procs, ["0", "1"], timeout=300, run="feeder")
     finally:
         for q in procs:
             q.terminate()
@@ -716,7 +716,7 @@ def test_dashboards_and_rules_on_a_torchrun_training_run(tmp_path, small_shards)
     p = Prometheus(tmp_path, [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"])
     job = torchrun(tmp_path, small_shards, base, tmp_path / "train.log")
     try:
-        check_dashboards_against(p, [job], ["0", "1"], timeout=150, log=tmp_path / "train.log")
+        check_dashboards_against(p, [job], ["0", "1"], timeout=400, log=tmp_path / "train.log")
         # the trainer's numbers as Prometheus has them: 2 clips per step on each rank, checkpoints on rank 0
         at = time.time()
         per_step = p.query("tubelet_train_clips_total / tubelet_train_steps_total", at)
