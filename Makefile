@@ -18,10 +18,10 @@ STAMP := $(VENV)/.tubelet-setup
 ARGS ?=
 
 .PHONY: setup ffmpeg-tool prometheus-tool sample shards sample-shards train probe proof test test-fast test-gpu gpu-check \
-	demo-images bench-shards bench-loader bench-gpu bench-remote bench-train monitor demo clean help
+	demo-images bench-shards bench-loader bench-gpu bench-remote bench-scale bench-train monitor demo clean help
 
 help:
-	@echo "make setup | demo | demo-images | test | test-fast | test-gpu | gpu-check | sample | shards | train | probe | proof | monitor | bench-shards | bench-loader | bench-train | bench-gpu | bench-remote   (ARGS='key=value ...'; ARGS=--help lists the keys; SETUP= skips the install)"
+	@echo "make setup | demo | demo-images | test | test-fast | test-gpu | gpu-check | sample | shards | train | probe | proof | monitor | bench-shards | bench-loader | bench-train | bench-gpu | bench-remote | bench-scale   (ARGS='key=value ...'; ARGS=--help lists the keys; SETUP= skips the install)"
 
 setup: $(STAMP)
 
@@ -111,6 +111,11 @@ gpu-check: $(SETUP)
 # shuffle quality of the window order. A few minutes the first time (inputs and shards are made once).
 bench-remote: $(SETUP)
 	$(PY) -m benchmarks.bench_remote $(ARGS)
+
+# A rank's start-up, memory and bytes read on a big synthetic set (sparse shards), the merge and verify, each in a
+# fresh process: ARGS="rows=1000000 today=../main-checkout s3=true --json FILE" (BENCHMARKS.md).
+bench-scale: $(SETUP)
+	$(PY) -m benchmarks.bench_scale $(ARGS)
 
 # Prometheus on 127.0.0.1:9090 scraping local training (ranks on 127.0.0.1:19400..19407) and sharding
 # (127.0.0.1:19390), with Alertmanager on 127.0.0.1:9093; data in runs/prometheus and runs/alertmanager.

@@ -194,8 +194,8 @@ def legacy_row(name: str, cfg: LoaderConfig, n: int, pipelines: int, files: Path
     for b in range((n + 2) * pipelines):
         bp = next(plan)
         for row, rec in zip(bp.rows, bp.records):
-            start = min(rec.start, max(0, int(idx.nframes[row]) - span))  # the reader has no edge padding
-            per_pipe[b % pipelines].append((files / f"{idx.keys[row]}.{idx.exts[row]}", start, start + span, rec))
+            start = min(rec.start, max(0, idx.nframes(row) - span))  # the reader has no edge padding
+            per_pipe[b % pipelines].append((files / f"{idx.key(row)}.{idx.ext(row)}", start, start + span, rec))
     mean = [255 * m for m in IMAGENET_MEAN]
     std = [255 * s for s in IMAGENET_STD]
     pipes = []
@@ -240,8 +240,8 @@ def write_files(idx, root: str, folder: Path) -> None:
     """Each sample's video as a file of its own (the readers that take paths), once."""
     store = ShardStore(root)
     folder.mkdir(parents=True, exist_ok=True)
-    for r, key in enumerate(idx.keys):
-        path = folder / f"{key}.{idx.exts[r]}"
+    for r in range(len(idx)):
+        path = folder / f"{idx.key(r)}.{idx.ext(r)}"
         if not path.exists():
             path.write_bytes(idx.read_video(store, r))
 
@@ -258,13 +258,13 @@ def pynvvideocodec_row(name: str, cfg: LoaderConfig, n: int, threads: int, files
     write_files(idx, cfg.root, files)
     stride = idx.stride_for(cfg.frame_stride)
     plan = plan_for(idx, cfg)
-    dims = (int(idx.widths.max()), int(idx.heights.max()))
+    dims = (int(idx.column("width").max()), int(idx.column("height").max()))
     local = threading.local()
 
     def clip(row: int, rec) -> Tuple[torch.Tensor, torch.cuda.Event]:
         if not hasattr(local, "stream"):
             local.stream, local.decoder = torch.cuda.Stream(dev), None
-        path = str(files / f"{idx.keys[row]}.{idx.exts[row]}")
+        path = str(files / f"{idx.key(row)}.{idx.ext(row)}")
         with torch.cuda.stream(local.stream):
             if local.decoder is None:
                 local.decoder = nvc.SimpleDecoder(path, gpu_id=dev.index, cuda_stream=local.stream.cuda_stream,
@@ -272,7 +272,7 @@ def pynvvideocodec_row(name: str, cfg: LoaderConfig, n: int, threads: int, files
                                                   output_color_type=nvc.OutputColorType.RGB)
             else:
                 local.decoder.reconfigure_decoder(path)
-            wanted = frame_indices(rec.start, int(idx.nframes[row]), cfg.num_frames, stride)
+            wanted = frame_indices(rec.start, idx.nframes(row), cfg.num_frames, stride)
             distinct = sorted(set(wanted))
             got = local.decoder.get_batch_frames_by_index(distinct)
             frames = torch.stack([torch.from_dlpack(f) for f in got])  # [F, H, W, 3] uint8, a copy
@@ -292,7 +292,7 @@ def pynvvideocodec_row(name: str, cfg: LoaderConfig, n: int, threads: int, files
             yield SimpleNamespace(clips=torch.stack([c for c, _ in made]).to(torch.bfloat16), bp=bp)
 
     def decoded(b) -> int:
-        return sum(decoded_frames(r.start, int(idx.nframes[row]), cfg.num_frames, stride, idx.keyframe_interval)
+        return sum(decoded_frames(r.start, idx.nframes(row), cfg.num_frames, stride, idx.keyframe_interval)
                    for row, r in zip(b.bp.rows, b.bp.records))
 
     try:

@@ -233,7 +233,7 @@ def shuffle_quality(args: BenchRemoteConfig) -> List[Dict]:
                                                                          "partitions": c})
                                   for c in (1, 8) for w in (1, 4, 16)]]
     for name, kw in variants:
-        plan = Plan(geom, batch_size=batch, seed=0, shard_of_row=shard_of_row, **kw)
+        plan = Plan(geom, batch_size=batch, seed=0, shard_counts=np.bincount(shard_of_row), **kw)
         distinct, runs = [], []
         for _ in range(n // batch):
             lab = labels[next(plan).rows]

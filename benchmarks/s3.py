@@ -66,6 +66,7 @@ class FaultyProxy:
         self.fault = fault
         self.stall_s = 30.0
         self.requests = 0
+        self.bytes_sent = 0  # response bodies forwarded to the clients
         self.faults: Dict[str, int] = {}
         self._lock = threading.Lock()
         proxy = self
@@ -122,6 +123,8 @@ class FaultyProxy:
                     self.wfile.write(data[len(data) // 2:])
                     return
                 if self.command != "HEAD":
+                    with proxy._lock:
+                        proxy.bytes_sent += len(data)
                     self.wfile.write(data)
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any

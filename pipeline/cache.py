@@ -16,6 +16,7 @@ readable (POSIX); readers open per read, so the disk space comes back at once.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import fcntl
 import logging
 import os
@@ -235,3 +236,24 @@ def needed_shards(rows: List[int], shards: Sequence[str], shard_bytes: Dict[str,
         if name not in seen:
             seen[name] = shard_bytes[name]
     return list(seen.items())
+
+
+def node_copy(fs, url: str, folder: str) -> str:
+    """A local copy of the small remote file `url` (a set's manifest) in the node's cache `folder`, downloaded once
+    per node: the node's processes take a file lock and the first downloads it; the others find it there. The
+    copy is named by the object's size and version tag (ETag, else its modification time), so a set rewritten
+    at the same URL is fetched anew. One metadata request per process, one GET per node."""
+    path = fs._strip_protocol(url) if hasattr(fs, "_strip_protocol") else url
+    info = fs.info(path)
+    tag = str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
+    digest = hashlib.sha1(f"{info.get('size')}:{tag}".encode()).hexdigest()[:16]
+    final = os.path.join(folder, f".{os.path.basename(path)}.{digest}")
+    with _flock(final + ".lock"):
+        if os.path.exists(final) and os.path.getsize(final) == info.get("size"):
+            return final
+        part = final + ".tmp"
+        fs.get_file(path, part)
+        if os.path.getsize(part) != info.get("size"):
+            raise CacheError(f"{url} changed while it was read: try again")
+        os.replace(part, final)
+    return final

@@ -43,7 +43,7 @@ class LoaderConfig:
     prefetch_steps: int = 64  # how far ahead the plan is read for downloads (within 3/4 of the cache)
     retries: int = 6  # storage calls (downloads, manifest) tried this often on transient errors
     retry_backoff_s: float = 0.5  # first wait between tries, doubled each time (jittered, at most 30 s)
-    verify_hashes: bool = False  # sha256 every shard at start (slow on big sets; sizes are always checked)
+    verify_hashes: bool = False  # also sha256 each shard when first read (sizes are always checked then)
     # a sample whose bytes fail their CRC-32: skip (replaced by a repeat of another sample of its batch, flagged
     # padded, counted and logged with its key and shard) or fail (the run stops naming it). Never trained on.
     on_corrupt: str = "skip"

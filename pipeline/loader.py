@@ -128,7 +128,7 @@ class VideoLoader:
                  world_size: int = 1, local_rank: int = 0, local_world_size: int = 1, train: bool = True,
                  on_batch: Optional[Callable[[LoaderStats], None]] = None):
         self.cfg, self.grid, self.train = cfg, grid, train
-        self.index: SplitIndex = open_split(cfg.root, cfg.split, cfg.verify_hashes, cfg.retry_policy())
+        self.index: SplitIndex = open_split(cfg.root, cfg.split, cfg.verify_hashes, cfg.retry_policy(), cfg.cache_dir)
         self.store = store_for(cfg)
         self.device = resolve_device(cfg.device, local_rank, key="data.device")
         self._handoff = CudaHandoff(self.device) if self.device.type == "cuda" else None
@@ -140,7 +140,9 @@ class VideoLoader:
         if self.images and cfg.num_frames != 1:
             raise LoaderError(f"{cfg.root} is an image set: clips have one frame, set data.num_frames=1 (the "
                               "model: num_frames=1 tubelet_size=1)")
-        self._state = plan_for(self.index, cfg, **self._plan_args).state_dict()
+        # the loader's one plan (O(shards)): the feeder runs it; between runs it only validates states
+        self._plan = plan_for(self.index, cfg, **self._plan_args)
+        self._state = self._plan.state_dict()
         # DALI CPU threads: the cores this process may use, shared with the other ranks on this host; never pinned
         # (set_affinity=False), so ranks do not pile onto the same cores
         self.threads = cfg.threads or max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
@@ -151,16 +153,16 @@ class VideoLoader:
 
     @property
     def steps_per_epoch(self) -> int:
-        return plan_for(self.index, self.cfg, **self._plan_args).steps_per_epoch
+        return self._plan.steps_per_epoch
 
     def state_dict(self) -> dict:
         """(epoch, position) of what the consumer has received: batches in flight are not counted."""
         return dict(self._state)
 
     def load_state_dict(self, state: dict) -> None:
-        plan_for(self.index, self.cfg, **self._plan_args).load_state_dict(state)  # validates
+        self._close_pipe()  # the feeder stops using the plan
+        self._plan.load_state_dict(state)  # validates
         self._state = dict(state)
-        self._close_pipe()
 
     # -- DALI --------------------------------------------------------------------------------------
 
@@ -171,7 +173,7 @@ class VideoLoader:
         gpu = self.device.type == "cuda"
         self._inflight: Deque[_Fed] = deque()
         self._feed_error: Optional[Exception] = None
-        self._feeder = _Feeder(self, plan_for(self.index, cfg, **self._plan_args), self._state, depth=cfg.prefetch + 1)
+        self._feeder = _Feeder(self, self._plan, self._state, depth=cfg.prefetch + 1)
         mean = [255 * m for m in IMAGENET_MEAN]
         std = [255 * s for s in IMAGENET_STD]
 
@@ -229,7 +231,7 @@ class VideoLoader:
         shards and checked, the sampling records as arrays, the masks (in pinned memory for a GPU)."""
         t0 = time.perf_counter()
         if self.store.cache is not None:  # remote: download what the next steps read, ahead and in parallel
-            self.store.prefetch(bp.rows, plan.upcoming_rows(self.cfg.prefetch_steps), self.index.shards,
+            self.store.prefetch(bp.rows, plan.upcoming_rows(self.cfg.prefetch_steps), self.index.shard_of,
                                 self.index.shard_bytes)
         before = self.store.bytes_read
         bp, videos, corrupt = self._read_batch(bp)
@@ -243,7 +245,7 @@ class VideoLoader:
             roi1 = [np.array((r.crop[0] + r.crop[2], r.crop[1] + r.crop[3]), np.float32) for r in recs]
         return _Fed(bp, videos, [np.array(r.start, np.int32) for r in recs], roi0, roi1,
                     [np.array(int(r.flip), np.int32) for r in recs], masks,
-                    self._host(self.index.labels[bp.rows]), self._host(np.array(bp.padded, dtype=bool)),
+                    self._host(self.index.labels_of(bp.rows)), self._host(np.array(bp.padded, dtype=bool)),
                     self.store.bytes_read - before,
                     time.perf_counter() - t0, corrupt)
 
@@ -251,7 +253,7 @@ class VideoLoader:
         """Frames the decoder decodes for `batch` (from each record's start, the set's stride and keyframe
         interval: a decoder seeks to the keyframe at or before a clip's first frame); 1 per image."""
         idx, n = self.index, self.cfg.num_frames
-        return sum(decoded_frames(r.start, int(idx.nframes[row]), n, self.stride, idx.keyframe_interval)
+        return sum(decoded_frames(r.start, idx.nframes(row), n, self.stride, idx.keyframe_interval)
                    for r, row in zip(batch.records, batch.rows))
 
     def _host(self, a: np.ndarray) -> torch.Tensor:
@@ -277,7 +279,7 @@ class VideoLoader:
             return bp, videos, 0
         good = next((i for i, v in enumerate(videos) if v is not None), None)
         if good is None:
-            raise LoaderError(f"every sample of a batch is corrupt ({[self.index.keys[r] for r in bp.rows]} in "
+            raise LoaderError(f"every sample of a batch is corrupt ({[self.index.key(r) for r in bp.rows]} in "
                               f"{self.cfg.root}); rebuild the set with `make shards`")
         rows, records, padded = list(bp.rows), list(bp.records), list(bp.padded)
         for i in bad:
@@ -318,8 +320,8 @@ class VideoLoader:
             self._close_pipe()
             if feed_error is not None:
                 raise feed_error from None
-            shards = sorted({self.index.shards[r] for r in rows})
-            what = (f" while decoding one of the samples {[self.index.keys[r] for r in rows][:12]} from shards "
+            shards = sorted({self.index.shard_of[r] for r in rows})
+            what = (f" while decoding one of the samples {[self.index.key(r) for r in rows][:12]} from shards "
                     f"{shards} of {self.cfg.root}")
             raise LoaderError(f"the DALI pipeline failed{what}: {_dali_reason(e)[:300]}. "
                               "Check the set with `python -m shards.verify hashes=true "
@@ -334,7 +336,7 @@ class VideoLoader:
         batch = Batch(
             clips=clips,
             masks=masks_to(fed.masks, dev),
-            keys=[self.index.keys[r] for r in bp.rows],
+            keys=[self.index.key(r) for r in bp.rows],
             labels=fed.labels.to(dev, non_blocking=True),
             records=bp.records, padded=fed.padded.to(dev, non_blocking=True), epoch=bp.epoch, step=bp.step,
             rows=bp.rows,

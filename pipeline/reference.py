@@ -78,14 +78,14 @@ class _Batches(Dataset):
     def __getitem__(self, i: int):
         cfg, bp = self.cfg, self.plans[i]
         if self.index is None:  # opened lazily, once per worker process
-            self.index = open_split(cfg.root, cfg.split, retry=cfg.retry_policy())
+            self.index = open_split(cfg.root, cfg.split, retry=cfg.retry_policy(), cache_dir=cfg.cache_dir)
             self.store = store_for(cfg)
         if self.index.kind == "image":
             made = [(make_image_clip(self.index.read_video(self.store, r), rec, cfg.crop_size), 1)
                     for r, rec in zip(bp.rows, bp.records)]
         else:
-            made = [make_clip(self.index.read_video(self.store, r), rec, int(self.index.nframes[r]),
-                              cfg.num_frames, self.stride, cfg.crop_size, float(self.index.fps[r]))
+            made = [make_clip(self.index.read_video(self.store, r), rec, self.index.nframes(r),
+                              cfg.num_frames, self.stride, cfg.crop_size, self.index.fps(r))
                     for r, rec in zip(bp.rows, bp.records)]
         return torch.stack([clip for clip, _ in made]), i, sum(n for _, n in made)
 
@@ -96,7 +96,7 @@ class ReferenceLoader:
     def __init__(self, cfg: LoaderConfig, *, grid: Optional[Tuple[int, int, int]] = None, rank: int = 0,
                  world_size: int = 1, train: bool = True, workers: int = 0, state: Optional[dict] = None):
         self.cfg, self.grid, self.workers = cfg, grid, workers
-        self.index = open_split(cfg.root, cfg.split, cfg.verify_hashes, cfg.retry_policy())
+        self.index = open_split(cfg.root, cfg.split, cfg.verify_hashes, cfg.retry_policy(), cfg.cache_dir)
         self.plan = plan_for(self.index, cfg, rank=rank, world_size=world_size, train=train)
         if state is not None:
             self.plan.load_state_dict(state)
@@ -118,7 +118,7 @@ class ReferenceLoader:
             yield Batch(
                 clips=clips.to(dtype),
                 masks=map_masks(ds.masks[i], torch.from_numpy),
-                keys=[self.index.keys[r] for r in bp.rows],
-                labels=torch.from_numpy(self.index.labels[bp.rows]),
+                keys=[self.index.key(r) for r in bp.rows],
+                labels=torch.from_numpy(self.index.labels_of(bp.rows)),
                 records=bp.records, padded=torch.tensor(bp.padded), epoch=bp.epoch, step=bp.step, rows=bp.rows,
             )

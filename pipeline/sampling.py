@@ -6,14 +6,17 @@ stream, with any number of data workers, and with another number of ranks the re
 served exactly once. DALI's own checkpointing cannot do this (its video decoder refuses checkpointing).
 
 Order, two kinds (`data.shuffle`):
-- global: a permutation of the whole dataset per epoch. Every rank reads from every shard: right for a local
-  set, wrong for a remote one far larger than a node's disk.
+- global: a permutation of the whole dataset per epoch, evaluated per position (`PermutedOrder`: no array of
+  the set's size). Every rank reads from every shard: right for a local set, wrong for a remote one far larger
+  than a node's disk.
 - window (the default for remote sets): the shards are permuted per epoch and their samples, in that order, cut
   into `partitions` equal ranges (the canonical nodes); each range is shuffled within windows of about
   `window` shards' samples, and the ranges are interleaved: position g is sample g // C of partition g % C.
   When the number of nodes N divides C, node n takes the positions g = n (mod N) of every step, so it reads
   only the partitions p = n (mod N): about 1/N of the shards, each about once per epoch, a window at a time.
   The order depends on (seed, epoch, C, window), never on the number of ranks, so exact and elastic resume hold.
+Both orders are built from per-shard sample counts only (rows numbered shard after shard); a row's geometry is
+looked up when a step draws it, so a plan of 22M samples holds arrays of its shards, never of its samples.
 Steps: each step takes the next `world_size * batch_size` positions (a prefix of the epoch's order is always
 what has been consumed); rank r takes a contiguous slice of them (window order: of its node's share). The last
 step of an epoch may be short: its samples are spread evenly over the ranks (sizes differ by at most one), so
@@ -23,6 +26,7 @@ samples than there are ranks, a rank repeats one of them, flagged `padded`.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -33,6 +37,9 @@ import numpy as np
 from pipeline.image_masks import ImageMaskConfig, sample_image_masks
 from pipeline.masks import sample_masks
 
+log = logging.getLogger(__name__)
+# 2: the global order a per-position permutation (PermutedOrder), window order over shards in manifest order
+ORDER_VERSION = 2
 # stream ids keep the random draws of different purposes independent
 _ORDER, _SAMPLE, _MASKS, _WINDOW = 0, 1, 2, 3
 
@@ -63,23 +70,61 @@ class BatchPlan:
     mask_seed: Tuple[int, int, int] = (0, 0, 0)
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    if not shuffle:
-        return np.arange(num_samples)
-    return rng_for(seed, epoch, 0, _ORDER).permutation(num_samples)
+class PermutedOrder:
+    """The global order of one epoch: a pseudo-random permutation of [0, n) evaluated per position, no array of n.
+
+    A balanced Feistel network (6 rounds, splitmix64 round function keyed from (seed, epoch)) permutes the smallest
+    domain of an even number of bits holding n, and cycle-walking maps it back into [0, n) (on average under 4
+    passes): a bijection, so every position of an epoch names a distinct row. `map` evaluates many positions at
+    once (numpy); `order[g]` one."""
+
+    ROUNDS = 6
+
+    def __init__(self, n: int, seed: int, epoch: int):
+        self.n = n
+        half = max(1, (max(1, n - 1).bit_length() + 1) // 2)
+        self._half, self._mask = np.uint64(half), np.uint64((1 << half) - 1)
+        self._keys = np.random.SeedSequence([seed, epoch, 0, _ORDER]).generate_state(self.ROUNDS, np.uint64)
+
+    def _encrypt(self, x: np.ndarray) -> np.ndarray:
+        half, mask = self._half, self._mask
+        for k in self._keys:
+            left, right = x >> half, x & mask
+            z = (right ^ k) * np.uint64(0x9E3779B97F4A7C15)  # splitmix64's finaliser as the round function
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z ^= z >> np.uint64(31)
+            x = (right << half) | (left ^ (z & mask))
+        return x
+
+    def map(self, positions) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            x = self._encrypt(np.asarray(positions, np.uint64))
+            out = x >= self.n
+            while out.any():
+                x[out] = self._encrypt(x[out])
+                out = x >= self.n
+        return x.astype(np.int64)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, g: int) -> int:
+        return int(self.map([g])[0])
 
 
 class WindowOrder:
     """The window order of one epoch (module docstring), computed lazily: memory O(shards + one window), so a
-    set of tens of millions of samples costs no per-sample array. `order[g]` is the row at position g."""
+    set of tens of millions of samples costs no per-sample array. `order[g]` is the row at position g; rows are
+    numbered shard after shard (`counts`: the rows of each shard, in order)."""
 
-    def __init__(self, layout: Tuple[np.ndarray, np.ndarray], seed: int, epoch: int, partitions: int, window: int):
-        self._rows, counts = layout  # shard_layout(): rows grouped by shard, and the rows per shard
-        n, nshards = len(self._rows), len(counts)
+    def __init__(self, counts: np.ndarray, seed: int, epoch: int, partitions: int, window: int):
+        counts = np.asarray(counts, np.int64)
+        n, nshards = int(counts.sum()), len(counts)
         self.n, self.partitions = n, max(1, min(partitions, n or 1))
-        first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # each shard's first index in _rows
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)  # each shard's first row
         perm = rng_for(seed, epoch, 0, _WINDOW).permutation(nshards)
-        self._seq_first = first[perm]  # for shard-permuted sequence index j: its shard's block in _rows
+        self._seq_first = first[perm]  # for shard-permuted sequence index j: its shard's first row
         self._seq_cum = np.concatenate([[0], np.cumsum(counts[perm])])
         base, extra = divmod(n, self.partitions)  # partitions p < extra hold one sample more
         self._lens = np.array([base + (p < extra) for p in range(self.partitions)], np.int64)
@@ -110,14 +155,26 @@ class WindowOrder:
         m, k = divmod(i, self.window)
         j = int(self._starts[p]) + m * self.window + int(self._window_perm(p, m)[k])  # in the shard sequence
         s = int(np.searchsorted(self._seq_cum, j, side="right")) - 1
-        return int(self._rows[self._seq_first[s] + (j - self._seq_cum[s])])
+        return int(self._seq_first[s] + (j - self._seq_cum[s]))
+
+    def map(self, positions) -> np.ndarray:
+        return np.array([self[int(g)] for g in positions], np.int64)
 
 
-def shard_layout(shard_of_row: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
-    """(rows grouped by shard, manifest order within each; rows per shard) for `WindowOrder`, once per set."""
-    shard_of_row = np.asarray(shard_of_row, np.int64)
-    nshards = int(shard_of_row.max()) + 1 if len(shard_of_row) else 0
-    return np.argsort(shard_of_row, kind="stable"), np.bincount(shard_of_row, minlength=nshards)
+class _Identity:
+    """Evaluation's order: position g is item g."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, g: int) -> int:
+        return int(g)
+
+    def map(self, positions) -> np.ndarray:
+        return np.asarray(positions, np.int64)
 
 
 def node_slice(start: int, count: int, rank: int, world_size: int, ranks_per_node: int) -> List[int]:
@@ -213,23 +270,28 @@ def eval_record(view: int, num_clips: int, num_crops: int, nframes: int, height:
 class Plan:
     """The batches one rank reads, from a resumable (epoch, position) state.
 
-    `samples`: per manifest row, (nframes, height, width). Training: shuffled every epoch (`shuffle`: global,
-    or window over `shard_of_row` with `partitions` canonical nodes, 0 = 8 per node, and `window` shards;
+    `samples`: `len(samples)` rows, `samples[row]` = (nframes, height, width), looked up only for the rows a
+    step draws (a `SplitIndex` reads them with their shard; a list does too). Training: shuffled every epoch
+    (`shuffle`: global, a permutation evaluated per position; or window over shards of `shard_counts` rows each,
+    rows numbered shard after shard, with `partitions` canonical nodes, 0 = 8 per node, and `window` shards;
     module docstring), random records (start frames on multiples of `start_grid`), endless. Evaluation: every
-    video expanded into `views` deterministic views, one pass, in order.
+    video expanded into `views` deterministic views, one pass, in order. Nothing here is per row: the plan of a
+    22M-sample set is a few arrays of its shards.
     """
 
     def __init__(self, samples: Sequence[Tuple[int, int, int]], *, batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, train: bool = True, num_frames: int = 16,
                  stride: int = 4, scale: Sequence[float] = (0.3, 1.0), ratio: Sequence[float] = (0.75, 1.35),
                  flip: bool = True, num_clips: int = 1, num_crops: int = 1, start_grid: int = 1,
-                 shuffle: str = "global", shard_of_row: Optional[Sequence[int]] = None, partitions: int = 0,
+                 shuffle: str = "global", shard_counts: Optional[Sequence[int]] = None, partitions: int = 0,
                  window: int = 16, ranks_per_node: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        if shuffle not in ("global", "window") or (shuffle == "window" and shard_of_row is None):
-            raise ValueError(f"shuffle {shuffle!r}: global, or window with the shard of every row")
-        self.samples = list(samples)
+        if shuffle not in ("global", "window") or (shuffle == "window" and shard_counts is None):
+            raise ValueError(f"shuffle {shuffle!r}: global, or window with the rows of every shard")
+        if shard_counts is not None and int(np.sum(shard_counts)) != len(samples):
+            raise ValueError(f"shard_counts sum to {int(np.sum(shard_counts))}, there are {len(samples)} samples")
+        self.samples = samples
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.train, self.num_frames, self.stride = train, num_frames, stride
         self.scale, self.ratio, self.flip, self.start_grid = tuple(scale), tuple(ratio), flip, max(1, start_grid)
@@ -241,8 +303,7 @@ class Plan:
         self.partitions = partitions or 8 * self.nodes  # 0: fixed at the first start, kept by resumes
         self._auto_partitions = not partitions
         self.window = window
-        self._shard_of_row = shard_of_row
-        self._layout = None  # shard_layout(shard_of_row), made when a window order is first needed
+        self._shard_counts = None if shard_counts is None else np.asarray(shard_counts, np.int64)
         self.epoch, self.position = 0, 0
         self._orders: "OrderedDict[int, object]" = OrderedDict()  # this epoch's and, near its end, the next
 
@@ -260,7 +321,7 @@ class Plan:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_items": self.num_items,
-                **self._order_key()}
+                "order_version": ORDER_VERSION, **self._order_key()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_items"] != self.num_items or state["seed"] != self.seed:
@@ -273,6 +334,11 @@ class Plan:
             raise ValueError(f"loader state was saved with order {saved}, this loader has {self._order_key()}: "
                              "resuming would serve another order mid-epoch; keep data.shuffle, "
                              "data.shuffle_window and data.canonical_nodes as they were")
+        if state.get("order_version", 1) != ORDER_VERSION and int(state["position"]) > 0:
+            log.warning("the loader state was saved by a tubelet whose order (version %s) differs from this one's "
+                        "(%s): the rest of epoch %s follows the new order, so some of its samples may be seen twice "
+                        "or not at all; later epochs are exact", state.get("order_version", 1), ORDER_VERSION,
+                        state["epoch"])
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._orders.clear()
 
@@ -280,11 +346,11 @@ class Plan:
         order = self._orders.get(epoch)
         if order is None:
             if self.shuffle == "window":
-                if self._layout is None:
-                    self._layout = shard_layout(self._shard_of_row)
-                order = WindowOrder(self._layout, self.seed, epoch, self.partitions, self.window)
+                order = WindowOrder(self._shard_counts, self.seed, epoch, self.partitions, self.window)
+            elif self.train:
+                order = PermutedOrder(self.num_items, self.seed, epoch)
             else:
-                order = epoch_order(self.num_items, self.seed, epoch, shuffle=self.train)
+                order = _Identity(self.num_items)
             self._orders[epoch] = order
             while len(self._orders) > 2:
                 self._orders.popitem(last=False)
@@ -309,7 +375,7 @@ class Plan:
                 epoch, start = epoch + 1, 0
             count = min(self.batch_size * self.world_size, self.num_items - start)
             order = self._item_order(epoch)
-            rows.extend(int(order[p]) // self.views for p in self._positions(epoch, start, count)[0])
+            rows.extend((order.map(self._positions(epoch, start, count)[0]) // self.views).tolist())
             start += count
         return rows
 
@@ -327,8 +393,7 @@ class Plan:
         positions, padded = self._positions(epoch, start, count)
         order = self._item_order(epoch)
         rows, records = [], []
-        for p in positions:
-            item = int(order[p])
+        for p, item in zip(positions, order.map(positions).tolist()):
             row, view = divmod(item, self.views)
             n, h, w = self.samples[row]
             if self.train:

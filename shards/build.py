@@ -16,6 +16,7 @@ import posixpath
 import shutil
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -24,7 +25,7 @@ from common.config import to_dict
 from common.files import join
 from shards.config import ShardsConfig
 from shards.group_writer import GroupWriter
-from shards.manifest import MANIFEST, REJECTS, check_shards, write_manifest
+from shards.manifest import MANIFEST, REJECTS, ManifestWriter, check_shards
 from shards.metrics import ShardsMetrics
 from shards.output import Output, ShardsError
 from shards.plan import PARTS, Group, fingerprint, plan
@@ -96,13 +97,15 @@ def _record(out: Output, cfg: ShardsConfig, g: Group) -> Optional[dict]:
     return rec
 
 
-def _damaged(out: Output, cfg: ShardsConfig, records: Dict[str, dict]) -> Dict[str, List[str]]:
+def _damaged(out: Output, cfg: ShardsConfig, records: Dict[str, dict],
+             hashes: Optional[bool] = None) -> Dict[str, List[str]]:
     """Group name -> what is wrong, for the finished groups (their records by name) whose shards or index files
     are missing or do not match the record (sizes, and sha256 with check_outputs=hash): a rerun rebuilds these."""
     owner = {sh["name"]: name for name, rec in records.items() for sh in rec["shards"]}
     shards = [sh for rec in records.values() for sh in rec["shards"]]
     bad: Dict[str, List[str]] = {}
-    for shard, what in check_shards(out.fs, out.path, shards, cfg.check_outputs == "hash"):
+    hashes = cfg.check_outputs == "hash" if hashes is None else hashes
+    for shard, what in check_shards(out.fs, out.path, shards, hashes):
         bad.setdefault(owner[shard], []).append(f"shard {shard}: {what}")
     return bad
 
@@ -159,55 +162,85 @@ def _shard_groups(cfg: ShardsConfig, out: Output, todo: List[Group], done: int, 
     return work
 
 
+MERGE_THREADS = 8  # group records read in parallel by the merge (storage latency, not CPU)
+
+
 def _merge(cfg: ShardsConfig, out: Output, groups: List[Group], labels: Dict[str, int], work: Work,
            wall: float) -> dict:
-    records = {g.name: rec for g in groups if (rec := _record(out, cfg, g)) is not None}
-    missing = [g.name for g in groups if g.name not in records]
-    damaged = list(_damaged(out, cfg, records)) if cfg.merge else []
-    if missing or damaged:
-        def some(names: List[str]) -> str:
-            return f"({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"
-
-        what = [f"{len(missing)} groups are not finished {some(missing)}"] if missing else []
-        what += [f"{len(damaged)} groups are damaged {some(damaged)}"] if damaged else []
-        raise ShardsError(f"cannot write the manifest of {out.url}: {' and '.join(what)}; run the partitions that "
-                          "own them (group % partition.count == partition.index)")
-    rows, shards, rejects = [], [], []
-    source_seconds = 0.0
-    for g in groups:
-        rec = records[g.name]
-        rows += rec["samples"]
-        shards += rec["shards"]
-        rejects += rec["rejects"]
-        source_seconds += rec["source_seconds"]
-    classes = [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1])]
-    summary = {
-        "videos_in": sum(len(g.sources) for g in groups),
-        "sharded": len(rows),
-        "rejected": dict(sorted(Counter(r["reason"] for r in rejects).items())),
-        "hours": round(sum(r["duration"] for r in rows) / 3600, 4),
-        "source_hours": round(source_seconds / 3600, 4),
-        "bytes": sum(s["bytes"] for s in shards),
-        "shards": len(shards),
-        "splits": dict(sorted(Counter(r["split"] for r in rows).items())),
-    }
-    meta = {"created_by": "tubelet make_shards", "kind": cfg.kind, "classes": classes, "summary": summary,
-            "config": {k: v for k, v in to_dict(cfg).items() if k not in ("workers", "progress", "merge",
-                                                                           "partition", "metrics_port",
-                                                                           "check_outputs", "retries",
-                                                                           "retry_backoff_s")}}
-    out.retry.call(lambda: write_manifest(out.url, rows, shards, rejects, meta), f"writing the manifest of {out.url}")
+    """Write the manifest from the group records, streamed: records are read a window at a time on threads and
+    their rows written shard by shard (`ManifestWriter`), so memory is O(window of records + shards), not O(rows).
+    The shards of each record are checked against it (sizes; sha256 only with `rehash=true`: the hashes recorded
+    at each group's commit are trusted otherwise). Nothing is published unless every group is finished and
+    intact."""
+    done = set(out.list_names(PARTS))  # one listing, not a request per group
+    missing = [g.name for g in groups if posixpath.basename(g.record) not in done]
+    rehash = cfg.merge and cfg.rehash
+    if missing:
+        _refuse(out, missing, [])
+    writer = ManifestWriter(out.url)
+    shards, rejects, damaged = [], [], []
+    source_seconds, hours, splits = 0.0, 0.0, Counter()
+    try:
+        with ThreadPoolExecutor(MERGE_THREADS) as pool:
+            for at in range(0, len(groups), 4 * MERGE_THREADS):
+                window = groups[at:at + 4 * MERGE_THREADS]
+                for g, rec in zip(window, pool.map(lambda g: _record(out, cfg, g), window)):
+                    if rec is None:  # removed since the listing
+                        missing.append(g.name)
+                        continue
+                    if cfg.merge:
+                        damaged += list(_damaged(out, cfg, {g.name: rec}, hashes=rehash))
+                    if missing or damaged:
+                        continue
+                    writer.add(rec["shards"], rec["samples"])
+                    shards += rec["shards"]
+                    rejects += rec["rejects"]
+                    source_seconds += rec["source_seconds"]
+                    hours += sum(r["duration"] for r in rec["samples"])
+                    splits.update(r["split"] for r in rec["samples"])
+        if missing or damaged:
+            _refuse(out, missing, damaged)
+        classes = [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1])]
+        summary = {
+            "videos_in": sum(len(g.sources) for g in groups),
+            "sharded": writer.num_rows,
+            "rejected": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+            "hours": round(hours / 3600, 4),
+            "source_hours": round(source_seconds / 3600, 4),
+            "bytes": sum(s["bytes"] for s in shards),
+            "shards": len(shards),
+            "splits": dict(sorted(splits.items())),
+        }
+        meta = {"created_by": "tubelet make_shards", "kind": cfg.kind, "classes": classes, "summary": summary,
+                "config": {k: v for k, v in to_dict(cfg).items() if k not in ("workers", "progress", "merge",
+                                                                               "partition", "metrics_port",
+                                                                               "check_outputs", "retries",
+                                                                               "retry_backoff_s", "rehash")}}
+    except BaseException:
+        writer.abort()
+        raise
+    out.retry.call(lambda: writer.close(rejects, meta), f"writing the manifest of {out.url}")
     speed = {"wall_seconds": round(wall, 2), "videos_processed": work.videos,
              "worker_cpu_seconds": round(work.cpu_seconds, 2),
              "videos_per_second": round(work.videos / wall, 2) if wall > 0 else None,
              "source_seconds_per_cpu_second": round(work.source_seconds / work.cpu_seconds, 2)
              if work.cpu_seconds else None}
     log.info(_summary_text(out.url, summary, speed, cfg.kind))
-    if not rows:
+    if not writer.num_rows:
         raise ShardsError(f"no input was sharded: all {summary['videos_in']} were rejected "
                           f"({', '.join(f'{k}: {v}' for k, v in summary['rejected'].items())}); the reasons are in "
                           f"{join(out.url, REJECTS)}")
     return dict(summary, **speed)
+
+
+def _refuse(out: Output, missing: List[str], damaged: List[str]) -> None:
+    def some(names: List[str]) -> str:
+        return f"({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"
+
+    what = [f"{len(missing)} groups are not finished {some(missing)}"] if missing else []
+    what += [f"{len(damaged)} groups are damaged {some(damaged)}"] if damaged else []
+    raise ShardsError(f"cannot write the manifest of {out.url}: {' and '.join(what)}; run the partitions that "
+                      "own them (group % partition.count == partition.index)")
 
 
 def _summary_text(url: str, s: dict, speed: dict, kind: str = "video") -> str:

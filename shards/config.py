@@ -95,6 +95,9 @@ class ShardsConfig:
     # how a rerun checks the groups earlier runs finished: hash (sizes and sha256: finds any damaged shard, reads
     # every shard once) or size (sizes and index files only: faster on huge sets). Damaged groups are rebuilt.
     check_outputs: str = "hash"
+    # merge=true: re-hash every shard against its group record (reads the whole set); by default the merge checks
+    # sizes and trusts the sha256 each group recorded when it was committed
+    rehash: bool = False
     progress: bool = True  # a progress bar on stderr
     # video, or image: folders list image files, each stored as a JPEG (`image`), a clip of one frame
     kind: str = "video"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shutil
 import socket
 import tempfile
 import time
-from typing import Optional
+from typing import List, Optional
 
 from common.files import Locked, atomic_write, is_local, join, lock_file, publish, unlock_file, url_to_fs
 from common.retry import RetryPolicy
@@ -44,6 +45,15 @@ class Output:
 
     def exists(self, name: str) -> bool:
         return self._call(lambda: self.fs.exists(join(self.path, name)), "checking", name)
+
+    def list_names(self, folder: str) -> List[str]:
+        """The file names in `folder` of the output (one listing; [] when it does not exist)."""
+        def names():
+            path = join(self.path, folder)
+            if not self.fs.exists(path):
+                return []
+            return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False)]
+        return self._call(names, "listing", folder)
 
     def read_json(self, name: str) -> dict:
         def read():

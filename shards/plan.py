@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 from common.config import to_dict
 from shards.config import ShardsConfig
-from shards.manifest import FORMAT_VERSION
+from shards.manifest import ROWS_VERSION
 from shards.images import IMAGE_EXTENSIONS
 from shards.sources import VIDEO_EXTENSIONS, InputError, Source, check_unique_keys, label_map, list_split
 
@@ -61,7 +61,7 @@ def fingerprint(cfg: ShardsConfig, group: Group) -> str:
     """What a group's output depends on: its inputs, their class indices, the transcode/filter settings, and the
     manifest format its record's rows are written in."""
     h = hashlib.sha256()
-    settings = [to_dict(cfg.transcode), to_dict(cfg.filter), cfg.shard.max_bytes, FORMAT_VERSION]
+    settings = [to_dict(cfg.transcode), to_dict(cfg.filter), cfg.shard.max_bytes, ROWS_VERSION]
     if cfg.kind == "image":  # video sets keep the fingerprints they had before images
         settings += ["image", to_dict(cfg.image)]
     h.update(json.dumps(settings, sort_keys=True).encode())

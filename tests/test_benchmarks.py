@@ -159,3 +159,21 @@ def test_bench_remote_small(tmp_path):
     assert r["downloaded_over_set"][1] <= 1.5 and r["cache"][1]["evictions"] > 0  # a tiny set: read-ahead weighs
     quality = {q["order"]: q for q in r["shuffle_quality"]}
     assert quality["global"]["distinct_labels"] > quality["window 1, canonical nodes 1"]["distinct_labels"]
+
+
+@pytest.mark.slow
+def test_bench_scale_smoke(tmp_path):
+    """`make bench-scale` end to end on a tiny set (2,500 samples, 3 shards): the merge writes the O(shards)
+    manifest, every measurement runs in its own process and reports, and through the local S3 server a node's
+    second rank reads the manifest from the node's copy (fewer requests and bytes than the first)."""
+    from benchmarks.bench_scale import main
+
+    out = tmp_path / "scale.json"
+    assert main(["rows=2500", f"dir={tmp_path / 'sets'}", "steps=5", "s3=true", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["new"]
+    assert not [k for k, v in r.items() if "error" in v], r
+    assert r["open"]["rows"] == 2500 and r["first_step"]["first_rows"] == 32
+    assert set(r["merge"]["files_bytes"]) == {"manifest.parquet", "samples.arrow", "rejects.parquet"}
+    first, second = r["s3"]["first_rank"], r["s3"]["second_rank"]
+    assert "error" not in first and "error" not in second, r["s3"]
+    assert second["bytes"] < first["bytes"] and second["requests"] <= first["requests"]

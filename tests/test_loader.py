@@ -14,13 +14,24 @@ import torch
 from common.config import load_config
 from pipeline.config import LoaderConfig
 from pipeline.loader import LoaderError, VideoLoader
-from shards.manifest import ManifestError, read_manifest
+from shards.manifest import ManifestError, read_manifest, verify
 from pipeline.reference import ReferenceLoader
 from pipeline.sampling import Plan, clip_span
 
 GRID = (4, 3, 3)  # 8 frames / tubelet 2, 48 px / patch 16
 # one grey level of a [0, 255] frame, in normalised units (ImageNet std ~0.226)
 LEVEL = 1 / (0.226 * 255)
+
+
+def rewrite_samples(root, table: pa.Table) -> None:
+    """Replace a set's samples.arrow with `table` (the same rows per shard, one record batch each), as a tampering
+    or a broken writer would leave it."""
+    counts = read_manifest(str(root)).shards
+    with pa.ipc.new_file(str(root / "samples.arrow"), table.schema) as w:
+        at = 0
+        for sh in counts:
+            w.write_batch(table.slice(at, sh["samples"]).combine_chunks().to_batches()[0])
+            at += sh["samples"]
 
 
 def cfg_for(root: str, *extra: str) -> LoaderConfig:
@@ -64,7 +75,7 @@ def test_dali_matches_reference_loader(small_shards):
             if rec.flip or not torch.allclose(flipped, r.clips[i], atol=8 * LEVEL):
                 assert (d.clips[i] - flipped).abs().mean() > 3 * (d.clips[i] - r.clips[i]).abs().mean()
     index = VideoLoader(cfg, grid=GRID).index
-    assert (index.nframes < clip_span(8, 3)).any(), "the set must include clips shorter than the window (padding)"
+    assert (index.column("nframes") < clip_span(8, 3)).any(), "the set must include clips shorter than the window (padding)"
 
 
 def test_crop_window_is_exact(small_shards):
@@ -80,11 +91,11 @@ def test_crop_window_is_exact(small_shards):
     for batch, bp in zip(d, plans):
         for i, (row, rec) in enumerate(zip(bp.rows, bp.records)):
             y0, x0, h, w = rec.crop
-            if w < ref.index.widths[row] - 4:  # room to shift
-                shifted = replace(rec, crop=(y0, x0 + 4 if x0 + w + 4 <= ref.index.widths[row] else x0 - 4, h, w))
+            if w < ref.index[row][2] - 4:  # room to shift
+                shifted = replace(rec, crop=(y0, x0 + 4 if x0 + w + 4 <= ref.index[row][2] else x0 - 4, h, w))
                 video = ref.index.read_video(store, row)
-                good = make_clip(video, rec, int(ref.index.nframes[row]), 8, 3, 48)[0]
-                bad = make_clip(video, shifted, int(ref.index.nframes[row]), 8, 3, 48)[0]
+                good = make_clip(video, rec, ref.index.nframes(row), 8, 3, 48)[0]
+                bad = make_clip(video, shifted, ref.index.nframes(row), 8, 3, 48)[0]
                 assert (batch.clips[i] - good).abs().mean() < 0.5 * (batch.clips[i] - bad).abs().mean()
 
 
@@ -166,7 +177,8 @@ def test_resume_with_another_world_size_serves_the_rest_once():
 def window_plans(n, shards, world, per_node, **kw):
     shard_of_row = np.arange(n) * shards // n  # contiguous shards of about n / shards samples
     return shard_of_row, [Plan([(20, 64, 64)] * n, batch_size=4, rank=r, world_size=world, seed=7, shuffle="window",
-                               shard_of_row=shard_of_row, ranks_per_node=per_node, **kw) for r in range(world)]
+                               shard_counts=np.bincount(shard_of_row), ranks_per_node=per_node, **kw)
+                          for r in range(world)]
 
 
 @pytest.mark.parametrize("world,per_node,partitions", [(1, 1, 0), (4, 2, 0), (8, 4, 8), (6, 2, 8), (3, 1, 3)])
@@ -301,7 +313,8 @@ def test_a_set_stored_at_the_sampling_rate_gives_the_same_clips(stepped_shards):
     ref = ReferenceLoader(cfg, grid=(2, 3, 3))
     for d, r in zip(dali, ref.batches(6), strict=True):
         assert d.records == r.records
-        assert (d.clips - r.clips).abs().mean() < 1.5 * LEVEL, d.keys
+        # 2 grey levels: an upscaling crop of the H.264 boxes (42 -> 48 px wide) resamples 1.7 levels apart
+        assert (d.clips - r.clips).abs().mean() < 2 * LEVEL, d.keys
         for i, key in enumerate(d.keys):
             if key.startswith("count"):  # grey level of clip frame j = source frame 4 (start + j)
                 level = d.clips[i, 0].mean((1, 2)) * 0.229 * 255 + 0.485 * 255
@@ -310,7 +323,7 @@ def test_a_set_stored_at_the_sampling_rate_gives_the_same_clips(stepped_shards):
     aligned = replace(cfg, align_starts=True)
     ref = ReferenceLoader(aligned, grid=(2, 3, 3))
     batches = list(ref.batches(6))
-    records = [(rec, int(ref.index.nframes[row])) for b in batches for rec, row in zip(b.records, b.rows)]
+    records = [(rec, ref.index.nframes(row)) for b in batches for rec, row in zip(b.records, b.rows)]
     assert all(rec.start % 4 == 0 for rec, _ in records)
     expected = sum(decoded_frames(rec.start, n, 4, 1, 4) for rec, n in records)
     assert ref.decoded_frames == expected == 4 * len(records)  # measured by the seeking reference: no waste
@@ -338,19 +351,41 @@ def test_a_stride_the_stored_step_does_not_divide_is_refused(stepped_shards):
         VideoLoader(cfg_for(stepped_shards), grid=GRID)
 
 
-def test_truncated_shard_refused_before_training(shard_copy):
-    name = read_manifest(str(shard_copy)).shards[0]["name"]
+def test_truncated_or_missing_shard_refused_where_it_is_read(shard_copy):
+    """Start-up reads no shard (a rank pays for shards, not for checking them all); the first read of a shard that
+    does not have its manifest size stops the loader naming the shard and tubelet-verify, before any of its
+    samples is decoded; a missing one too. tubelet-verify finds both."""
+    m = read_manifest(str(shard_copy))
+    name = m.shards[0]["name"]
     with open(shard_copy / name, "r+b") as f:
         f.truncate(os.path.getsize(shard_copy / name) - 1024)
-    with pytest.raises(ManifestError, match=name):
-        VideoLoader(cfg_for(str(shard_copy)), grid=GRID)
+    loader = VideoLoader(cfg_for(str(shard_copy), "split=" + m.shards[0]["split"]), grid=GRID)
+    with pytest.raises(ManifestError, match=f"shard {name} .* the manifest says .*tubelet-verify"):
+        take(loader, loader.steps_per_epoch)
+    gone = m.shards[-1]
+    os.unlink(shard_copy / gone["name"])
+    loader = VideoLoader(cfg_for(str(shard_copy), "split=" + gone["split"]), grid=GRID)
+    with pytest.raises(ManifestError, match=f"shard {gone['name']} .* is missing"):
+        take(loader, loader.steps_per_epoch)
+    with pytest.raises(ManifestError, match=f"(?s){name}.*{gone['name']}|{gone['name']}.*{name}"):
+        verify(read_manifest(str(shard_copy)))
 
 
-def test_missing_index_or_manifest_refused(shard_copy):
+def test_hashes_checked_when_first_read_with_verify_hashes(shard_copy):
+    """data.verify_hashes=true: a shard whose bytes changed (same size) fails on its first read, naming it."""
     m = read_manifest(str(shard_copy))
-    os.unlink(shard_copy / m.shards[-1]["index"])
-    with pytest.raises(ManifestError, match=m.shards[-1]["index"]):
-        VideoLoader(cfg_for(str(shard_copy)), grid=GRID)
+    sh = m.shards[0]
+    with open(shard_copy / sh["name"], "r+b") as f:  # inside the tar's end padding: sizes and members intact
+        f.seek(sh["bytes"] - 10)
+        f.write(b"x")
+    cfg = cfg_for(str(shard_copy), "split=" + sh["split"])
+    take(VideoLoader(cfg, grid=GRID), 1)  # sizes agree: read
+    loader = VideoLoader(cfg_for(str(shard_copy), "split=" + sh["split"], "verify_hashes=true"), grid=GRID)
+    with pytest.raises(ManifestError, match=f"shard {sh['name']} .*sha256"):
+        take(loader, loader.steps_per_epoch)
+
+
+def test_missing_manifest_refused(shard_copy):
     os.unlink(shard_copy / "manifest.parquet")
     with pytest.raises(ManifestError, match="not a finished shard set"):
         VideoLoader(cfg_for(str(shard_copy)), grid=GRID)
@@ -395,7 +430,7 @@ def test_undecodable_video_bytes_name_the_samples(shard_copy):
     import pyarrow.parquet as pq
     import zlib
 
-    table = pq.read_table(shard_copy / "manifest.parquet")
+    table = read_manifest(str(shard_copy)).samples
     crcs = []
     for row in table.to_pylist():  # garble every video's payload, and record the garbage's checksums
         with open(shard_copy / row["shard"], "r+b") as f:
@@ -404,7 +439,7 @@ def test_undecodable_video_bytes_name_the_samples(shard_copy):
             f.write(garbage)
         crcs.append(zlib.crc32(garbage))
     i = table.schema.get_field_index("video_crc32")
-    pq.write_table(table.set_column(i, "video_crc32", pa.array(crcs, pa.int64())), shard_copy / "manifest.parquet")
+    rewrite_samples(shard_copy, table.set_column(i, "video_crc32", pa.array(crcs, pa.int64())))
     loader = VideoLoader(cfg_for(str(shard_copy)), grid=GRID)
     with pytest.raises(LoaderError, match="while decoding one of the samples"):
         take(loader, 2)
@@ -413,21 +448,19 @@ def test_undecodable_video_bytes_name_the_samples(shard_copy):
 def test_shard_names_that_leave_the_set_are_refused(shard_copy, tmp_path):
     """Names in a manifest are data: `../` or absolute shard names must never make a reader or a cache touch a file
     outside the set."""
-    import json
-
     import pyarrow.parquet as pq
 
     table = pq.read_table(shard_copy / "manifest.parquet")
-    meta = json.loads(table.schema.metadata[b"tubelet"])
     for bad in ("../outside.tar", "/etc/passwd", "sub/x.tar"):
-        evil = dict(meta, shards=[dict(meta["shards"][0], name=bad)] + meta["shards"][1:])
-        pq.write_table(table.replace_schema_metadata({b"tubelet": json.dumps(evil).encode()}),
-                       shard_copy / "manifest.parquet")
+        names = [bad] + table.column("name").to_pylist()[1:]
+        pq.write_table(table.set_column(0, "name", pa.array(names)), shard_copy / "manifest.parquet")
         with pytest.raises(ManifestError, match="plain file names inside the set"):
             VideoLoader(cfg_for(str(shard_copy)), grid=GRID)
-    i = table.schema.get_field_index("shard")
-    rows = table.set_column(i, "shard", pa.array(["../" + n for n in table.column("shard").to_pylist()]))
-    pq.write_table(rows, shard_copy / "manifest.parquet")
+    pq.write_table(table, shard_copy / "manifest.parquet")
+    rows = read_manifest(str(shard_copy)).samples
+    i = rows.schema.get_field_index("shard")
+    rewrite_samples(shard_copy, rows.set_column(i, "shard", pa.array(["../" + n for n in
+                                                                      rows.column("shard").to_pylist()])))
     with pytest.raises(ManifestError, match="plain file names inside the set"):
         read_manifest(str(shard_copy))
     from pipeline.store import ShardStore
@@ -593,3 +626,51 @@ def test_the_copy_out_of_dali_is_ordered_with_the_training_stream():
     assert rec.log == []
     with pytest.raises(ValueError, match="explicit GPU"):
         CudaHandoff(torch.device("cuda"), cuda=rec, empty=rec.empty)
+
+
+def test_global_order_is_a_permutation_evaluated_per_position():
+    """The global order is a bijection of [0, n) per epoch, a pure function of (seed, epoch, position), another
+    per epoch and seed, with no array of n."""
+    from pipeline.sampling import PermutedOrder
+
+    for n in (1, 2, 3, 7, 1000, 4097):
+        order = PermutedOrder(n, seed=3, epoch=1)
+        rows = order.map(np.arange(n))
+        assert sorted(rows.tolist()) == list(range(n))
+        assert [order[g] for g in range(0, n, max(1, n // 7))] == rows[::max(1, n // 7)].tolist()
+    a, b = PermutedOrder(1000, 3, 1).map(np.arange(1000)), PermutedOrder(1000, 3, 2).map(np.arange(1000))
+    assert (a != b).mean() > 0.9 and (a != PermutedOrder(1000, 4, 1).map(np.arange(1000))).mean() > 0.9
+    assert np.corrcoef(np.arange(1000), a)[0, 1] ** 2 < 0.01  # no trace of the input order
+
+
+class _Rows:
+    """A set of `n` samples that answers a row's geometry on demand, as a SplitIndex does."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, row):
+        assert 0 <= row < self.n
+        return 40, 64, 64
+
+
+@pytest.mark.parametrize("shuffle", ["global", "window"])
+def test_a_plan_of_a_billion_samples_holds_no_array_of_them(shuffle):
+    """A plan is built from per-shard counts: a billion samples in a million shards plan their first steps (and
+    what to prefetch) in a few MB, on any rank."""
+    import tracemalloc
+
+    n, shards = 10**9, 10**6
+    tracemalloc.start()
+    plan = Plan(_Rows(n), batch_size=8, rank=5, world_size=16, ranks_per_node=8, seed=1, shuffle=shuffle,
+                shard_counts=np.full(shards, n // shards))
+    steps = [next(plan) for _ in range(3)]
+    upcoming = plan.upcoming_rows(4)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 64 * 2**20, peak  # the shard arrays (8 MB each), never 8 GB of rows
+    rows = [r for b in steps for r in b.rows] + upcoming
+    assert len(rows) == 7 * 8 and len(set(rows)) == len(rows) and all(0 <= r < n for r in rows)

@@ -119,11 +119,11 @@ def read_epoch(cfg: LoaderConfig, rank: int = 0, world_size: int = 1):
     try:
         for _ in range(plan.steps_per_epoch):
             bp = next(plan)
-            store.prefetch(bp.rows, plan.upcoming_rows(cfg.prefetch_steps), index.shards, index.shard_bytes)
+            store.prefetch(bp.rows, plan.upcoming_rows(cfg.prefetch_steps), index.shard_of, index.shard_bytes)
             for r, pad in zip(bp.rows, bp.padded):
                 index.read_video(store, r)  # CRC-checked
                 if not pad:
-                    keys.append(index.keys[r])
+                    keys.append(index.key(r))
         return keys, store.cache_stats
     finally:
         store.close()

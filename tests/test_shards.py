@@ -839,3 +839,42 @@ def test_validate_video_counts_and_checks_frames(tmp_path):
         with pytest.raises(Rejected) as e:
             validate_video(broken, "vp9")
         assert e.value.reason == "validation_failed"
+
+
+def _as_format_2(root) -> None:
+    """Rewrite a set the way tubelet wrote it before format 3: every sample in manifest.parquet, the shards table
+    in its schema metadata, no samples.arrow."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    m = read_manifest(str(root))
+    shards = [{k: sh[k] for k in ("name", "index", "split", "bytes", "samples", "sha256")} for sh in m.shards]
+    meta = {k: v for k, v in m.meta.items() if k != "rows"}
+    meta.update(format_version=2, shards=shards)
+    rows = m.samples.take(list(range(m.samples.num_rows))[::-1])  # any row order: the upgrade sorts by shard
+    pq.write_table(rows.replace_schema_metadata({b"tubelet": json.dumps(meta).encode()}), root / "manifest.parquet")
+    (root / "samples.arrow").unlink()
+
+
+def test_a_set_of_the_previous_format_names_the_upgrade_and_upgrades_in_place(small_shards, tmp_path):
+    """A format-2 set fails to open with one line naming `tubelet-upgrade`; that command rewrites it in place
+    (shards untouched) and the loader then reads the same samples; a second run leaves it as it is."""
+    from pipeline.split_index import open_split
+    from shards.upgrade import main as upgrade_main
+
+    root = tmp_path / "old"
+    shutil.copytree(small_shards, root)
+    before = read_manifest(str(root))
+    tars = {sh["name"]: (root / sh["name"]).read_bytes() for sh in before.shards}
+    _as_format_2(root)
+    with pytest.raises(ManifestError, match=f"format 2 .* `tubelet-upgrade root={root}`"):
+        open_split(str(root), "train")
+    assert upgrade_main([f"root={root}"]) == 0
+    after = read_manifest(str(root))
+    assert after.samples.to_pylist() == before.samples.to_pylist() and after.shards == before.shards
+    assert after.meta == before.meta
+    assert {n: (root / n).read_bytes() for n in tars} == tars
+    assert sorted(open_split(str(root), "train").keys) == sorted(open_split(small_shards, "train").keys)
+    verify(after, check_hashes=True)
+    assert upgrade_main([f"root={root}"]) == 0  # already upgraded: nothing to do

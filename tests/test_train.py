@@ -191,6 +191,18 @@ def test_schedules_follow_the_reference_recipe():
     assert ema(0) == 0.998 and ema(90000) == pytest.approx(0.9996) and ema(10**6) == 1.0
 
 
+def test_fault_injection_reads_its_variables_and_names_a_bad_one():
+    from train.faults import Faults
+    assert Faults.from_env({"TUBELET_FAULT_SLOW_LOADER": "0.3"}).slow_loader == 0.3
+    relative = Faults.from_env({"TUBELET_FAULT_SLOW_LOADER": "0.5x"})
+    assert (relative.slow_loader, relative.slow_relative) == (0.5, True)
+    assert Faults.from_env({}) == Faults()
+    with pytest.raises(ValueError, match="TUBELET_FAULT_SLOW_LOADER='soon'"):
+        Faults.from_env({"TUBELET_FAULT_SLOW_LOADER": "soon"})
+    with pytest.raises(ValueError, match="TUBELET_FAULT_NAN"):
+        Faults.from_env({"TUBELET_FAULT_NAN": "a:b:c"})
+
+
 # ----------------------------------------------------------------------------------------------------
 # dist
 

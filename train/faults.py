@@ -5,7 +5,9 @@
     TUBELET_FAULT_NAN=STEP           the loss of step STEP is NaN (on every rank; RANK:STEP: on that rank only).
     TUBELET_FAULT_KILL_IN_CKPT=STEP  rank 0 SIGKILLs itself half-way through writing checkpoint STEP (first
                                      attempt only); the previous checkpoint must still load.
-    TUBELET_FAULT_SLOW_LOADER=SECONDS  every batch arrives SECONDS late, as from a loader that cannot keep up.
+    TUBELET_FAULT_SLOW_LOADER=SECONDS  every batch arrives SECONDS late, as from a loader that cannot keep up;
+                                     Nx: N times the time since the previous batch (the same share of the step
+                                     waiting for data however fast or busy the machine is).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 
@@ -23,7 +25,9 @@ class Faults:
     kill: Optional[Tuple[int, int]] = None  # (rank, step)
     nan: Optional[Tuple[Optional[int], int]] = None  # (rank or None = all, step)
     kill_in_ckpt: Optional[int] = None  # step
-    slow_loader: float = 0.0  # seconds added to every batch's wait
+    slow_loader: float = 0.0  # seconds added to every batch's wait (or, with slow_relative, a factor)
+    slow_relative: bool = False  # slow_loader x the time since the previous batch was handed over
+    _handed: list = field(default_factory=list, compare=False, repr=False)  # when the last batch went out
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Faults":
@@ -43,12 +47,13 @@ class Faults:
         kill = pair("TUBELET_FAULT_KILL", False)
         in_ckpt = pair("TUBELET_FAULT_KILL_IN_CKPT", True)
         slow = env.get("TUBELET_FAULT_SLOW_LOADER", "").strip()
+        relative = slow.lower().endswith("x")
         try:
-            slow_s = float(slow or 0)
+            slow_s = float((slow[:-1] if relative else slow) or 0)
         except ValueError:
-            raise ValueError(f"TUBELET_FAULT_SLOW_LOADER={slow!r}: expected seconds") from None
+            raise ValueError(f"TUBELET_FAULT_SLOW_LOADER={slow!r}: expected seconds or a factor (2x)") from None
         return cls(kill=kill if first_attempt else None, nan=pair("TUBELET_FAULT_NAN", True),
-                   kill_in_ckpt=in_ckpt[1] if in_ckpt and first_attempt else None, slow_loader=slow_s)
+                   kill_in_ckpt=in_ckpt[1] if in_ckpt and first_attempt else None, slow_loader=slow_s, slow_relative=relative)
 
     def maybe_kill(self, rank: int, step: int) -> None:
         if self.kill == (rank, step):
@@ -56,8 +61,14 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def delay_batch(self) -> None:
-        if self.slow_loader:
+        if not self.slow_loader:
+            return
+        if not self.slow_relative:
             time.sleep(self.slow_loader)
+            return
+        if self._handed:  # the first batch has no step before it to be slower than
+            time.sleep(self.slow_loader * (time.monotonic() - self._handed[-1]))
+        self._handed[:] = [time.monotonic()]
 
     def nan_at(self, rank: int, step: int) -> bool:
         return self.nan is not None and self.nan[1] == step and self.nan[0] in (None, rank)

@@ -43,7 +43,7 @@ from common.torch_file import CheckpointError, read_torch_file, write_torch_file
 from common.files import atomic_write
 from pipeline.config import LoaderConfig
 from pipeline.loader import LoaderError, VideoLoader
-from shards.manifest import ManifestError, read_manifest
+from shards.manifest import ManifestError, read_set_index
 from train import dist
 from train.plots import plot_probe, try_plot
 
@@ -104,7 +104,7 @@ def data_config(cfg: ProbeConfig, train_cfg: dict, split: str) -> LoaderConfig:
     image set, images (one frame: `extract` repeats it to the encoder's frames, the paper's protocol for video
     encoders on images)."""
     m, d = train_cfg["model"], train_cfg["data"]
-    images = read_manifest(cfg.data.root).kind == "image"
+    images = read_set_index(cfg.data.root).meta.get("kind", "video") == "image"
     return replace(cfg.data, split=split, num_frames=1 if images else m["num_frames"], crop_size=m["img_size"],
                    frame_stride=1 if images else d["frame_stride"], masks=[], seed=cfg.seed)
 
