@@ -28,6 +28,7 @@ from common.config import check
 from common.files import atomic_path
 from common.torch_file import CheckpointError, read_torch_file
 from model.config import ModelConfig, as_model_config
+from model.layouts import strip_prefixes
 from model.vit import VisionTransformer
 
 CONFIG_METADATA_KEY = "tubelet.model_config"
@@ -36,24 +37,12 @@ CONFIG_METADATA_KEY = "tubelet.model_config"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def _strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    state = dict(state)
-    changed = True
-    while changed and state:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                changed = True
-    return state
-
-
 def encoder_from_state(
     path: str | os.PathLike, cfg: ModelConfig, state: Mapping[str, torch.Tensor], what: str
 ) -> VisionTransformer:
     """Build the encoder for `cfg` and load `state` strictly, with a readable error on any mismatch."""
     encoder = VisionTransformer.from_config(cfg)
-    state = _strip_wrapper_prefixes(state)
+    state = strip_prefixes(state, _WRAPPER_PREFIXES)
     expected = encoder.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

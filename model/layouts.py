@@ -192,13 +192,13 @@ OFFICIAL_PREFIXES = ("module.", "backbone.")
 OFFICIAL_WRITE_PREFIX = "module.backbone."  # what the official training code's wrappers produce
 
 
-def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop `module.` / `backbone.` while every key carries the same one."""
+def strip_prefixes(state: Mapping[str, torch.Tensor], prefixes=OFFICIAL_PREFIXES) -> dict[str, torch.Tensor]:
+    """Drop wrapper prefixes (by default the official `module.` / `backbone.`) while every key carries the same one."""
     state = dict(state)
     changed = True
     while changed and state:
         changed = False
-        for prefix in OFFICIAL_PREFIXES:
+        for prefix in prefixes:
             if all(k.startswith(prefix) for k in state):
                 state = {k[len(prefix):]: v for k, v in state.items()}
                 changed = True
