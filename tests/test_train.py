@@ -8,6 +8,7 @@ predictor, batch 2, one thread (torch and DALI), deterministic mode: runs are co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -116,6 +117,35 @@ def test_config_defaults_are_the_published_recipe_and_yamls_load():
         c = load_config(TrainConfig, REPO / "configs" / "train" / f"{name}.yaml", [])
         assert (c.model.size, c.data.batch_size) == (size, batch)
         assert c.data.num_frames == c.model.num_frames and c.data.crop_size == c.model.img_size
+
+
+def test_vjepa2_adapt_recipe_fits_the_release_it_starts_from():
+    """configs/train/vjepa2_vitl16_adapt.yaml builds exactly the released V-JEPA 2 ViT-L (what init_from checks),
+    with the official cooldown's numbers: 64 frames at 256 px, EMA 0.99925, lr 5.25e-4 -> 1e-6, 12,000 steps."""
+    from model.releases import release_config
+    from train.init_from import TRAINING_ONLY
+    c = load_config(TrainConfig, REPO / "configs/train/vjepa2_vitl16_adapt.yaml", [])
+    release = release_config("vjepa2-vitl")
+    differ = [f.name for f in dataclasses.fields(release)
+              if f.name not in TRAINING_ONLY and getattr(release, f.name) != getattr(c.model, f.name)]
+    assert not differ, differ
+    assert (c.data.num_frames, c.data.crop_size, len(c.data.masks)) == (64, 256, 2)
+    assert (c.optim.lr_schedule, c.optim.lr, c.optim.final_lr) == ("wsd", 5.25e-4, 1e-6)
+    assert c.optim.ema_start == c.optim.ema_end == 0.99925 and c.schedule.total_steps == 12000
+
+
+def test_wsd_schedule_warms_up_holds_then_decays_to_the_final_lr():
+    lr = lambda s: schedules.wsd_lr(s, peak=5e-4, start=1e-4, final=1e-6, warmup=100, decay=400,  # noqa: E731
+                                    total=1000)
+    assert lr(0) == pytest.approx(1e-4) and lr(50) == pytest.approx(3e-4)
+    assert lr(100) == lr(599) == 5e-4  # stable until the last `decay` steps
+    assert lr(800) == pytest.approx((5e-4 + 1e-6) / 2) and lr(1000) == pytest.approx(1e-6)
+    assert lr(5000) == pytest.approx(1e-6)
+    values = [lr(s) for s in range(600, 1001)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    with pytest.raises(ValueError, match="decay_steps"):
+        load_config(TrainConfig, REPO / "configs/train/cpu.yaml", ["optim.lr_schedule=wsd",
+                                                                   "optim.decay_steps=1000000000"])
 
 
 def test_ijepa_vith14_yaml_is_the_official_in1k_recipe():

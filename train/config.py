@@ -53,6 +53,10 @@ class OptimConfig:
     clip_start: int = 12300
     ema_start: float = 0.998  # target-encoder momentum, rising linearly to ema_end over the horizon
     ema_end: float = 1.0
+    # cosine: warmup then cosine to final_lr at the horizon (V-JEPA's pretraining); wsd: warmup, constant lr, then
+    # linear to final_lr over the last decay_steps of total_steps (V-JEPA 2's schedule, for continued pretraining)
+    lr_schedule: str = "cosine"
+    decay_steps: int = 0  # wsd only
 
     def validate(self) -> None:
         check(self.lr > 0 and self.start_lr >= 0 and self.final_lr >= 0, "lr",
@@ -67,6 +71,8 @@ class OptimConfig:
         check(self.clip_start >= 0, "clip_start", "must be >= 0")
         check(0 <= self.ema_start <= self.ema_end <= 1, "ema_start",
               f"need 0 <= ema_start <= ema_end <= 1, got {self.ema_start} -> {self.ema_end}")
+        check(self.lr_schedule in ("cosine", "wsd"), "lr_schedule", f"cosine or wsd, got {self.lr_schedule!r}")
+        check(self.decay_steps >= 0, "decay_steps", "must be >= 0")
 
 
 @dataclass
@@ -155,6 +161,10 @@ class TrainConfig:
                   f"{len(d.masks)} mask types, the predictor has model.num_mask_types={m.num_mask_types}")
         check(self.optim.warmup_steps < self.schedule.total_steps, "optim.warmup_steps",
               f"{self.optim.warmup_steps} must be < schedule.total_steps {self.schedule.total_steps}")
+        if self.optim.lr_schedule == "wsd":
+            check(self.optim.warmup_steps + self.optim.decay_steps <= self.schedule.total_steps, "optim.decay_steps",
+                  f"warmup {self.optim.warmup_steps} + decay {self.optim.decay_steps} must fit in schedule.total_steps "
+                  f"{self.schedule.total_steps}")
         check(self.nonfinite in ("stop", "skip"), "nonfinite", f"must be stop or skip, got {self.nonfinite!r}")
         check(self.amp in ("auto", "bf16", "off"), "amp", f"must be auto, bf16 or off, got {self.amp!r}")
         check(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")

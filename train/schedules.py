@@ -21,6 +21,18 @@ def lr(step: int, *, peak: float, start: float, final: float, warmup: int, horiz
     return max(final, final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def wsd_lr(step: int, *, peak: float, start: float, final: float, warmup: int, decay: int, total: int) -> float:
+    """Warmup-stable-decay (V-JEPA 2's `WSDSchedule`, src/utils/schedulers.py): linear start -> peak over `warmup`
+    steps, constant `peak`, then linear peak -> final over the last `decay` of `total` steps. For continued
+    pretraining from released weights: a fresh optimizer warms up, and the decay is the cooldown that ends the run."""
+    if step < warmup:
+        return start + (step / max(1, warmup)) * (peak - start)
+    decay_from = total - decay
+    if step < decay_from:
+        return peak
+    return peak + min(1.0, (step - decay_from) / max(1, decay)) * (final - peak)
+
+
 def weight_decay(step: int, *, start: float, final: float, horizon: float) -> float:
     """Cosine start -> final over the horizon (rising in the V-JEPA recipe, 0.04 -> 0.4)."""
     progress = min(step / horizon, 1.0)

@@ -119,7 +119,11 @@ def train_step(p: Parts, batch: Batch, step: int, force_nan: bool = False, signa
     The caller reads the outcome later and decides to stop or go on. With `signals`, also the collapse signals of
     this step's target features and predictions, on the batch's first few clips."""
     o, horizon = p.cfg.optim, p.cfg.schedule.horizon
-    lr = schedules.lr(step, peak=o.lr, start=o.start_lr, final=o.final_lr, warmup=o.warmup_steps, horizon=horizon)
+    if o.lr_schedule == "wsd":
+        lr = schedules.wsd_lr(step, peak=o.lr, start=o.start_lr, final=o.final_lr, warmup=o.warmup_steps,
+                              decay=o.decay_steps, total=p.cfg.schedule.total_steps)
+    else:
+        lr = schedules.lr(step, peak=o.lr, start=o.start_lr, final=o.final_lr, warmup=o.warmup_steps, horizon=horizon)
     wd = schedules.weight_decay(step, start=o.weight_decay, final=o.final_weight_decay, horizon=horizon)
     ema = schedules.ema_momentum(step - 1, start=o.ema_start, end=o.ema_end, horizon=horizon)
     for group in p.optimizer.param_groups:
