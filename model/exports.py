@@ -28,22 +28,15 @@ from safetensors.torch import save_file
 from common.cli import main_for
 from common.config import check
 from common.files import fsync_dir
-from common.torch_file import CheckpointError, read_torch_file, write_torch_file
-from model.features import export_encoder, model_config_of
+from common.torch_file import CheckpointError, write_torch_file
+from model.features import export_encoder, model_config_of, read_training_checkpoint
 from model.imports import HF_WEIGHTS, build_models
 from model.layouts import LayoutError, model_config_to_hf, tubelet_to_hf, tubelet_to_official
 
 
 def read_checkpoint(path: str | os.PathLike, weights: str) -> tuple:
     """(ModelConfig, encoder, predictor) of a training (or imported) checkpoint, loaded strictly."""
-    ckpt = read_torch_file(path, mmap=True)
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
-    for key in (weights, "predictor", "config"):
-        if key not in ckpt:
-            raise CheckpointError(f"{path}: missing key {key!r} (found keys: {sorted(map(str, ckpt))})")
-    if not isinstance(ckpt["config"], dict) or "model" not in ckpt["config"]:
-        raise CheckpointError(f"{path}: missing key 'config.model' (the ModelConfig fields)")
+    ckpt = read_training_checkpoint(path, parts=(weights, "predictor"))
     cfg = model_config_of(ckpt, path)
     enc, pred = build_models(cfg, dict(ckpt[weights]), dict(ckpt["predictor"]), f"{path}")
     return cfg, enc, pred

@@ -65,13 +65,14 @@ def encoder_from_state(
     return encoder
 
 
-def read_training_checkpoint(path: str | os.PathLike) -> Mapping:
+def read_training_checkpoint(path: str | os.PathLike, parts: tuple = ("target_encoder",)) -> Mapping:
     """A training checkpoint, CRC-checked and memory-mapped (the optimizer state, several times the encoder's
-    size, is never read here), with the keys an encoder needs: `target_encoder` and `config.model`."""
+    size, is never read here), with the keys the caller needs: `parts` (by default the encoder's) and
+    `config.model`."""
     ckpt = read_torch_file(path, mmap=True)
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
-    for key in ("target_encoder", "config"):
+    for key in (*parts, "config"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: missing key {key!r} (found keys: {sorted(map(str, ckpt))})")
     if not isinstance(ckpt["config"], Mapping) or "model" not in ckpt["config"]:
