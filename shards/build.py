@@ -28,7 +28,7 @@ from shards.group_writer import GroupWriter
 from shards.manifest import MANIFEST, REJECTS, ManifestWriter, check_shards
 from shards.metrics import ShardsMetrics
 from shards.output import Output, ShardsError
-from shards.plan import PARTS, Group, fingerprint, plan
+from shards.plan import PARTS, Group, Plan, fingerprint, plan
 from shards.transcode import Job, Reject, Unavailable, process_local, read_input
 from shards.validate import Rejected
 from shards.workers import run_jobs
@@ -47,30 +47,35 @@ class Work:
 
 
 def run(cfg: ShardsConfig) -> Optional[dict]:
-    """Shard this partition's groups; on a single-partition run, also write the manifest. Returns the summary."""
+    """Shard this partition's groups; on a single-partition run, also write the manifest. Returns the summary
+    (None for a partition job, and for `list_only`)."""
     t_start = time.time()
     logs.console()
-    groups, labels = plan(cfg)
     out = Output(cfg.output, cfg.retry_policy())
     part = cfg.partition
-    owner = "merge" if cfg.merge else f"{part.index}-of-{part.count}"
+    owner = "merge" if cfg.merge else "list" if cfg.list_only else f"{part.index}-of-{part.count}"
     out.lock(owner)
     log_name = "shards.log" if owner == "0-of-1" else f"shards-{owner}.log"
     log_file = out.log_path(log_name)
     try:
         with logs.to_file(log_file):
-            return _run(cfg, out, groups, labels, owner, t_start)
+            the_plan = plan(cfg, out)
+            if cfg.list_only:
+                log.info(f"{the_plan.num_inputs} inputs in {len(the_plan)} groups; start the partition jobs "
+                         "(partition.index=i partition.count=N), then merge=true")
+                return None
+            return _run(cfg, out, the_plan, owner, t_start)
     finally:
         out.unlock()
         out.keep_log(log_file, log_name)
 
 
-def _run(cfg: ShardsConfig, out: Output, groups: List[Group], labels: Dict[str, int], owner: str,
-         t_start: float) -> Optional[dict]:
+def _run(cfg: ShardsConfig, out: Output, the_plan: Plan, owner: str, t_start: float) -> Optional[dict]:
     work = Work()
     if not cfg.merge:
         part = cfg.partition
-        mine = [g for g in groups if g.index % part.count == part.index] if part.count > 1 else groups
+        # only this partition's groups are read from the listing
+        mine = list(the_plan.groups(b for b, (_, index) in enumerate(the_plan.slots) if index % part.count == part.index))
         done = {g.name: rec for g in mine if (rec := _record(out, cfg, g)) is not None}
         damaged = _damaged(out, cfg, done)
         for name, problems in damaged.items():
@@ -82,7 +87,8 @@ def _run(cfg: ShardsConfig, out: Output, groups: List[Group], labels: Dict[str, 
             log.info(f"partition {part.index}/{part.count}: {len(mine)} groups done; "
                      f"run with merge=true once every partition has finished")
             return None
-    return _merge(cfg, out, groups, labels, work, time.time() - t_start)
+        del mine, todo, done
+    return _merge(cfg, out, the_plan, work, time.time() - t_start)
 
 
 def _record(out: Output, cfg: ShardsConfig, g: Group) -> Optional[dict]:
@@ -165,26 +171,26 @@ def _shard_groups(cfg: ShardsConfig, out: Output, todo: List[Group], done: int, 
 MERGE_THREADS = 8  # group records read in parallel by the merge (storage latency, not CPU)
 
 
-def _merge(cfg: ShardsConfig, out: Output, groups: List[Group], labels: Dict[str, int], work: Work,
-           wall: float) -> dict:
-    """Write the manifest from the group records, streamed: records are read a window at a time on threads and
-    their rows written shard by shard (`ManifestWriter`), so memory is O(window of records + shards), not O(rows).
-    The shards of each record are checked against it (sizes; sha256 only with `rehash=true`: the hashes recorded
-    at each group's commit are trusted otherwise). Nothing is published unless every group is finished and
-    intact."""
+def _merge(cfg: ShardsConfig, out: Output, the_plan: Plan, work: Work, wall: float) -> dict:
+    """Write the manifest from the group records, streamed: groups are read from the listing and their records
+    a window at a time on threads, their rows written shard by shard (`ManifestWriter`), so memory is O(window of
+    records + shards), not O(rows). The shards of each record are checked against it (sizes; sha256 only with
+    `rehash=true`: the hashes recorded at each group's commit are trusted otherwise). Nothing is published
+    unless every group is finished and intact."""
     done = set(out.list_names(PARTS))  # one listing, not a request per group
-    missing = [g.name for g in groups if posixpath.basename(g.record) not in done]
+    missing = [the_plan.name(b) for b in range(len(the_plan)) if f"{the_plan.name(b)}.json" not in done]
     rehash = cfg.merge and cfg.rehash
     if missing:
         _refuse(out, missing, [])
     writer = ManifestWriter(out.url)
     shards, rejects, damaged = [], [], []
     source_seconds, hours, splits = 0.0, 0.0, Counter()
+    window = 4 * MERGE_THREADS
     try:
         with ThreadPoolExecutor(MERGE_THREADS) as pool:
-            for at in range(0, len(groups), 4 * MERGE_THREADS):
-                window = groups[at:at + 4 * MERGE_THREADS]
-                for g, rec in zip(window, pool.map(lambda g: _record(out, cfg, g), window)):
+            for at in range(0, len(the_plan), window):
+                groups = list(the_plan.groups(range(at, min(at + window, len(the_plan)))))
+                for g, rec in zip(groups, pool.map(lambda g: _record(out, cfg, g), groups)):
                     if rec is None:  # removed since the listing
                         missing.append(g.name)
                         continue
@@ -200,9 +206,9 @@ def _merge(cfg: ShardsConfig, out: Output, groups: List[Group], labels: Dict[str
                     splits.update(r["split"] for r in rec["samples"])
         if missing or damaged:
             _refuse(out, missing, damaged)
-        classes = [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1])]
+        classes = [n for n, _ in sorted(the_plan.labels.items(), key=lambda kv: kv[1])]
         summary = {
-            "videos_in": sum(len(g.sources) for g in groups),
+            "videos_in": the_plan.num_inputs,
             "sharded": writer.num_rows,
             "rejected": dict(sorted(Counter(r["reason"] for r in rejects).items())),
             "hours": round(hours / 3600, 4),
@@ -213,7 +219,7 @@ def _merge(cfg: ShardsConfig, out: Output, groups: List[Group], labels: Dict[str
         }
         meta = {"created_by": "tubelet make_shards", "kind": cfg.kind, "classes": classes, "summary": summary,
                 "config": {k: v for k, v in to_dict(cfg).items() if k not in ("workers", "progress", "merge",
-                                                                               "partition", "metrics_port",
+                                                                               "partition", "metrics_port", "list_only",
                                                                                "check_outputs", "retries",
                                                                                "retry_backoff_s", "rehash")}}
     except BaseException:

@@ -92,6 +92,9 @@ class ShardsConfig:
     labels_from_dirs: bool = False  # folder/glob inputs: use each file's parent folder name as its label
     workers: int = 0  # processes; 0 = all cores
     merge: bool = False  # only write the manifest from finished partitions
+    # only list the inputs into the output's `_parts/inputs/` and stop: run once before N partition jobs, so
+    # that each reads its own groups from that listing instead of listing every input itself
+    list_only: bool = False
     # how a rerun checks the groups earlier runs finished: hash (sizes and sha256: finds any damaged shard, reads
     # every shard once) or size (sizes and index files only: faster on huge sets). Damaged groups are rebuilt.
     check_outputs: str = "hash"
@@ -127,4 +130,5 @@ class ShardsConfig:
         check(self.workers >= 0, "workers", "must be >= 0 (0 = all cores)")
         check(self.kind in ("video", "image"), "kind", f"must be video or image, got {self.kind!r}")
         check(self.retries >= 1 and self.retry_backoff_s >= 0, "retries", "retries >= 1, retry_backoff_s >= 0")
+        check(not (self.list_only and self.merge), "list_only", "lists the inputs only; run merge=true on its own")
         check(self.check_outputs in ("hash", "size"), "check_outputs", f"must be hash or size, got {self.check_outputs!r}")

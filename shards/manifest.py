@@ -283,18 +283,51 @@ def read_rejects(root: str) -> pa.Table:
         return pq.read_table(f)
 
 
-def verify(manifest: Manifest, check_hashes: bool = False) -> None:
-    """Refuse a shard set whose files do not match the manifest: one ManifestError listing every bad shard."""
-    fs, root = url_to_fs(manifest.root)
+def verify(root: str, check_hashes: bool = False) -> SetIndex:
+    """Refuse a shard set whose files do not match its manifest: one ManifestError listing every bad shard (its
+    tar, its index file, and its rows in samples.arrow). Streamed: the shards table, then each shard's record
+    batch's row count and shard name (only that column is read), never every sample's row at once."""
+    index = read_set_index(root)
+    shards = index.shards.to_pylist()  # O(shards)
+    problems = _check_rows(root, shards)
+    fs, path = url_to_fs(root)
     if is_local(fs) or check_hashes:
-        counts = dict(zip(*_shard_counts(manifest.samples)))
-        problems = check_shards(fs, root, manifest.shards, check_hashes, counts)
+        problems += check_shards(fs, path, shards, check_hashes)
     else:  # an object store: one listing (a request per 1,000 files), not four requests per shard and rank
-        problems = _check_listing(fs, root, manifest.shards)
+        problems += _check_listing(fs, path, shards)
     if problems:
-        raise ManifestError(f"{len(problems)} of {len(manifest.shards)} shards of {manifest.root} do not match "
-                            f"its {MANIFEST}; rebuild them with `make shards` (it finds and rewrites damaged "
+        raise ManifestError(f"{len(problems)} of {len(shards)} shards of {root} do not match its "
+                            f"{MANIFEST}; rebuild them with `make shards` (it finds and rewrites damaged "
                             "shards):\n" + "\n".join(f"  shard {name}: {what}" for name, what in problems))
+    return index
+
+
+def _check_rows(root: str, shards: Sequence[Dict[str, Any]]) -> List[Tuple[str, str]]:
+    """(shard, what is wrong) for each shard whose record batch in samples.arrow does not hold its samples."""
+    url = join(root, SAMPLES)
+    fs, path = url_to_fs(url)
+    if not fs.exists(path):
+        raise ManifestError(f"{root} has a {MANIFEST} but no {SAMPLES}: the set is damaged; rebuild it with "
+                            "`make shards`")
+    source = pa.memory_map(path) if is_local(fs) else fs.open(path, "rb")
+    try:
+        names = pa.ipc.open_file(source).schema.names
+        reader = pa.ipc.open_file(source, options=pa.ipc.IpcReadOptions(included_fields=[names.index("shard")]))
+        problems = []
+        if reader.num_record_batches != len(shards):
+            problems.append((SAMPLES, f"holds {reader.num_record_batches} record batches for {len(shards)} shards"))
+        for sh in shards:
+            if not 0 <= sh["batch"] < reader.num_record_batches:
+                problems.append((sh["name"], f"its rows (record batch {sh['batch']}) are not in {SAMPLES}"))
+                continue
+            b = reader.get_batch(sh["batch"])
+            if b.num_rows != sh["samples"] or (b.num_rows and b.column(0)[0].as_py() != sh["name"]):
+                problems.append((sh["name"], f"record batch {sh['batch']} of {SAMPLES} holds {b.num_rows} rows"
+                                 f"{' of ' + repr(b.column(0)[0].as_py()) if b.num_rows else ''}, not its "
+                                 f"{sh['samples']} samples"))
+        return problems
+    finally:
+        source.close()
 
 
 def _check_listing(fs, root: str, shards: Sequence[Dict[str, Any]]) -> List[Tuple[str, str]]:
@@ -313,11 +346,9 @@ def _check_listing(fs, root: str, shards: Sequence[Dict[str, Any]]) -> List[Tupl
     return problems
 
 
-def check_shards(fs, root: str, shards: Sequence[Dict[str, Any]], check_hashes: bool,
-                 rows: Optional[Dict[str, int]] = None) -> List[Tuple[str, str]]:
+def check_shards(fs, root: str, shards: Sequence[Dict[str, Any]], check_hashes: bool) -> List[Tuple[str, str]]:
     """(shard name, what is wrong) for every shard (tar + index) that does not match its record (name, bytes,
-    samples, sha256, index); [] when all do. `rows`: the manifest's sample count per shard, when there is a
-    manifest. Hashes are computed on a few threads (hashlib releases the GIL)."""
+    samples, sha256, index); [] when all do. Hashes are computed on a few threads (hashlib releases the GIL)."""
     def one(sh: Dict[str, Any]) -> Optional[str]:
         tar, idx = posixpath.join(root, sh["name"]), posixpath.join(root, sh["index"])
         if not fs.exists(tar):
@@ -332,7 +363,7 @@ def check_shards(fs, root: str, shards: Sequence[Dict[str, Any]], check_hashes: 
                 members = parse_index(f.read())
             except ValueError as e:
                 return f"its index {sh['index']} is malformed: {e}"
-        if len(members) != sh["samples"] or (rows is not None and rows.get(sh["name"], 0) != sh["samples"]):
+        if len(members) != sh["samples"]:
             return f"its index lists {len(members)} samples, the manifest {sh['samples']}"
         end = max((m.offset + m.size for ms in members for m in ms), default=0)
         if end > size:
@@ -346,10 +377,3 @@ def check_shards(fs, root: str, shards: Sequence[Dict[str, Any]], check_hashes: 
 
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
         return [(sh["name"], p) for sh, p in zip(shards, pool.map(one, shards)) if p is not None]
-
-
-def _shard_counts(samples: pa.Table):
-    import pyarrow.compute as pc
-
-    vc = pc.value_counts(samples["shard"])
-    return vc.field("values").to_pylist(), vc.field("counts").to_pylist()

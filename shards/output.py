@@ -119,8 +119,8 @@ class Output:
                 holder = f.read().strip()
             raise ShardsError(f"{self.url} is locked by another `make shards` ({holder}); if no job is "
                               f"running (it was killed), delete {self.url}/{name} and start again")
-        with self.fs.open(join(self.path, name), "w") as f:
-            f.write(f"host={socket.gethostname()} pid={os.getpid()} started={time.strftime('%Y-%m-%dT%H:%M:%S')}")
+        holder = f"host={socket.gethostname()} pid={os.getpid()} started={time.strftime('%Y-%m-%dT%H:%M:%S')}"
+        self._call(lambda: self.fs.pipe_file(join(self.path, name), holder.encode()), "writing", name)
         self._lock_name = name
 
     def unlock(self) -> None:
@@ -129,5 +129,6 @@ class Output:
             unlock_file(self._lock_fd, join(self.path, self._lock_name))
             self._lock_fd = None
         elif self._lock_name:
-            self.fs.rm(join(self.path, self._lock_name))
+            name = self._lock_name
+            self._call(lambda: self.fs.rm(join(self.path, name)), "removing", name)
         self._lock_name = None

@@ -11,7 +11,7 @@ import io
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -56,15 +56,19 @@ def _url(fs, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
-def list_split(spec: str, labels_from_dirs: bool = False, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> List[Source]:
-    """All inputs named by `spec` (folder, glob or list file), in a deterministic order; a folder lists the files
-    with one of `extensions` (videos by default)."""
+def split_chunks(spec: str, labels_from_dirs: bool, extensions: Sequence[str] = VIDEO_EXTENSIONS,
+                 size: int = 1 << 16) -> Iterator[List[Source]]:
+    """All inputs named by `spec` (folder, glob or list file), in a deterministic order, `size` at a time; a folder
+    lists the files with one of `extensions` (videos by default). A Python object per input only for the chunk in
+    hand (a list file of 22M rows is held as Arrow columns, a folder's listing as the path strings fsspec
+    returns)."""
     fs, path = url_to_fs(spec)
     lower = path.lower()
     if lower.endswith(LIST_EXTENSIONS):
         if not fs.isfile(path):
             raise InputError(f"list file {spec} does not exist")
-        return _read_list(fs, path, spec)
+        yield from _read_list(fs, path, spec, size)
+        return
     if _GLOB_CHARS.search(path):
         files = sorted(p for p in fs.glob(path) if fs.isfile(p))
         root = path[: _GLOB_CHARS.search(path).start()].rsplit("/", 1)[0]
@@ -75,15 +79,16 @@ def list_split(spec: str, labels_from_dirs: bool = False, extensions: Sequence[s
         files, root = [path], posixpath.dirname(path)
     else:
         raise InputError(f"input {spec} is neither a folder, a glob, a list file (.csv/.parquet) nor a file")
-    out = []
-    for p in files:
-        rel = posixpath.relpath(p, root) if root else p
-        label = posixpath.basename(posixpath.dirname(rel)) or None if labels_from_dirs else None
-        out.append(Source(_url(fs, p), rel, label))
-    return out
+    for at in range(0, len(files), size):
+        out = []
+        for p in files[at:at + size]:
+            rel = posixpath.relpath(p, root) if root else p
+            label = posixpath.basename(posixpath.dirname(rel)) or None if labels_from_dirs else None
+            out.append(Source(_url(fs, p), rel, label))
+        yield out
 
 
-def _read_list(fs, path: str, spec: str) -> List[Source]:
+def _read_list(fs, path: str, spec: str, size: int) -> Iterator[List[Source]]:
     with fs.open(path, "rb") as f:
         data = f.read()
     try:
@@ -96,41 +101,34 @@ def _read_list(fs, path: str, spec: str) -> List[Source]:
             )
     except (pa.ArrowInvalid, OSError) as e:
         raise InputError(f"list file {spec} could not be read: {e}") from None
+    del data
     if "path" not in table.column_names:
         raise InputError(f"list file {spec} has no 'path' column (columns: {table.column_names}); "
                          "add a header line 'path,label' (label optional)")
-    paths = table.column("path").to_pylist()
-    labels = table.column("label").cast(pa.string()).to_pylist() if "label" in table.column_names else [None] * len(paths)
+    paths = table.column("path")
+    labels = table.column("label").cast(pa.string()) if "label" in table.column_names else None
     base = posixpath.dirname(path)
-    out = []
-    for i, (p, lab) in enumerate(zip(paths, labels)):
-        if not p:
-            raise InputError(f"list file {spec}, row {i + 2}: empty path")
-        p = str(p)
-        if "://" in p:
-            out.append(Source(p, p.split("://", 1)[1], lab))
-        elif posixpath.isabs(p):
-            out.append(Source(_url(fs, p), p.lstrip("/"), lab))
-        else:
-            out.append(Source(_url(fs, posixpath.normpath(posixpath.join(base, p))), p, lab))
-    return out
+    for at in range(0, len(paths), size):
+        chunk = paths.slice(at, size).to_pylist()
+        chunk_labels = labels.slice(at, size).to_pylist() if labels is not None else [None] * len(chunk)
+        out = []
+        for i, (p, lab) in enumerate(zip(chunk, chunk_labels), start=at):
+            if not p:
+                raise InputError(f"list file {spec}, row {i + 2}: empty path")
+            p = str(p)
+            if "://" in p:
+                out.append(Source(p, p.split("://", 1)[1], lab))
+            elif posixpath.isabs(p):
+                out.append(Source(_url(fs, p), p.lstrip("/"), lab))
+            else:
+                out.append(Source(_url(fs, posixpath.normpath(posixpath.join(base, p))), p, lab))
+        yield out
 
 
-def label_map(splits: Dict[str, Sequence[Source]]) -> Dict[str, int]:
-    """Class name -> index over all splits: integer labels keep their value, names are numbered sorted."""
-    names = sorted({s.label for srcs in splits.values() for s in srcs if s.label is not None})
+def label_map_of(names: Iterable[str]) -> Dict[str, int]:
+    """Class name -> index over all splits' distinct label names: integer labels keep their value, names are
+    numbered sorted."""
+    names = sorted(names)
     if names and all(re.fullmatch(r"-?\d+", n) for n in names):
         return {n: int(n) for n in names}
     return {n: i for i, n in enumerate(names)}
-
-
-def check_unique_keys(split: str, sources: Sequence[Source]) -> List[str]:
-    keys = [make_key(s.rel) for s in sources]
-    if len(set(keys)) != len(keys):
-        seen: Dict[str, str] = {}
-        for k, s in zip(keys, sources):
-            if k in seen:
-                raise InputError(f"split {split}: {s.url} appears twice in the input (as {seen[k]} too); "
-                                 "remove the duplicate row")
-            seen[k] = s.url
-    return keys

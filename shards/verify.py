@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 from common.cli import main_for
 from common.config import check
-from shards.manifest import ManifestError, read_manifest, verify
+from shards.manifest import ManifestError, verify
 
 
 @dataclass
@@ -21,9 +21,8 @@ class VerifyConfig:
 
 
 def run(cfg: VerifyConfig) -> None:
-    m = read_manifest(cfg.root)
-    verify(m, check_hashes=cfg.hashes)
-    print(f"{cfg.root}: {m.samples.num_rows} samples in {len(m.shards)} shards match the manifest"
+    index = verify(cfg.root, check_hashes=cfg.hashes)
+    print(f"{cfg.root}: {index.meta['rows']} samples in {index.shards.num_rows} shards match the manifest"
           + (" (sizes, indexes and sha256)" if cfg.hashes else " (sizes and indexes)"))
 
 

@@ -58,7 +58,7 @@ def test_make_shards_on_images_validates_converts_and_rejects(tmp_path, caplog):
                                            "image.max_pixels=100000"])
     summary = run(cfg)
     m = read_manifest(str(out))
-    verify(m, check_hashes=True)
+    verify(m.root, check_hashes=True)
     assert m.kind == "image" and m.classes == ["cat", "dog"]
     rows = {r["source"].rsplit("/", 1)[1].split(".")[0]: r for r in m.samples.to_pylist()}
     assert {k: (r["width"], r["height"]) for k, r in rows.items()} == expected

@@ -186,7 +186,7 @@ def test_manifest_offsets_hashes_and_verify(small_shards):
 
     root = small_shards
     m = read_manifest(root)
-    verify(m, check_hashes=True)
+    verify(m.root, check_hashes=True)
     for sh in m.shards:
         data = Path(root, sh["name"]).read_bytes()
         assert sh["bytes"] == len(data) and sh["sha256"] == hashlib.sha256(data).hexdigest()
@@ -210,20 +210,34 @@ def test_tampering_is_detected(small_shards, tmp_path):
     with open(root / victim["name"], "r+b") as f:
         f.truncate(victim["bytes"] - 1024)
     with pytest.raises(ManifestError, match=re.escape(victim["name"])):
-        verify(read_manifest(str(root)))
+        verify(str(root))
     shutil.copy(Path(small_shards, victim["name"]), root / victim["name"])
-    verify(read_manifest(str(root)), check_hashes=True)
+    verify(str(root), check_hashes=True)
     # same size, other bytes: only the hash check sees it
     with open(root / victim["name"], "r+b") as f:
         f.seek(600)
         f.write(b"\xff")
-    verify(read_manifest(str(root)))
+    verify(str(root))
     with pytest.raises(ManifestError, match=re.escape(victim["name"])):
-        verify(read_manifest(str(root)), check_hashes=True)
+        verify(str(root), check_hashes=True)
     shutil.copy(Path(small_shards, victim["name"]), root / victim["name"])
     os.unlink(root / victim["index"])
     with pytest.raises(ManifestError, match=re.escape(victim["index"])):
-        verify(read_manifest(str(root)))
+        verify(str(root))
+    shutil.copy(Path(small_shards, victim["index"]), root / victim["index"])
+    # samples.arrow whose rows of one shard lost a sample (a file of another run): its record batch is named
+    import pyarrow as pa
+
+    with pa.OSFile(str(root / "samples.arrow")) as src:  # read into memory: the file is rewritten below
+        reader = pa.ipc.open_file(src)
+        batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        schema = reader.schema
+    batches[1] = batches[1].slice(0, batches[1].num_rows - 1)
+    with pa.ipc.new_file(str(root / "samples.arrow"), schema) as w:
+        for b in batches:
+            w.write_batch(b)
+    with pytest.raises(ManifestError, match=re.escape(victim["name"]) + ".*record batch 1 of samples.arrow holds"):
+        verify(str(root))
 
 
 def test_read_back_with_webdataset_library(small_shards):
@@ -326,7 +340,7 @@ def test_bad_inputs_are_rejected_with_reasons(mixed):
     assert "rejected       9" in p and "truncated: 2" in p and "rejects.parquet" in p
     details = {os.path.relpath(r["source"], src): r["detail"] for r in rejects}
     assert "half.mp4 starts like a video container" in details["bad/half.mp4"] and "<none>" not in details["bad/half.mp4"]
-    verify(m, check_hashes=True)
+    verify(m.root, check_hashes=True)
 
 
 def test_every_sample_of_mixed_set_decodes_with_dali(mixed):
@@ -449,7 +463,7 @@ def test_h264_fps_keyframes_short_side_and_byte_spill(tmp_path):
     shard({"train": src}, out, "transcode.codec=h264", "transcode.fps=8", "transcode.keyframe_interval=4",
           "transcode.short_side=64", "transcode.crf=10", "shard.max_bytes=65536")
     m = read_manifest(str(out))
-    verify(m, check_hashes=True)
+    verify(m.root, check_hashes=True)
     rows = m.samples.to_pylist()
     assert len(rows) == 4 and {r["ext"] for r in rows} == {"mp4"} and {r["codec"] for r in rows} == {"h264"}
     # byte limit: the group spills into <split>-GGGGGG-P.tar, each within the limit unless one sample is
@@ -537,7 +551,7 @@ def test_fsspec_urls(tmp_path, monkeypatch):
         shard({"train": f"memory://{tag}/lists/train.csv", "val": f"file://{vids}"}, out)
         assert not list(systmp.iterdir())  # cleaned up
         m = read_manifest(out)
-        verify(m, check_hashes=True)
+        verify(m.root, check_hashes=True)
         rows = m.samples.to_pylist()
         assert [(r["split"], r["label"]) for r in rows] == [("train", "x"), ("train", "y"), ("train", "z"),
                                                            ("val", None), ("val", None)]
@@ -600,7 +614,7 @@ def test_a_damaged_set_repairs_itself_on_rerun(ref, tmp_path, capsys):
         f.truncate(b["bytes"] - 512)
     os.unlink(out / c["index"])
     with pytest.raises(ManifestError) as e:
-        verify(m, check_hashes=True)
+        verify(m.root, check_hashes=True)
     assert str(e.value).startswith(f"3 of {len(m.shards)} shards of {out} do not match")
     for sh in (a, b, c):
         assert f"shard {sh['name']}:" in str(e.value)
@@ -608,7 +622,7 @@ def test_a_damaged_set_repairs_itself_on_rerun(ref, tmp_path, capsys):
     assert res["summary"]["videos_processed"] == 6  # three groups of two videos, nothing else
     err = capsys.readouterr().err
     assert all(f"shard {sh['name']}:" in err for sh in (a, b, c)) and "rebuilding it" in err
-    verify(read_manifest(str(out)), check_hashes=True)
+    verify(str(out), check_hashes=True)
     assert_same_manifest(ref["out"], out)
     again = shard(ref["inputs"], out, *ref["overrides"])  # a rerun of a whole, healthy set does no work
     assert again["summary"]["videos_processed"] == 0 and "nothing to do" in again["printed"]
@@ -669,7 +683,7 @@ def test_resume_after_kill_9(ref, tmp_path):
     kids = []
     while time.time() < deadline and proc.poll() is None:
         kids = _children(proc.pid) or kids
-        if parts.is_dir() and any(p.suffix == ".json" for p in parts.iterdir()):
+        if parts.is_dir() and any(p.name.startswith("train-") and p.suffix == ".json" for p in parts.iterdir()):
             break
         time.sleep(0.005)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -729,7 +743,49 @@ def test_partitions_then_merge(ref, tmp_path):
     shard(ref["inputs"], out, *ref["overrides"], "partition.count=2", "partition.index=1")
     shard(ref["inputs"], out, *ref["overrides"], "partition.count=2", "merge=true")
     assert_same_manifest(ref["out"], out)
-    verify(read_manifest(str(out)), check_hashes=True)
+    verify(str(out), check_hashes=True)
+
+
+def test_inputs_listed_once_and_each_partition_reads_only_its_groups(ref, tmp_path, monkeypatch):
+    """`list_only=true` lists the inputs once (`_parts/inputs/`); partition jobs then list nothing and read only
+    their own groups' record batches from it, and the merge streams them all: the same set as a single run."""
+    import shards.plan as plan_mod
+
+    out = tmp_path / "out"
+    r = shard(ref["inputs"], out, *ref["overrides"], "list_only=true")
+    assert r["summary"] is None and not tars(out)
+    assert (out / "_parts/inputs/listing.json").exists() and (out / "_parts/inputs/listing.arrow").exists()
+
+    def no_listing(*a, **k):
+        raise AssertionError("a job listed the inputs again")
+
+    monkeypatch.setattr(plan_mod, "split_chunks", no_listing)
+    read = []
+    real_group = plan_mod.Plan.group
+    monkeypatch.setattr(plan_mod.Plan, "group", lambda self, b: read.append(b) or real_group(self, b))
+    for i in range(2):
+        read.clear()
+        shard(ref["inputs"], out, *ref["overrides"], "partition.count=2", f"partition.index={i}")
+        assert sorted(read) == [b for b in range(5) if b % 2 == i]  # groups 0..4: train-000000 .. 000004
+    read.clear()
+    shard(ref["inputs"], out, *ref["overrides"], "partition.count=2", "merge=true")
+    assert read == list(range(5))
+    assert_same_manifest(ref["out"], out)
+    # other settings make a new listing (and the groups' fingerprints then refuse the finished set)
+    monkeypatch.undo()
+    with pytest.raises(ShardsError, match="other inputs or settings"):
+        shard(ref["inputs"], out, "shard.max_samples=3", "labels_from_dirs=true")
+    assert json.loads((out / "_parts/inputs/listing.json").read_text())["spec"]["max_samples"] == 3
+
+
+def test_an_input_listed_twice_is_one_error_naming_it(tmp_path, capsys):
+    src = videos.write_video(tmp_path / "a.webm", "libvpx-vp9", 64, 48, 12, 12)
+    (tmp_path / "list.csv").write_text(f"path\n{src}\nother.webm\n{src}\n")
+    args = [f"inputs.train={tmp_path / 'list.csv'}", f"output={tmp_path / 'out'}", "progress=false", "workers=1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{src} appears twice in the input" in err[0], err
+    assert not tars(tmp_path / "out")
 
 
 @pytest.mark.slow
@@ -876,5 +932,5 @@ def test_a_set_of_the_previous_format_names_the_upgrade_and_upgrades_in_place(sm
     assert after.meta == before.meta
     assert {n: (root / n).read_bytes() for n in tars} == tars
     assert sorted(open_split(str(root), "train").keys) == sorted(open_split(small_shards, "train").keys)
-    verify(after, check_hashes=True)
+    verify(after.root, check_hashes=True)
     assert upgrade_main([f"root={root}"]) == 0  # already upgraded: nothing to do
