@@ -55,7 +55,9 @@ class CacheStats:
 
 
 @contextlib.contextmanager
-def _flock(path: str, blocking: bool = True) -> Iterator[bool]:
+def file_lock(path: str, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive `flock` on `path` (created if absent) for the block; with blocking=False it yields False
+    instead of waiting when another process holds it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -136,7 +138,7 @@ class ShardCache:
 
     def _fetch(self, shard: str, size: int) -> None:
         final = os.path.join(self.folder, shard)
-        with _flock(self._shard_lock(shard)):  # another process of the node may be downloading it
+        with file_lock(self._shard_lock(shard)):  # another process of the node may be downloading it
             if self._complete(final, size):
                 return
             if size > self.max_bytes:
@@ -191,7 +193,7 @@ class ShardCache:
             m = _PART.match(name)
             if not m:
                 continue
-            with _flock(self._shard_lock(m.group(1)), blocking=False) as free:
+            with file_lock(self._shard_lock(m.group(1)), blocking=False) as free:
                 if free:  # nobody downloads it: left by a killed process
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(self.folder, name))
@@ -215,7 +217,7 @@ class ShardCache:
         return os.path.join(self.folder, f".{shard}.lock")
 
     def _folder_lock(self):
-        return _flock(os.path.join(self.folder, ".lock"))
+        return file_lock(os.path.join(self.folder, ".lock"))
 
     def _count(self, **deltas) -> None:
         with self._lock:
@@ -248,7 +250,7 @@ def node_copy(fs, url: str, folder: str) -> str:
     tag = str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
     digest = hashlib.sha1(f"{info.get('size')}:{tag}".encode()).hexdigest()[:16]
     final = os.path.join(folder, f".{os.path.basename(path)}.{digest}")
-    with _flock(final + ".lock"):
+    with file_lock(final + ".lock"):
         if os.path.exists(final) and os.path.getsize(final) == info.get("size"):
             return final
         part = final + ".tmp"

@@ -5,7 +5,8 @@ node's cache folder, `pipeline.cache.node_copy`) and the footer of `samples.arro
 numbered shard after shard in the manifest's order, so row r is sample r - first[s] of shard s = the last shard
 whose first row is <= r (`np.searchsorted`). A shard's sample rows (key, offsets, sizes, CRC-32, frames, fps,
 geometry, label) are one record batch of `samples.arrow`, read when the plan first needs that shard (memory-mapped
-when local, one ranged read when remote) and kept in a small LRU. A column needed for every sample (the labels of
+when local; when remote, one ranged read per node, kept in the node's cache folder for its other processes) and
+kept in a small LRU. A column needed for every sample (the labels of
 `tubelet-probe`, `keys` for tools) is read by itself, as an array.
 
 Nothing here lists or parses every shard: the set was verified when it was written and by `tubelet-verify`; the
@@ -14,7 +15,10 @@ store checks each shard's size (and sha256 with data.verify_hashes) when it firs
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import os
 import threading
 import zlib
 from collections import OrderedDict
@@ -54,12 +58,25 @@ class ShardRows:
 
 
 class _Samples:
-    """samples.arrow of a set, opened once per process: its footer is read, the record batches on demand."""
+    """samples.arrow of a set, opened once per process: its footer is read, the record batches on demand. For a
+    remote set with a node cache folder (`rows_cache`), a batch is read from the store once per node: the first
+    process to need it writes it there (`rows-<version>-<batch>.arrow`, under a file lock), the node's others map
+    that file. The files count towards the cache's size and are evicted with its shards (least recently used)."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, rows_cache: Optional[str] = None):
         url = join(root, SAMPLES)
         fs, path = url_to_fs(url)
         self.url, self.fs, self.path = url, fs, path
+        self._cache, self._version = None, ""
+        if rows_cache and not is_local(fs):
+            try:
+                info = fs.info(path)
+            except FileNotFoundError:
+                info = None
+            if info is not None:  # named by the object's size and version tag: a rewritten set is read anew
+                tag = str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
+                self._version = hashlib.sha1(f"{info.get('size')}:{tag}".encode()).hexdigest()[:12]
+                self._cache = rows_cache
         try:
             if is_local(fs):
                 self._source = pa.memory_map(path)  # pages read when touched: a batch costs its bytes
@@ -80,8 +97,30 @@ class _Samples:
         return self._reader.num_record_batches
 
     def batch(self, i: int) -> pa.RecordBatch:
+        if self._cache is not None:
+            return self._node_batch(i)
         with self._lock:  # one reader, used by the feeder thread and the consumer
             return self._reader.get_batch(i)
+
+    def _node_batch(self, i: int) -> pa.RecordBatch:
+        from pipeline.cache import file_lock
+
+        name = f"rows-{self._version}-{i:07d}.arrow"
+        final = os.path.join(self._cache, name)
+        with file_lock(os.path.join(self._cache, f".{name}.lock")):
+            try:
+                batch = pa.ipc.open_file(pa.memory_map(final)).get_batch(0)
+                os.utime(final)  # recently used, for the cache's eviction
+                return batch
+            except (FileNotFoundError, pa.ArrowInvalid):  # not here yet (or evicted, or cut short by a kill)
+                pass
+            with self._lock:
+                batch = self._reader.get_batch(i)
+            tmp = os.path.join(self._cache, f".{name}.{os.getpid()}.tmp")
+            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, batch.schema) as w:
+                w.write_batch(batch)
+            os.replace(tmp, final)
+            return batch
 
     def column(self, name: str) -> pa.ChunkedArray:
         """One column of every sample, read by itself (only its buffers are read)."""
@@ -256,14 +295,16 @@ def open_split(root: str, split: str, verify_hashes: bool = False, retry: Option
     retry = retry or RetryPolicy()
     fs, _ = url_to_fs(root)
     local_copy = None
+    from pipeline.store import cache_folder
+
     if not is_local(fs):
         from pipeline.cache import node_copy
-        from pipeline.store import cache_folder
 
         local_copy = retry.call(lambda: node_copy(fs, join(root, "manifest.parquet"), cache_folder(root, cache_dir)),
                                 f"reading the manifest of {root}")
     index = retry.call(lambda: read_set_index(root, local_copy), f"reading the manifest of {root}")
-    samples = retry.call(lambda: _Samples(root), f"opening the samples of {root}")
+    rows_cache = cache_folder(root, cache_dir) if local_copy is not None else None
+    samples = retry.call(lambda: _Samples(root, rows_cache), f"opening the samples of {root}")
     return SplitIndex(root, split, index.shards, index.meta, samples)
 
 

@@ -274,6 +274,31 @@ def test_make_shards_stops_on_an_unreadable_input_and_resumes_without_rejecting_
     verify(out, check_hashes=True)
 
 
+def test_a_shards_rows_are_read_from_the_store_once_per_node(s3_set, no_faults, tmp_path):
+    """Two processes of a node (two opens of the split on one cache folder) read a shard's rows: the first with
+    a ranged GET of samples.arrow, the second from the node's cache folder; another node reads them itself."""
+    import numpy as np
+
+    gets = []
+    no_faults.fault = lambda method, path, n: gets.append(path) if method == "GET" else None
+    first, second = (open_split(s3_set, "train", cache_dir=str(tmp_path / "node")) for _ in range(2))
+    other_node = open_split(s3_set, "train", cache_dir=str(tmp_path / "other"))
+
+    def rows_gets(index, s):
+        gets.clear()
+        rows = index.shard_rows(s)
+        return rows, [p for p in gets if "samples.arrow" in p]
+
+    a, got = rows_gets(first, 3)
+    assert got, "the first process reads the shard's rows from the store"
+    b, got = rows_gets(second, 3)
+    assert got == [], "the node's second process reads them from the node's cache"
+    assert b.keys.to_pylist() == a.keys.to_pylist() and np.array_equal(b.offsets, a.offsets)
+    assert np.array_equal(b.crc32, a.crc32) and np.array_equal(b.labels, a.labels)
+    assert rows_gets(other_node, 3)[1], "another node has its own cache"
+    assert first.keys == read_manifest(s3_set).split("train").column("key").to_pylist()
+
+
 def test_cache_metrics_reach_the_loaders_endpoint(s3_set, tmp_path):
     import urllib.request
 
