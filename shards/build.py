@@ -75,7 +75,7 @@ def _run(cfg: ShardsConfig, out: Output, the_plan: Plan, owner: str, t_start: fl
     if not cfg.merge:
         part = cfg.partition
         # only this partition's groups are read from the listing
-        mine = list(the_plan.groups(b for b, (_, index) in enumerate(the_plan.slots) if index % part.count == part.index))
+        mine = list(the_plan.groups(b for b, (_, g) in enumerate(the_plan.slots) if g % part.count == part.index))
         done = {g.name: rec for g in mine if (rec := _record(out, cfg, g)) is not None}
         damaged = _damaged(out, cfg, done)
         for name, problems in damaged.items():

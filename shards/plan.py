@@ -100,9 +100,9 @@ class Plan:
             source = pa.memory_map(url) if self.out.local else self.out.fs.open(url, "rb", block_size=1 << 16)
             self._reader = pa.ipc.open_file(source)
             if self._reader.num_record_batches != len(self.slots):
-                raise InputError(f"{url} holds {self._reader.num_record_batches} groups, {self.out.url_of(LISTING_META)}"
-                                 f" says {len(self.slots)}: the listing is damaged; delete {PARTS}/inputs/ to list the "
-                                 "inputs again")
+                raise InputError(f"{url} holds {self._reader.num_record_batches} groups, "
+                                 f"{self.out.url_of(LISTING_META)} says {len(self.slots)}: the listing is damaged; "
+                                 f"delete {PARTS}/inputs/ to list the inputs again")
         batch = self.out.retry.call(lambda: self._reader.get_batch(b), f"reading {self.out.url_of(LISTING)}")
         split, index = self.slots[b]
         cols = {name: batch.column(i).to_pylist() for i, name in enumerate(batch.schema.names)}
