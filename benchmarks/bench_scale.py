@@ -4,14 +4,14 @@
         [s3=true] [--json FILE]
 
 Builds a synthetic set of `rows` samples the way `make shards` leaves one before its merge: a list file of `rows`
-inputs, its listing and the group records of its plan (`_parts/`, 1,000 samples per shard), sparse tar shards of
-the recorded sizes (`truncate`: no disk), and real DALI index files; then runs, each in a fresh process on the code
-of this checkout (and, with `today=`, of another checkout, e.g. a worktree at main, on a copy of the set linked to
-the same shards): the merge (`make shards merge=true`: time, peak RSS), verify with sizes only (`tubelet-verify`), opening the
-train split (time, RSS kept), loader start to the first plan step (time, peak RSS, bytes read by read(2)), the
-plan's time per step and per epoch (a new epoch's order), and with `s3=true` opening through a local S3 server
-(moto) behind a counting proxy: requests and bytes at start, per rank and for a node's second rank. RSS figures are
-the process's own (VmRSS, VmHWM from /proc/self/status) above its baseline after imports.
+inputs, its listing and the group records of its plan (`_parts/`, 1,000 samples per shard), sparse tar shards of the
+recorded sizes (`truncate`: no disk), and real DALI index files; then runs, each in a fresh process on the code of
+this checkout (and, with `today=`, of another checkout, e.g. a worktree at main, on a copy of the set linked to the
+same shards): the merge (`make shards merge=true`: time, peak RSS), verify with sizes only (`tubelet-verify`), opening
+the train split (time, RSS kept), loader start to the first plan step (time, peak RSS, bytes read by read(2)), the
+plan's time per step and per epoch (a new epoch's order), and with `s3=true` opening through a local S3 server (moto)
+behind a counting proxy: requests and bytes at start, per rank and for a node's second rank. RSS figures are the
+process's own (VmRSS, VmHWM from /proc/self/status) above its baseline after imports.
 """
 
 from __future__ import annotations
