@@ -6,7 +6,8 @@ format=hf: a Hugging Face folder (config.json + model.safetensors) that transfor
 loads with no missing or unexpected keys: the chosen encoder (weights=target_encoder|encoder) and the predictor.
 Only pos_embed=rope models have an HF counterpart.
 format=official: a torch file in the official V-JEPA training checkpoints' layout ({'encoder', 'target_encoder',
-'predictor', 'epoch'}, keys under `module.backbone.`), which the official code's loaders read.
+'predictor', 'epoch'}, keys under `module.backbone.`), which the official code's loaders read; of an image model
+(num_frames 1) I-JEPA's (keys under `module.`, a Conv2d patch embedding, one `mask_token`).
 The HF folder is written under a temporary name and renamed, so
 `out` is complete or absent; an existing `out` is never replaced.
 
@@ -31,7 +32,7 @@ from common.files import fsync_dir
 from common.torch_file import CheckpointError, write_torch_file
 from model.features import export_encoder, model_config_of, read_training_checkpoint
 from model.imports import HF_WEIGHTS, build_models
-from model.layouts import LayoutError, model_config_to_hf, tubelet_to_hf, tubelet_to_official
+from model.layouts import LayoutError, is_image_model, model_config_to_hf, tubelet_to_hf, tubelet_to_official
 
 
 def read_checkpoint(path: str | os.PathLike, weights: str) -> tuple:
@@ -70,11 +71,11 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, weights: str
 def export_official(ckpt_path: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Both encoders and the predictor in the official layout (the sin-cos tables included, as the official
     models keep them as parameters)."""
-    _, target, pred = read_checkpoint(ckpt_path, "target_encoder")
+    cfg, target, pred = read_checkpoint(ckpt_path, "target_encoder")
     _, enc, _ = read_checkpoint(ckpt_path, "encoder")
-    tables = (target.pos_embed, pred.pos_embed)
-    enc_state, pred_state = tubelet_to_official(*tables, enc.state_dict(), pred.state_dict())
-    target_state, _ = tubelet_to_official(*tables, target.state_dict(), pred.state_dict())
+    tables, image = (target.pos_embed, pred.pos_embed), is_image_model(cfg)
+    enc_state, pred_state = tubelet_to_official(*tables, enc.state_dict(), pred.state_dict(), image)
+    target_state, _ = tubelet_to_official(*tables, target.state_dict(), pred.state_dict(), image)
     return write_torch_file(out, {"encoder": enc_state, "target_encoder": target_state, "predictor": pred_state,
                                   "epoch": 0})
 

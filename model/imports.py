@@ -5,8 +5,9 @@ SOURCE is
 - a Hugging Face V-JEPA 2 folder (config.json + model.safetensors, or a model.safetensors.index.json with its
   shards), as `VJEPA2Model.save_pretrained` writes and the hub holds. Its one encoder (the release's target
   encoder) is stored as both encoder and target_encoder;
-- an official V-JEPA 1/2 checkpoint (.pt, .pth, .pth.tar: {'encoder', 'target_encoder', 'predictor', ...}), with
-  release=NAME naming its architecture (model.releases: the file holds weights only). weights=target_encoder
+- an official V-JEPA 1/2 or I-JEPA checkpoint (.pt, .pth, .pth.tar: {'encoder', 'target_encoder', 'predictor',
+  ...}, keys under `module.` / `module.backbone.`), with release=NAME naming its architecture (model.releases: the
+  file holds weights only). weights=target_encoder
   (the EMA encoder, the default) or encoder picks the one stored as target_encoder; the other slot gets the same.
 
 Nothing runs code from the source: config.json is JSON, the weights are safetensors or a torch file read with
@@ -132,7 +133,7 @@ def read_official(path: Path) -> dict:
     missing = [k for k in ("encoder", "target_encoder", "predictor") if not isinstance(state, dict) or k not in state]
     if missing:
         found = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
-        raise LayoutError(f"{path}: not an official V-JEPA checkpoint, no {missing} (found: {found})")
+        raise LayoutError(f"{path}: not an official V-JEPA / I-JEPA checkpoint, no {missing} (found: {found})")
     return state
 
 
@@ -145,7 +146,7 @@ def sincos_tables(cfg: ModelConfig) -> tuple[torch.Tensor | None, torch.Tensor |
 
 
 def import_official(path: Path, cfg: ModelConfig, weights: str = "target_encoder") -> dict:
-    """An official V-JEPA training checkpoint with the architecture `cfg` -> the tubelet checkpoint dict."""
+    """An official V-JEPA or I-JEPA training checkpoint with the architecture `cfg` -> the tubelet checkpoint dict."""
     state = read_official(path)
     enc_table, pred_table = sincos_tables(cfg)
     enc_state = official_to_tubelet_encoder(state[weights], enc_table, f"{path} ({weights})")
@@ -169,7 +170,10 @@ def import_weights(source: str | Path, weights: str = "target_encoder", release:
         if not release:
             raise LayoutError(f"{path}: an official checkpoint holds weights only; name its architecture with "
                               f"release=NAME, one of {sorted(RELEASES)}")
-        return import_official(path, release_config(release), weights)
+        try:
+            return import_official(path, release_config(release), weights)
+        except LayoutError as e:  # the weights fit another architecture: say which one was asked for
+            raise LayoutError(f"{e}; not the weights of release={release} ({RELEASES[release][0]})?") from None
     raise LayoutError(f"{path}: unknown layout; expected a Hugging Face folder (config.json + {HF_WEIGHTS}) or an "
                       f"official checkpoint ({', '.join(OFFICIAL_SUFFIXES)})")
 

@@ -1,10 +1,13 @@
-"""Weight layouts of other V-JEPA implementations and tubelet's own: key names, the config fields that fix the
-architecture, and strict conversion in both directions (every tensor placed, or an error naming it).
+"""Weight layouts of other V-JEPA / I-JEPA implementations and tubelet's own: key names, the config fields that fix
+the architecture, and strict conversion in both directions (every tensor placed, or an error naming it).
 
 hf: Hugging Face transformers' VJEPA2Model (transformers/models/vjepa2/modeling_vjepa2.py), a folder with
 config.json and safetensors. It always uses rotary positions, so it maps to and from pos_embed=rope models only.
 Its attention has separate query / key / value projections where tubelet has one fused qkv (rows [q | k | v],
 the order `Attention.forward` splits them in).
+hf ijepa: transformers' IJepaModel (models/ijepa): the encoder of an image model only (no predictor), with a
+Conv2d patch embedding and its sin-cos table stored as `position_embeddings`.
+official: the facebookresearch/jepa, vjepa2 and ijepa training checkpoints (below).
 """
 
 from __future__ import annotations
@@ -18,6 +21,12 @@ from model.config import MLP_RATIOS, VIT_SIZES, ModelConfig, as_model_config
 
 class LayoutError(ValueError):
     """Weights or a config that do not fit a layout; the message names the file and the key."""
+
+
+def is_image_model(cfg: ModelConfig) -> bool:
+    """An I-JEPA model: clips of one frame (so tubelet size 1), as the trainer tells them apart. Its layouts
+    elsewhere have a Conv2d patch embedding [D, 3, p, p] where tubelet has a Conv3d [D, 3, 1, p, p]."""
+    return cfg.num_frames == 1
 
 
 # tubelet block key suffix -> HF layer key suffix (besides the fused qkv, split below)
@@ -182,14 +191,16 @@ def check_shapes(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch
 
 
 # --------------------------------------------------------------------------------------------------------------
-# official: facebookresearch/jepa (V-JEPA 1) and vjepa2 training checkpoints, a torch file holding
+# official: facebookresearch/jepa (V-JEPA 1), vjepa2 and ijepa training checkpoints, a torch file holding
 # {'encoder', 'target_encoder', 'predictor', ...} state_dicts whose keys carry the wrappers' prefixes
-# (DistributedDataParallel's `module.`, MultiSeqWrapper's `backbone.`). Encoder keys are tubelet's; the predictor
-# names its blocks predictor_blocks, its norm predictor_norm and keeps one Parameter per mask token. Sin-cos models
+# (DistributedDataParallel's `module.`; V-JEPA's MultiSeqWrapper adds `backbone.`). Encoder keys are tubelet's;
+# the predictor names its blocks predictor_blocks and its norm predictor_norm. V-JEPA keeps one Parameter per mask
+# token (mask_tokens.0, .1, ...), I-JEPA one `mask_token`; I-JEPA's patch embedding is a Conv2d. Sin-cos models
 # store their (fixed) table as pos_embed / predictor_pos_embed.
 
 OFFICIAL_PREFIXES = ("module.", "backbone.")
-OFFICIAL_WRITE_PREFIX = "module.backbone."  # what the official training code's wrappers produce
+OFFICIAL_WRITE_PREFIX = "module.backbone."  # what the official V-JEPA training code's wrappers produce
+IJEPA_WRITE_PREFIX = "module."  # I-JEPA's: DistributedDataParallel only
 
 
 def strip_prefixes(state: Mapping[str, torch.Tensor], prefixes=OFFICIAL_PREFIXES) -> dict[str, torch.Tensor]:
@@ -218,12 +229,17 @@ def _check_table(state: dict, key: str, table: torch.Tensor | None, where: str) 
     if tuple(found.shape[-2:]) != tuple(table.shape) or not torch.allclose(found.reshape(table.shape).float(),
                                                                            table.float(), atol=1e-5):
         raise LayoutError(f"{where}: {key} {tuple(found.shape)} is not the sin-cos table of the config "
-                          f"({tuple(table.shape)}; check img_size, num_frames, uniform_power)")
+                          f"({tuple(table.shape)}; check img_size, patch_size, num_frames, uniform_power)")
+
+
+PATCH_WEIGHT = "patch_embed.proj.weight"
 
 
 def official_to_tubelet_encoder(state: Mapping[str, torch.Tensor], table: torch.Tensor | None, where: str) -> dict:
     state = strip_prefixes(state)
     _check_table(state, "pos_embed", table, where)
+    if PATCH_WEIGHT in state and state[PATCH_WEIGHT].dim() == 4:  # I-JEPA's Conv2d: one frame, tubelet size 1
+        state[PATCH_WEIGHT] = state[PATCH_WEIGHT].unsqueeze(2)
     return state
 
 
@@ -238,6 +254,8 @@ def official_to_tubelet_predictor(state: Mapping[str, torch.Tensor], table: torc
     out = {}
     if tokens:
         out["mask_tokens"] = torch.stack([state.pop(k).reshape(1, 1, -1) for k in tokens])
+    if "mask_token" in state:  # I-JEPA: one token for every target block
+        out["mask_tokens"] = state.pop("mask_token").reshape(1, 1, 1, -1)
     for k, v in state.items():
         for old, new in (("predictor_blocks.", "blocks."), ("predictor_norm.", "norm.")):
             if k.startswith(old):
@@ -247,21 +265,30 @@ def official_to_tubelet_predictor(state: Mapping[str, torch.Tensor], table: torc
 
 
 def tubelet_to_official(encoder_table: torch.Tensor | None, predictor_table: torch.Tensor | None,
-                        encoder: Mapping, predictor: Mapping) -> tuple[dict, dict]:
-    """tubelet encoder / predictor state_dicts -> the official ones, with the official wrappers' prefixes."""
+                        encoder: Mapping, predictor: Mapping, image: bool = False) -> tuple[dict, dict]:
+    """tubelet encoder / predictor state_dicts -> the official ones, with the official wrappers' prefixes: V-JEPA's
+    layout, or with `image` (an image model) I-JEPA's."""
     enc = dict(encoder)
     if encoder_table is not None:
         enc["pos_embed"] = encoder_table.unsqueeze(0)
+    if image:
+        enc[PATCH_WEIGHT] = enc[PATCH_WEIGHT].squeeze(2)
     pred = {}
     for k, v in predictor.items():
         if k == "mask_tokens":
-            pred.update({f"mask_tokens.{i}": v[i] for i in range(v.shape[0])})
+            if image:
+                if v.shape[0] != 1:
+                    raise LayoutError(f"I-JEPA's predictor has one mask token, this one has {v.shape[0]} "
+                                      f"(model.num_mask_types)")
+                pred["mask_token"] = v.reshape(1, 1, -1)
+            else:
+                pred.update({f"mask_tokens.{i}": v[i] for i in range(v.shape[0])})
             continue
         if k.startswith(("blocks.", "norm.")):
             k = "predictor_" + k
         pred[k] = v
     if predictor_table is not None:
         pred["predictor_pos_embed"] = predictor_table.unsqueeze(0)
-    add = OFFICIAL_WRITE_PREFIX
+    add = IJEPA_WRITE_PREFIX if image else OFFICIAL_WRITE_PREFIX
     return ({add + k: v.detach().contiguous() for k, v in enc.items()},
             {add + k: v.detach().contiguous() for k, v in pred.items()})
