@@ -141,7 +141,7 @@ def hf_to_model_config(raw: Mapping, where: str) -> ModelConfig:
     """HF VJEPA2Config fields (config.json) -> ModelConfig (pos_embed=rope). Fields tubelet cannot represent
     (another activation, no qkv bias, a predictor MLP ratio but 4, ...) are errors naming the field."""
     if raw.get("model_type") != "vjepa2":
-        raise LayoutError(f"{where}: model_type is {raw.get('model_type')!r}, expected 'vjepa2'")
+        raise LayoutError(f"{where}: model_type is {raw.get('model_type')!r}, expected 'vjepa2' or 'ijepa'")
     fixed = {"hidden_act": "gelu", "qkv_bias": True, "in_chans": 3, "pred_mlp_ratio": 4.0, "layer_norm_eps": 1e-6}
     for key, want in fixed.items():
         if key in raw and raw[key] != want:
@@ -175,6 +175,117 @@ def model_config_to_hf(cfg: ModelConfig) -> dict:
                 layer_norm_eps=1e-6, pred_hidden_size=cfg.predictor_width, pred_num_hidden_layers=cfg.predictor_depth,
                 pred_num_attention_heads=cfg.predictor_num_heads, pred_num_mask_tokens=cfg.num_mask_types,
                 pred_mlp_ratio=4.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# hf ijepa: transformers' IJepaModel, as save_pretrained writes it (and the hub holds it): ViT key names
+
+
+_IJEPA_BLOCK = {"norm1": "layernorm_before", "attn.proj": "attention.output.dense", "norm2": "layernorm_after",
+                "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+IJEPA_POSITIONS = "embeddings.position_embeddings"
+
+
+def ijepa_key_map(depth: int) -> dict[str, str]:
+    """tubelet encoder key -> HF IJepaModel key (the fused qkv and the position table excluded)."""
+    out = {"patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+           "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+           "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}
+    for i in range(depth):
+        out.update({f"blocks.{i}.{t}.{p}": f"encoder.layer.{i}.{h}.{p}" for t, h in _IJEPA_BLOCK.items()
+                    for p in ("weight", "bias")})
+    return out
+
+
+def ijepa_hf_to_tubelet(state: Mapping[str, torch.Tensor], cfg: ModelConfig, table: torch.Tensor, where: str
+                        ) -> dict[str, torch.Tensor]:
+    """An HF IJepaModel state_dict -> a tubelet image encoder's. Strict like hf_to_tubelet; the stored position
+    table must be the config's fixed 2D sin-cos table (tubelet's image model does not learn positions)."""
+    state = dict(state)
+    if IJEPA_POSITIONS not in state:
+        raise LayoutError(f"{where}: missing key {IJEPA_POSITIONS!r}")
+    _check_table({"position_embeddings": state.pop(IJEPA_POSITIONS)}, "position_embeddings", table, where)
+    depth = cfg.encoder_shape[1]
+    out = {}
+    for tub, hf in ijepa_key_map(depth).items():
+        if hf not in state:
+            raise LayoutError(f"{where}: missing key {hf!r} (config: depth {depth})")
+        out[tub] = state.pop(hf)
+    if out["patch_embed.proj.weight"].dim() == 4:  # Conv2d [D, 3, p, p] -> Conv3d [D, 3, 1, p, p]
+        out["patch_embed.proj.weight"] = out["patch_embed.proj.weight"].unsqueeze(2)
+    for i in range(depth):
+        for p in ("weight", "bias"):
+            names = [f"encoder.layer.{i}.attention.attention.{n}.{p}" for n in _QKV]
+            absent = [n for n in names if n not in state]
+            if absent:
+                raise LayoutError(f"{where}: missing key {absent[0]!r}")
+            out[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([state.pop(n) for n in names], dim=0)
+    if state:
+        extra = sorted(state)
+        raise LayoutError(f"{where}: {len(extra)} tensors with no place in a tubelet image encoder (more layers "
+                          f"than config.json says, a pooler, or another model's weights): {extra[:6]}")
+    return out
+
+
+def tubelet_to_ijepa_hf(encoder: Mapping[str, torch.Tensor], cfg: ModelConfig, table: torch.Tensor
+                        ) -> dict[str, torch.Tensor]:
+    """A tubelet image encoder's state_dict -> an HF IJepaModel's (its position table: the fixed sin-cos one)."""
+    state = dict(encoder)
+    depth = cfg.encoder_shape[1]
+    out = {IJEPA_POSITIONS: table.reshape(1, *table.shape).contiguous()}
+    for tub, hf in ijepa_key_map(depth).items():
+        if tub not in state:
+            raise LayoutError(f"encoder: missing tubelet key {tub!r}")
+        out[hf] = state.pop(tub).detach()
+    out["embeddings.patch_embeddings.projection.weight"] = out["embeddings.patch_embeddings.projection.weight"][:, :, 0]
+    for i in range(depth):
+        for p in ("weight", "bias"):
+            key = f"blocks.{i}.attn.qkv.{p}"
+            if key not in state:
+                raise LayoutError(f"encoder: missing tubelet key {key!r}")
+            for name, chunk in zip(_QKV, state.pop(key).chunk(3, dim=0)):
+                out[f"encoder.layer.{i}.attention.attention.{name}.{p}"] = chunk.detach()
+    if state:
+        raise LayoutError(f"encoder: tubelet keys with no place in the HF IJepaModel layout: {sorted(state)[:8]}")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# I-JEPA's released predictor (model.releases), recorded in the config of an encoder-only import: the folder does not
+# say, and no predictor weights come with it (an import of an IJepaModel cannot start init_from)
+IJEPA_PREDICTOR = dict(predictor_width=384, predictor_depth=12, num_mask_types=1)
+
+
+def hf_ijepa_to_model_config(raw: Mapping, where: str) -> ModelConfig:
+    """HF IJepaConfig fields (config.json) -> the ModelConfig of a tubelet image model (one frame, tubelet size 1,
+    sin-cos positions). Fields tubelet cannot represent are errors naming the field."""
+    fixed = {"hidden_act": "gelu", "qkv_bias": True, "num_channels": 3, "layer_norm_eps": 1e-6}
+    for key, want in fixed.items():
+        if key in raw and raw[key] != want:
+            raise LayoutError(f"{where}: {key}={raw[key]!r}, tubelet's models have {want!r}")
+    for key in ("image_size", "patch_size"):
+        if not isinstance(_need(raw, key, where), int):
+            raise LayoutError(f"{where}: {key} {raw[key]!r}: only square images and patches (an int) are supported")
+    width, heads = _need(raw, "hidden_size", where), _need(raw, "num_attention_heads", where)
+    fields = _size_for(width, _need(raw, "num_hidden_layers", where), heads,
+                       _need(raw, "intermediate_size", where) / width, where)
+    try:
+        return as_model_config(dict(
+            fields, img_size=raw["image_size"], patch_size=raw["patch_size"], num_frames=1, tubelet_size=1,
+            pos_embed="sincos", loss="smooth_l1", predictor_heads=heads if 384 % heads == 0 else 12,
+            **IJEPA_PREDICTOR))
+    except ValueError as e:
+        raise LayoutError(f"{where}: {e}") from None
+
+
+def model_config_to_hf_ijepa(cfg: ModelConfig) -> dict:
+    """ModelConfig of an image model -> IJepaConfig keyword arguments."""
+    if not is_image_model(cfg) or cfg.pos_embed != "sincos":
+        raise LayoutError(f"Hugging Face's IJepaModel is an image model with sin-cos positions; this one has "
+                          f"num_frames={cfg.num_frames}, pos_embed={cfg.pos_embed}")
+    width, depth, heads = cfg.encoder_shape
+    return dict(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=cfg.mlp_hidden,
+                hidden_act="gelu", layer_norm_eps=1e-6, image_size=cfg.img_size, patch_size=cfg.patch_size,
+                num_channels=3, qkv_bias=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def check_shapes(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], where: str) -> None:

@@ -538,3 +538,148 @@ def test_release_configs_survive_the_hf_config_round_trip():
         assert hf_to_model_config({"model_type": "vjepa2", **model_config_to_hf(cfg)}, name) == cfg, name
     hf_g = model_config_to_hf(release_config("vjepa2-vitg"))
     assert int(hf_g["hidden_size"] * hf_g["mlp_ratio"]) == 6144 and hf_g["num_attention_heads"] == 22
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face transformers' IJepaModel: an image encoder (no predictor) in and out
+
+HF_IJEPA_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, image_size=32,
+                     patch_size=8, layer_norm_eps=1e-6)
+
+
+def ijepa_table() -> torch.Tensor:
+    from model.pos_embed import sincos_pos_embed_2d
+    return torch.tensor(sincos_pos_embed_2d(64, 4, 4)).unsqueeze(0)
+
+
+@pytest.fixture(scope="module")
+def hf_ijepa_folder(tmp_path_factory):
+    """A tiny IJepaModel with deterministic weights; its position_embeddings are I-JEPA's fixed 2D sin-cos table, as
+    in the released conversions of the official checkpoints (HF's class stores them as a parameter)."""
+    model = transformers.IJepaModel(transformers.IJepaConfig(**HF_IJEPA_TINY)).eval()
+    fill_deterministic(model, 4)
+    with torch.no_grad():
+        model.embeddings.position_embeddings.copy_(ijepa_table())
+    folder = tmp_path_factory.mktemp("hf_ijepa") / "tiny"
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def ijepa_images() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+
+
+@needs_hf
+def test_hf_ijepa_import_gives_hf_outputs_and_exports_back(hf_ijepa_folder, tmp_path, capsys):
+    """HF -> tubelet -> HF: the imported image encoder computes IJepaModel's last_hidden_state (to ATOL, float32:
+    fused against separate qkv), the exported folder loads into IJepaModel with no missing / unexpected keys and
+    computes the same, and importing it again gives the first import's tensors exactly."""
+    from model.exports import main as export_main
+    from model.features import load_encoder
+    from model.imports import main as import_main
+    folder, hf_model = hf_ijepa_folder
+    ckpt = tmp_path / "imported.pt"
+    assert import_main([str(folder), f"out={ckpt}"]) == 0
+    assert "has no predictor" in capsys.readouterr().out
+    state = torch.load(ckpt, weights_only=True)
+    assert "predictor" not in state and state["imported_from"] == f"hf:{folder}"
+    cfg = ModelConfig(**state["config"]["model"])
+    assert (cfg.num_frames, cfg.tubelet_size, cfg.pos_embed, cfg.encoder_shape, cfg.mlp_hidden) == (
+        1, 1, "sincos", (64, 2, 2), 256)
+    images = ijepa_images()
+    with torch.no_grad():
+        ref = hf_model(pixel_values=images).last_hidden_state
+        ours = load_encoder(ckpt)(images.unsqueeze(2))  # an image: a clip of one frame
+    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
+
+    out = tmp_path / "exported"
+    assert export_main([f"checkpoint={ckpt}", "format=hf", f"out={out}"]) == 0
+    back, info = transformers.IJepaModel.from_pretrained(out, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}, info
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(pixel_values=images).last_hidden_state, ref, atol=ATOL, rtol=0)
+    again = tmp_path / "again.pt"
+    assert import_main([str(out), f"out={again}"]) == 0
+    for part in ("encoder", "target_encoder"):
+        first, second = state[part], torch.load(again, weights_only=True)[part]
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@needs_hf
+def test_an_official_ijepa_checkpoint_exports_to_an_ijepa_model(tmp_path):
+    """official I-JEPA .pth.tar -> tubelet -> IJepaModel folder: the target encoder's outputs, to ATOL."""
+    from common.torch_file import write_torch_file
+    from model.exports import main as export_main
+    from model.imports import import_official
+    path, cfg = official_file(tmp_path / "ijepa.pth.tar", "ijepa")
+    ckpt = write_torch_file(tmp_path / "imported.pt", import_official(path, cfg))
+    assert export_main([f"checkpoint={ckpt}", "format=hf", f"out={tmp_path / 'hf'}"]) == 0
+    model, info = transformers.IJepaModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}, info
+    clips, _, _ = official_inputs("ijepa")
+    with torch.no_grad():
+        out = model.eval()(pixel_values=clips[:, :, 0]).last_hidden_state
+    shape, total, abs_total, row, _ = OFFICIAL_GOLDEN["ijepa"]["full"]
+    assert tuple(out.shape) == shape and out.double().abs().sum().item() == pytest.approx(abs_total, rel=1e-6)
+    torch.testing.assert_close(out[1, 3, :4], torch.tensor(row), atol=ATOL, rtol=0)
+
+
+@needs_hf
+def test_bad_hf_ijepa_inputs_are_one_error_line_each_and_write_nothing(hf_ijepa_folder, tmp_path, capsys):
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+    folder, _ = hf_ijepa_folder
+
+    def variant(name, config=None, tensors=None):
+        target = tmp_path / name
+        shutil.copytree(folder, target)
+        if config:
+            raw = json.loads((target / "config.json").read_text())
+            (target / "config.json").write_text(json.dumps({**raw, **config}))
+        if tensors:
+            state = load_file(target / "model.safetensors")
+            save_file({**state, **tensors}, target / "model.safetensors")
+        return target
+
+    no_config = variant("no_config")
+    (no_config / "config.json").unlink()
+    _bad_import(tmp_path, no_config, capsys, "no config.json")
+    truncated = variant("truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _bad_import(tmp_path, truncated, capsys, "cannot be read as safetensors")
+    learned = variant("learned", tensors={"embeddings.position_embeddings": torch.randn(1, 16, 64)})
+    _bad_import(tmp_path, learned, capsys, "is not the sin-cos table")
+    _bad_import(tmp_path, variant("deeper", config={"num_hidden_layers": 1}), capsys, "no place")
+    _bad_import(tmp_path, variant("ratio", config={"intermediate_size": 192}), capsys, "mlp_ratio 3.0")
+    _bad_import(tmp_path, variant("eps", config={"layer_norm_eps": 1e-12}), capsys, "layer_norm_eps")
+    # the same 4x4 grid (same table), 16-pixel patches: the patch embedding's weights do not fit
+    _bad_import(tmp_path, variant("patch", config={"image_size": 64, "patch_size": 16}), capsys, "shape")
+
+
+@needs_hf
+def test_init_from_refuses_an_encoder_only_import_in_one_line(hf_ijepa_folder, tmp_path):
+    from common.torch_file import CheckpointError
+    from model.imports import import_weights
+    from common.torch_file import write_torch_file
+    from model.vjepa import VJEPA
+    from train.init_from import initialise
+    folder, _ = hf_ijepa_folder
+    state = import_weights(folder)
+    ckpt = write_torch_file(tmp_path / "imported.pt", state)
+    cfg = ModelConfig(**state["config"]["model"])
+    model = VJEPA.from_config(cfg)
+    with pytest.raises(CheckpointError, match="has no predictor") as e:
+        initialise(model, cfg, ckpt)
+    assert "\n" not in str(e.value) and f"hf:{folder}" in str(e.value)
+
+
+def test_hf_ijepa_config_round_trip_of_the_ijepa_releases():
+    from model.layouts import hf_ijepa_to_model_config, model_config_to_hf_ijepa
+    from model.releases import RELEASES, release_config
+    for name in [n for n in RELEASES if n.startswith("ijepa")]:
+        cfg = release_config(name)
+        back = hf_ijepa_to_model_config({"model_type": "ijepa", **model_config_to_hf_ijepa(cfg)}, name)
+        # the folder has no predictor: the one recorded is I-JEPA's ViT-H predictor (ViT-g's is 16 deep)
+        assert dataclasses.replace(back, predictor_depth=cfg.predictor_depth) == cfg and back.predictor_depth == 12
