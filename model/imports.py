@@ -7,7 +7,8 @@ SOURCE is
   encoder) is stored as both encoder and target_encoder;
 - a Hugging Face I-JEPA folder (`IJepaModel`, config.json model_type "ijepa"): an image encoder without a
   predictor, so the checkpoint has none either (the import says so): it is for tubelet-probe, feature extraction
-  and tubelet-export; init_from refuses it (train/init_from.py);
+  and tubelet-export; init_from refuses it (train/init_from.py). (transformers' convert_ijepa_to_hf.py converted
+  the official files' `encoder`, not their target encoder: import the .pth.tar with release= for the EMA one);
 - an official V-JEPA 1/2 or I-JEPA checkpoint (.pt, .pth, .pth.tar: {'encoder', 'target_encoder', 'predictor',
   ...}, keys under `module.` / `module.backbone.`), with release=NAME naming its architecture (model.releases: the
   file holds weights only). weights=target_encoder
