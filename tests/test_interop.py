@@ -479,6 +479,41 @@ def test_official_vjepa1_and_ijepa_errors_name_the_file_and_write_nothing(tmp_pa
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
 
 
+# Each release's official encoder and predictor as their code builds them (jepa: vit_large / vit_huge and
+# vit_predictor as app/vjepa/utils.py's init_video_model; ijepa: vit_huge / vit_giant and vit_predictor as
+# src/helper.py's init_model, with the configs' values): (tensors, numbers, sha256 of the sorted "key:shape" lines,
+# first 16 hex digits) of their state_dicts, pos_embed tables included, wrapper prefixes not.
+OFFICIAL_RELEASE_SHAPES = {
+    "vjepa1-vitl": [(293, 305490944, 'bc062a5080fbba85'), (153, 22685056, '821e1117602b256d')],
+    "vjepa1-vith": [(389, 633655040, 'b9cff584caa29160'), (153, 22881920, '073dc540577a205e')],
+    "vjepa1-vith-384": [(389, 637546240, '3278d46ce8879ad7'), (153, 24049280, '43f40a3ca5efd093')],
+    "ijepa-vith14-in1k": [(389, 630762240, 'dff70e431848ed84'), (152, 22377728, 'ccb183b55a3c8e8a')],
+    "ijepa-vith16-448-in1k": [(389, 631668480, '912cb538049f036a'), (152, 22580480, '90e1420923866ef4')],
+    "ijepa-vith14-in22k": [(389, 630762240, 'dff70e431848ed84'), (152, 22377728, 'ccb183b55a3c8e8a')],
+    "ijepa-vitg16-in22k": [(485, 1011368576, 'c21844e2d20dfef2'), (200, 29550976, '93d2717e11042311')],
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_RELEASE_SHAPES))
+def test_each_release_builds_exactly_the_official_models_tensors(name):
+    """The release's config, built (on the meta device: shapes only) and laid out officially, has exactly the keys
+    and shapes of the official models: width, depth, heads' qkv, MLP, predictor depth / width, mask tokens, grid."""
+    import hashlib
+    import math
+    from model.layouts import is_image_model, strip_prefixes, tubelet_to_official
+    from model.releases import release_config
+    cfg = release_config(name)
+    with torch.device("meta"):
+        enc, pred = VisionTransformer.from_config(cfg), Predictor.from_config(cfg)
+    parts = tubelet_to_official(enc.pos_embed, pred.pos_embed, enc.state_dict(), pred.state_dict(),
+                                is_image_model(cfg))
+    for part, state, (count, numbers, digest) in zip(("encoder", "predictor"), parts, OFFICIAL_RELEASE_SHAPES[name]):
+        shapes = {k: tuple(v.shape) for k, v in strip_prefixes(state).items()}
+        lines = "\n".join(f"{k}:{v}" for k, v in sorted(shapes.items()))
+        assert (len(shapes), sum(math.prod(v) for v in shapes.values())) == (count, numbers), (name, part)
+        assert hashlib.sha256(lines.encode()).hexdigest()[:16] == digest, (name, part)
+
+
 def test_vjepa1_and_ijepa_releases_follow_their_configs():
     from model.releases import release_config
     for name, size, shape, img in (("vjepa1-vitl", "large", (1024, 24, 16), 224),
