@@ -51,8 +51,8 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, weights: str
     if out.exists():
         raise FileExistsError(f"{out}: already exists; name a new folder")
     ckpt = read_training_checkpoint(ckpt_path, parts=(weights,))
-    if is_image_model(model_config_of(ckpt, ckpt_path)):
-        cfg = model_config_of(ckpt, ckpt_path)
+    cfg = model_config_of(ckpt, ckpt_path)
+    if is_image_model(cfg):
         enc = encoder_from_state(ckpt_path, cfg, ckpt[weights], weights)
         hf_config = {"model_type": "ijepa", "architectures": ["IJepaModel"], "torch_dtype": "float32",
                      **model_config_to_hf_ijepa(cfg)}

@@ -633,6 +633,12 @@ def test_hf_ijepa_import_gives_hf_outputs_and_exports_back(hf_ijepa_folder, tmp_
     assert {k: v for k, v in info.items() if v} == {}, info
     with torch.no_grad():
         torch.testing.assert_close(back.eval()(pixel_values=images).last_hidden_state, ref, atol=ATOL, rtol=0)
+    # the official layout needs a predictor: one line, nothing written
+    capsys.readouterr()  # transformers' loading progress above
+    assert export_main([f"checkpoint={ckpt}", "format=official", f"out={tmp_path / 'official.pt'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing key 'predictor'" in err[0], err
+    assert not (tmp_path / "official.pt").exists()
     again = tmp_path / "again.pt"
     assert import_main([str(out), f"out={again}"]) == 0
     for part in ("encoder", "target_encoder"):
