@@ -271,8 +271,9 @@ def hf_ijepa_to_model_config(raw: Mapping, where: str) -> ModelConfig:
     try:
         return as_model_config(dict(
             fields, img_size=raw["image_size"], patch_size=raw["patch_size"], num_frames=1, tubelet_size=1,
-            pos_embed="sincos", loss="smooth_l1", predictor_heads=heads if 384 % heads == 0 else 12,
-            **IJEPA_PREDICTOR))
+            pos_embed="sincos", loss="smooth_l1", **IJEPA_PREDICTOR,
+            # the encoder's heads, as I-JEPA builds its predictor; 12 for an encoder whose heads do not divide 384
+            predictor_heads=heads if IJEPA_PREDICTOR["predictor_width"] % heads == 0 else 12))
     except ValueError as e:
         raise LayoutError(f"{where}: {e}") from None
 

@@ -471,6 +471,11 @@ def test_official_vjepa1_and_ijepa_errors_name_the_file_and_write_nothing(tmp_pa
         assert import_main([str(source), f"out={out}", f"release={release}"]) == 2  # tiny files, not the releases
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(source) in err[0] and f"not the weights of release={release}" in err[0], err
+    other = tmp_path / "other.pth.tar"  # a torch file of another layout (a bare state_dict)
+    torch.save(torch.load(path, weights_only=True)["encoder"], other)
+    assert import_main([str(other), f"out={out}", "release=vjepa1-vitl"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an official V-JEPA / I-JEPA checkpoint" in err[0] and str(other) in err[0], err
     truncated = tmp_path / "truncated.pth.tar"
     truncated.write_bytes(path.read_bytes()[:5000])
     assert import_main([str(truncated), f"out={out}", "release=vjepa1-vitl"]) == 2
