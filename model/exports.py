@@ -4,9 +4,11 @@ format=features (the default, what tubelet-export always did): the target encode
 the model config in its metadata (model.features.export_encoder).
 format=hf: a Hugging Face folder (config.json + model.safetensors) that transformers' `VJEPA2Model.from_pretrained`
 loads with no missing or unexpected keys: the chosen encoder (weights=target_encoder|encoder) and the predictor.
-Only pos_embed=rope models have an HF counterpart.
+Only pos_embed=rope video models have a VJEPA2Model counterpart; an image model (num_frames 1, I-JEPA) is written
+as an `IJepaModel` folder: the chosen encoder only (HF's class has no predictor).
 format=official: a torch file in the official V-JEPA training checkpoints' layout ({'encoder', 'target_encoder',
-'predictor', 'epoch'}, keys under `module.backbone.`), which the official code's loaders read.
+'predictor', 'epoch'}, keys under `module.backbone.`), which the official code's loaders read; of an image model
+(num_frames 1) I-JEPA's (keys under `module.`, a Conv2d patch embedding, one `mask_token`).
 The HF folder is written under a temporary name and renamed, so
 `out` is complete or absent; an existing `out` is never replaced.
 
@@ -29,9 +31,10 @@ from common.cli import main_for
 from common.config import check
 from common.files import fsync_dir
 from common.torch_file import CheckpointError, write_torch_file
-from model.features import export_encoder, model_config_of, read_training_checkpoint
+from model.features import encoder_from_state, export_encoder, model_config_of, read_training_checkpoint
 from model.imports import HF_WEIGHTS, build_models
-from model.layouts import LayoutError, model_config_to_hf, tubelet_to_hf, tubelet_to_official
+from model.layouts import (LayoutError, is_image_model, model_config_to_hf, model_config_to_hf_ijepa,
+                           tubelet_to_hf, tubelet_to_ijepa_hf, tubelet_to_official)
 
 
 def read_checkpoint(path: str | os.PathLike, weights: str) -> tuple:
@@ -43,13 +46,22 @@ def read_checkpoint(path: str | os.PathLike, weights: str) -> tuple:
 
 
 def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, weights: str = "target_encoder") -> Path:
+    """A V-JEPA 2 (rope) model as a VJEPA2Model folder, an image model as an IJepaModel folder (encoder only)."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out}: already exists; name a new folder")
-    cfg, enc, pred = read_checkpoint(ckpt_path, weights)
-    hf_config = {"model_type": "vjepa2", "architectures": ["VJEPA2Model"], "torch_dtype": "float32",
-                 **model_config_to_hf(cfg)}
-    tensors = tubelet_to_hf(enc.state_dict(), pred.state_dict(), cfg)
+    ckpt = read_training_checkpoint(ckpt_path, parts=(weights,))
+    cfg = model_config_of(ckpt, ckpt_path)
+    if is_image_model(cfg):
+        enc = encoder_from_state(ckpt_path, cfg, ckpt[weights], weights)
+        hf_config = {"model_type": "ijepa", "architectures": ["IJepaModel"], "torch_dtype": "float32",
+                     **model_config_to_hf_ijepa(cfg)}
+        tensors = tubelet_to_ijepa_hf(enc.state_dict(), cfg, enc.pos_embed)
+    else:
+        cfg, enc, pred = read_checkpoint(ckpt_path, weights)
+        hf_config = {"model_type": "vjepa2", "architectures": ["VJEPA2Model"], "torch_dtype": "float32",
+                     **model_config_to_hf(cfg)}
+        tensors = tubelet_to_hf(enc.state_dict(), pred.state_dict(), cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -70,11 +82,11 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, weights: str
 def export_official(ckpt_path: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Both encoders and the predictor in the official layout (the sin-cos tables included, as the official
     models keep them as parameters)."""
-    _, target, pred = read_checkpoint(ckpt_path, "target_encoder")
+    cfg, target, pred = read_checkpoint(ckpt_path, "target_encoder")
     _, enc, _ = read_checkpoint(ckpt_path, "encoder")
-    tables = (target.pos_embed, pred.pos_embed)
-    enc_state, pred_state = tubelet_to_official(*tables, enc.state_dict(), pred.state_dict())
-    target_state, _ = tubelet_to_official(*tables, target.state_dict(), pred.state_dict())
+    tables, image = (target.pos_embed, pred.pos_embed), is_image_model(cfg)
+    enc_state, pred_state = tubelet_to_official(*tables, enc.state_dict(), pred.state_dict(), image)
+    target_state, _ = tubelet_to_official(*tables, target.state_dict(), pred.state_dict(), image)
     return write_torch_file(out, {"encoder": enc_state, "target_encoder": target_state, "predictor": pred_state,
                                   "epoch": 0})
 

@@ -5,8 +5,13 @@ SOURCE is
 - a Hugging Face V-JEPA 2 folder (config.json + model.safetensors, or a model.safetensors.index.json with its
   shards), as `VJEPA2Model.save_pretrained` writes and the hub holds. Its one encoder (the release's target
   encoder) is stored as both encoder and target_encoder;
-- an official V-JEPA 1/2 checkpoint (.pt, .pth, .pth.tar: {'encoder', 'target_encoder', 'predictor', ...}), with
-  release=NAME naming its architecture (model.releases: the file holds weights only). weights=target_encoder
+- a Hugging Face I-JEPA folder (`IJepaModel`, config.json model_type "ijepa"): an image encoder without a
+  predictor, so the checkpoint has none either (the import says so): it is for tubelet-probe, feature extraction
+  and tubelet-export; init_from refuses it (train/init_from.py). (transformers' convert_ijepa_to_hf.py converted
+  the official files' `encoder`, not their target encoder: import the .pth.tar with release= for the EMA one);
+- an official V-JEPA 1/2 or I-JEPA checkpoint (.pt, .pth, .pth.tar: {'encoder', 'target_encoder', 'predictor',
+  ...}, keys under `module.` / `module.backbone.`), with release=NAME naming its architecture (model.releases: the
+  file holds weights only). weights=target_encoder
   (the EMA encoder, the default) or encoder picks the one stored as target_encoder; the other slot gets the same.
 
 Nothing runs code from the source: config.json is JSON, the weights are safetensors or a torch file read with
@@ -32,8 +37,8 @@ from common.cli import main_for
 from common.config import check
 from common.torch_file import CheckpointError, write_torch_file
 from model.config import ModelConfig
-from model.layouts import (LayoutError, check_shapes, hf_to_model_config, hf_to_tubelet, official_to_tubelet_encoder,
-                           official_to_tubelet_predictor)
+from model.layouts import (LayoutError, check_shapes, hf_ijepa_to_model_config, hf_to_model_config, hf_to_tubelet,
+                           ijepa_hf_to_tubelet, official_to_tubelet_encoder, official_to_tubelet_predictor)
 from model.releases import RELEASES, release_config
 from model.pos_embed import sincos_pos_embed_3d
 from model.predictor import Predictor
@@ -101,18 +106,28 @@ def build_models(cfg: ModelConfig, encoder: dict, predictor: dict, where: str
     return enc.eval(), pred.eval()
 
 
-def checkpoint_from_models(cfg: ModelConfig, enc: VisionTransformer, target: VisionTransformer, pred: Predictor,
-                           source: str) -> dict:
+def checkpoint_from_models(cfg: ModelConfig, enc: VisionTransformer, target: VisionTransformer,
+                           pred: Predictor | None, source: str) -> dict:
     """A step-0 training checkpoint (train/checkpoint.py's parts a reader needs; no optimizer: a run started from
-    it builds a fresh one)."""
-    return {"step": 0, "skipped_steps": 0, "encoder": enc.state_dict(), "target_encoder": target.state_dict(),
-            "predictor": pred.state_dict(), "config": {"model": dataclasses.asdict(cfg)}, "imported_from": source}
+    it builds a fresh one). pred None: the source has no predictor (an HF IJepaModel), and neither has this."""
+    out = {"step": 0, "skipped_steps": 0, "encoder": enc.state_dict(), "target_encoder": target.state_dict(),
+           "config": {"model": dataclasses.asdict(cfg)}, "imported_from": source}
+    if pred is not None:
+        out["predictor"] = pred.state_dict()
+    return out
 
 
 def import_hf(folder: Path) -> dict:
     raw, state = read_hf_folder(folder)
-    cfg = hf_to_model_config(raw, str(folder / "config.json"))
     where = str(folder / (HF_WEIGHTS if (folder / HF_WEIGHTS).is_file() else HF_INDEX))
+    if raw.get("model_type") == "ijepa":  # an image encoder, no predictor
+        cfg = hf_ijepa_to_model_config(raw, str(folder / "config.json"))
+        enc_state = ijepa_hf_to_tubelet(state, cfg, sincos_tables(cfg)[0], where)
+        enc = VisionTransformer.from_config(cfg)
+        check_shapes(enc.state_dict(), enc_state, f"{where} (encoder)")
+        enc.load_state_dict(enc_state, strict=True)
+        return checkpoint_from_models(cfg, enc.eval(), enc, None, f"hf:{folder}")
+    cfg = hf_to_model_config(raw, str(folder / "config.json"))
     enc_state, pred_state = hf_to_tubelet(state, cfg, where)
     enc, pred = build_models(cfg, enc_state, pred_state, where)
     return checkpoint_from_models(cfg, enc, enc, pred, f"hf:{folder}")
@@ -132,7 +147,7 @@ def read_official(path: Path) -> dict:
     missing = [k for k in ("encoder", "target_encoder", "predictor") if not isinstance(state, dict) or k not in state]
     if missing:
         found = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
-        raise LayoutError(f"{path}: not an official V-JEPA checkpoint, no {missing} (found: {found})")
+        raise LayoutError(f"{path}: not an official V-JEPA / I-JEPA checkpoint, no {missing} (found: {found})")
     return state
 
 
@@ -145,7 +160,7 @@ def sincos_tables(cfg: ModelConfig) -> tuple[torch.Tensor | None, torch.Tensor |
 
 
 def import_official(path: Path, cfg: ModelConfig, weights: str = "target_encoder") -> dict:
-    """An official V-JEPA training checkpoint with the architecture `cfg` -> the tubelet checkpoint dict."""
+    """An official V-JEPA or I-JEPA training checkpoint with the architecture `cfg` -> the tubelet checkpoint dict."""
     state = read_official(path)
     enc_table, pred_table = sincos_tables(cfg)
     enc_state = official_to_tubelet_encoder(state[weights], enc_table, f"{path} ({weights})")
@@ -169,14 +184,17 @@ def import_weights(source: str | Path, weights: str = "target_encoder", release:
         if not release:
             raise LayoutError(f"{path}: an official checkpoint holds weights only; name its architecture with "
                               f"release=NAME, one of {sorted(RELEASES)}")
-        return import_official(path, release_config(release), weights)
+        try:
+            return import_official(path, release_config(release), weights)
+        except LayoutError as e:  # the weights fit another architecture: say which one was asked for
+            raise LayoutError(f"{e}; not the weights of release={release} ({RELEASES[release][0]})?") from None
     raise LayoutError(f"{path}: unknown layout; expected a Hugging Face folder (config.json + {HF_WEIGHTS}) or an "
                       f"official checkpoint ({', '.join(OFFICIAL_SUFFIXES)})")
 
 
 @dataclass
 class ImportConfig:
-    source: str = ""  # a Hugging Face V-JEPA 2 folder (config.json + model.safetensors)
+    source: str = ""  # a Hugging Face VJEPA2Model / IJepaModel folder, or an official .pt / .pth.tar
     out: str = ""  # the tubelet checkpoint (.pt) to write
     weights: str = "target_encoder"  # target_encoder | encoder: which encoder of a source that holds both
     release: str = ""  # an official checkpoint's architecture (model.releases), e.g. vjepa2-vitl
@@ -192,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     def run(cfg: ImportConfig) -> None:
         state = import_weights(cfg.source, cfg.weights, cfg.release)  # everything is checked before anything is written
         print(f"wrote {write_torch_file(cfg.out, state)}")
+        if "predictor" not in state:
+            print(f"{cfg.source} has no predictor (a Hugging Face IJepaModel is the encoder only): the checkpoint "
+                  f"serves tubelet-probe, feature extraction and tubelet-export, not init_from")
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and "=" not in args[0] and not args[0].startswith("-"):

@@ -335,9 +335,210 @@ def test_releases_name_the_official_architectures():
     assert release_config("vjepa2-vith").encoder_shape == (1280, 32, 16)
     assert release_config("vjepa2-vitg-384").img_size == 384
     assert all((c := release_config(n)).predictor_width == 384 and c.predictor_depth == 12
-               and c.predictor_num_heads == 12 and c.num_mask_types == 10 for n in RELEASES)
+               and c.predictor_num_heads == 12 and c.num_mask_types == 10 for n in RELEASES if n.startswith("vjepa2"))
     with pytest.raises(ValueError, match="unknown release"):
         release_config("vjepa3")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# V-JEPA 1 and I-JEPA official checkpoints: a file with exactly the keys the official training code saves
+# (tests/official_layouts.json, recorded from the official modules), imported, against the official modules' outputs
+
+OFFICIAL_TINY = {
+    "vjepa1": dict(img_size=32, patch_size=8, num_frames=4, tubelet_size=2, width=96, depth=2, heads=2,
+                   predictor_width=64, predictor_depth=2, predictor_heads=2, num_mask_types=2),
+    "ijepa": dict(img_size=32, patch_size=8, num_frames=1, tubelet_size=1, width=64, depth=2, heads=2,
+                  predictor_width=32, predictor_depth=2, predictor_heads=2, num_mask_types=1, loss="smooth_l1"),
+}
+# Outputs of the official modules (jepa: MultiMaskWrapper(VisionTransformer), vit_predictor with 2 mask tokens;
+# ijepa: VisionTransformer, vit_predictor) with the weights official_file writes, on official_inputs; the target
+# encoder's. As GOLDEN: (shape, sum, abs-sum, out[1, 3, :4], out[0, -1, -3:]).
+OFFICIAL_GOLDEN = {
+    "vjepa1": {
+        "full": ((2, 32, 96), -183.3669623353053, 5149.8940389715135, [0.593428, -0.007477, 0.933436, -1.65152],
+                 [1.435874, -0.0108, 2.629726]),
+        "ctx": ((2, 12, 96), -60.14965012378525, 1955.5606942771701, [-0.684555, 1.87686, -0.943535, -0.490258],
+                [0.117411, -0.931293, 0.825542]),
+        "pred": ((2, 20, 96), -267.31054814346135, 5006.875518398359, [-1.766778, 1.321398, 1.816335, -0.68543],
+                 [1.849369, 1.593621, 0.842094])},
+    "ijepa": {
+        "full": ((2, 16, 64), -17.3705953998724, 1640.2333933607442, [0.535189, 0.839945, -1.608196, 0.779898],
+                 [-1.650318, -1.698663, 0.711832]),
+        "ctx": ((2, 6, 64), -7.329164393100655, 608.9303827444382, [0.347342, -1.785733, 1.424986, 1.225346],
+                [-1.556612, -0.905941, 0.207338]),
+        "pred": ((2, 10, 64), -159.5501295896247, 1209.9594004703686, [1.228486, -0.1433, 0.613037, 0.227046],
+                 [-2.277756, 1.520343, 0.822291])},
+}
+
+
+def _official_layouts() -> dict:
+    import json
+    from pathlib import Path
+    return json.loads((Path(__file__).parent / "official_layouts.json").read_text())
+
+
+def official_file(path, kind: str, drop: str = ""):
+    """A checkpoint as the official train.py saves one ({'encoder', 'predictor', 'opt', 'scaler', 'target_encoder',
+    'epoch', ...}), every tensor of the recorded layout filled from one seeded generator per part in sorted key
+    order (N(0, 0.2); norm weights 1 + 0.1 N); the sin-cos tables are the official ones (tubelet's, equal to 1e-7)."""
+    from model.imports import sincos_tables
+    layout = _official_layouts()[kind]["state"]
+    cfg = ModelConfig(size="tiny", **OFFICIAL_TINY[kind])
+    enc_table, pred_table = sincos_tables(cfg)
+    out = {"opt": {"state": {}, "param_groups": [{"lr": 1e-3, "params": []}]}, "scaler": None, "epoch": 3,
+           "loss": 0.5, "batch_size": 2, "world_size": 1, "lr": 1e-3}
+    for part, seed in (("encoder", 10), ("target_encoder", 11), ("predictor", 12)):
+        gen, state = torch.Generator().manual_seed(seed), {}
+        for key, shape in sorted(layout[part].items()):
+            if key.endswith("pos_embed"):
+                state[key] = (pred_table if "predictor" in key else enc_table).reshape(shape)
+                continue
+            noise = torch.randn(shape, generator=gen, dtype=torch.float64).float()
+            parts = key.split(".")
+            state[key] = 1 + 0.1 * noise if "norm" in parts[-2] and parts[-1] == "weight" else 0.2 * noise
+        out[part] = {k: v for k, v in state.items() if k != drop}
+    torch.save(out, path)
+    return path, cfg
+
+
+def official_inputs(kind: str):
+    layout = _official_layouts()[kind]
+    gen = torch.Generator().manual_seed(2)
+    frames = OFFICIAL_TINY[kind]["num_frames"]
+    clips = (torch.randn(2, 3, 4, 32, 32, generator=gen) if frames > 1
+             else torch.randn(2, 3, 32, 32, generator=gen).unsqueeze(2))  # an image: a clip of one frame
+    return clips, torch.tensor(layout["keep"]), torch.tensor(layout["tgt"])
+
+
+@pytest.mark.parametrize("kind", ["vjepa1", "ijepa"])
+def test_official_vjepa1_and_ijepa_checkpoints_import_with_the_official_outputs(tmp_path, kind):
+    from model.imports import import_official
+    path, cfg = official_file(tmp_path / f"{kind}.pth.tar", kind)
+    state = import_official(path, cfg)
+    assert state["config"]["model"]["num_frames"] == cfg.num_frames and state["step"] == 0
+    enc, pred = VisionTransformer.from_config(cfg).eval(), Predictor.from_config(cfg).eval()
+    enc.load_state_dict(state["target_encoder"])
+    pred.load_state_dict(state["predictor"])
+    clips, keep, tgt = official_inputs(kind)
+    with torch.no_grad():
+        outs = {"full": enc(clips), "ctx": enc(clips, keep=keep)}
+        outs["pred"] = pred(outs["ctx"], keep, tgt, mask_type=cfg.num_mask_types - 1)  # jepa's mask_index=1
+    for name, t in outs.items():
+        shape, total, abs_total, row, tail = OFFICIAL_GOLDEN[kind][name]
+        assert tuple(t.shape) == shape, name
+        assert t.double().sum().item() == pytest.approx(total, abs=1e-3), name
+        assert t.double().abs().sum().item() == pytest.approx(abs_total, rel=1e-6), name
+        torch.testing.assert_close(t[1, 3, :4], torch.tensor(row), atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(t[0, -1, -3:], torch.tensor(tail), atol=1e-5, rtol=0, msg=name)
+    online = import_official(path, cfg, "encoder")["target_encoder"]  # weights=encoder: the other one
+    assert not torch.equal(online["blocks.0.attn.qkv.weight"], state["target_encoder"]["blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("kind", ["vjepa1", "ijepa"])
+def test_official_export_writes_the_official_keys_back(tmp_path, kind):
+    """tubelet-export format=official of the imported checkpoint: exactly the recorded official keys and shapes
+    (V-JEPA's `module.backbone.`, I-JEPA's `module.` with a Conv2d patch embedding and one mask_token)."""
+    from model.exports import main as export_main
+    from model.imports import import_official
+    from common.torch_file import write_torch_file
+    path, cfg = official_file(tmp_path / f"{kind}.pth.tar", kind)
+    ckpt = write_torch_file(tmp_path / "imported.pt", import_official(path, cfg))
+    assert export_main([f"checkpoint={ckpt}", "format=official", f"out={tmp_path / 'back.pth.tar'}"]) == 0
+    back = torch.load(tmp_path / "back.pth.tar", weights_only=True)
+    original = torch.load(path, weights_only=True)
+    for part in ("target_encoder", "predictor"):
+        assert {k: list(v.shape) for k, v in back[part].items()} == _official_layouts()[kind]["state"][part], part
+        for key, value in original[part].items():
+            torch.testing.assert_close(back[part][key], value, atol=1e-6, rtol=0, msg=key)
+
+
+def test_official_vjepa1_and_ijepa_errors_name_the_file_and_write_nothing(tmp_path, capsys):
+    from model.imports import import_official, main as import_main
+    from model.layouts import LayoutError
+    path, cfg = official_file(tmp_path / "vjepa1.pth.tar", "vjepa1")
+    with pytest.raises(LayoutError, match="the predictor has 2 blocks, the config's predictor_depth is 3"):
+        import_official(path, dataclasses.replace(cfg, predictor_depth=3))
+    ipath, icfg = official_file(tmp_path / "ijepa.pth.tar", "ijepa")
+    with pytest.raises(LayoutError, match="the predictor has 2 blocks, the config's predictor_depth is 1"):
+        import_official(ipath, dataclasses.replace(icfg, predictor_depth=1))
+    with pytest.raises(LayoutError, match="is not the sin-cos table of the config"):
+        import_official(ipath, dataclasses.replace(icfg, patch_size=16))  # another patch: another grid
+    nopos, _ = official_file(tmp_path / "nopos.pth.tar", "ijepa", drop="module.pos_embed")
+    with pytest.raises(LayoutError, match="no 'pos_embed'"):
+        import_official(nopos, icfg)
+    out = tmp_path / "never.pt"
+    for source, release in ((path, "vjepa1-vitl"), (ipath, "ijepa-vith14-in1k"), (ipath, "vjepa1-vith")):
+        assert import_main([str(source), f"out={out}", f"release={release}"]) == 2  # tiny files, not the releases
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(source) in err[0] and f"not the weights of release={release}" in err[0], err
+    other = tmp_path / "other.pth.tar"  # a torch file of another layout (a bare state_dict)
+    torch.save(torch.load(path, weights_only=True)["encoder"], other)
+    assert import_main([str(other), f"out={out}", "release=vjepa1-vitl"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an official V-JEPA / I-JEPA checkpoint" in err[0] and str(other) in err[0], err
+    truncated = tmp_path / "truncated.pth.tar"
+    truncated.write_bytes(path.read_bytes()[:5000])
+    assert import_main([str(truncated), f"out={out}", "release=vjepa1-vitl"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be read as a torch file" in err[0] and str(truncated) in err[0], err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+
+
+# Each release's official encoder and predictor as their code builds them (jepa: vit_large / vit_huge and
+# vit_predictor as app/vjepa/utils.py's init_video_model; ijepa: vit_huge / vit_giant and vit_predictor as
+# src/helper.py's init_model, with the configs' values): (tensors, numbers, sha256 of the sorted "key:shape" lines,
+# first 16 hex digits) of their state_dicts, pos_embed tables included, wrapper prefixes not.
+OFFICIAL_RELEASE_SHAPES = {
+    "vjepa1-vitl": [(293, 305490944, 'bc062a5080fbba85'), (153, 22685056, '821e1117602b256d')],
+    "vjepa1-vith": [(389, 633655040, 'b9cff584caa29160'), (153, 22881920, '073dc540577a205e')],
+    "vjepa1-vith-384": [(389, 637546240, '3278d46ce8879ad7'), (153, 24049280, '43f40a3ca5efd093')],
+    "ijepa-vith14-in1k": [(389, 630762240, 'dff70e431848ed84'), (152, 22377728, 'ccb183b55a3c8e8a')],
+    "ijepa-vith16-448-in1k": [(389, 631668480, '912cb538049f036a'), (152, 22580480, '90e1420923866ef4')],
+    "ijepa-vith14-in22k": [(389, 630762240, 'dff70e431848ed84'), (152, 22377728, 'ccb183b55a3c8e8a')],
+    "ijepa-vitg16-in22k": [(485, 1011368576, 'c21844e2d20dfef2'), (200, 29550976, '93d2717e11042311')],
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_RELEASE_SHAPES))
+def test_each_release_builds_exactly_the_official_models_tensors(name):
+    """The release's config, built (on the meta device: shapes only) and laid out officially, has exactly the keys
+    and shapes of the official models: width, depth, heads' qkv, MLP, predictor depth / width, mask tokens, grid."""
+    import hashlib
+    import math
+    from model.layouts import is_image_model, strip_prefixes, tubelet_to_official
+    from model.releases import release_config
+    cfg = release_config(name)
+    with torch.device("meta"):
+        enc, pred = VisionTransformer.from_config(cfg), Predictor.from_config(cfg)
+    parts = tubelet_to_official(enc.pos_embed, pred.pos_embed, enc.state_dict(), pred.state_dict(),
+                                is_image_model(cfg))
+    for part, state, (count, numbers, digest) in zip(("encoder", "predictor"), parts, OFFICIAL_RELEASE_SHAPES[name]):
+        shapes = {k: tuple(v.shape) for k, v in strip_prefixes(state).items()}
+        lines = "\n".join(f"{k}:{v}" for k, v in sorted(shapes.items()))
+        assert (len(shapes), sum(math.prod(v) for v in shapes.values())) == (count, numbers), (name, part)
+        assert hashlib.sha256(lines.encode()).hexdigest()[:16] == digest, (name, part)
+
+
+def test_vjepa1_and_ijepa_releases_follow_their_configs():
+    from model.releases import release_config
+    for name, size, shape, img in (("vjepa1-vitl", "large", (1024, 24, 16), 224),
+                                   ("vjepa1-vith", "huge", (1280, 32, 16), 224),
+                                   ("vjepa1-vith-384", "huge", (1280, 32, 16), 384)):
+        c = release_config(name)
+        assert (c.size, c.encoder_shape, c.img_size, c.num_frames, c.tubelet_size, c.patch_size) == (
+            size, shape, img, 16, 2, 16), name
+        assert (c.pos_embed, c.uniform_power, c.predictor_width, c.predictor_depth, c.predictor_num_heads,
+                c.num_mask_types) == ("sincos", True, 384, 12, 16, 2), name
+    for name, patch, img, depth in (("ijepa-vith14-in1k", 14, 224, 12), ("ijepa-vith16-448-in1k", 16, 448, 12),
+                                    ("ijepa-vith14-in22k", 14, 224, 12)):
+        c = release_config(name)
+        assert (c.encoder_shape, c.patch_size, c.img_size, c.predictor_depth) == ((1280, 32, 16), patch, img, depth)
+    g = release_config("ijepa-vitg16-in22k")
+    assert (g.encoder_shape, g.mlp_hidden, g.patch_size, g.predictor_depth) == ((1408, 40, 16), 6144, 16, 16)
+    for name in ("ijepa-vith14-in1k", "ijepa-vitg16-in22k"):
+        c = release_config(name)
+        assert (c.num_frames, c.tubelet_size, c.pos_embed, c.predictor_width, c.predictor_num_heads,
+                c.num_mask_types, c.loss) == (1, 1, "sincos", 384, 16, 1, "smooth_l1")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -372,8 +573,159 @@ def test_release_configs_survive_the_hf_config_round_trip():
     int(1408 * ratio) is 6144 both ways)."""
     from model.layouts import hf_to_model_config, model_config_to_hf
     from model.releases import RELEASES, release_config
-    for name in RELEASES:
+    for name in [n for n in RELEASES if n.startswith("vjepa2")]:
         cfg = release_config(name)
         assert hf_to_model_config({"model_type": "vjepa2", **model_config_to_hf(cfg)}, name) == cfg, name
     hf_g = model_config_to_hf(release_config("vjepa2-vitg"))
     assert int(hf_g["hidden_size"] * hf_g["mlp_ratio"]) == 6144 and hf_g["num_attention_heads"] == 22
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face transformers' IJepaModel: an image encoder (no predictor) in and out
+
+HF_IJEPA_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, image_size=32,
+                     patch_size=8, layer_norm_eps=1e-6)
+
+
+def ijepa_table() -> torch.Tensor:
+    from model.pos_embed import sincos_pos_embed_2d
+    return torch.tensor(sincos_pos_embed_2d(64, 4, 4)).unsqueeze(0)
+
+
+@pytest.fixture(scope="module")
+def hf_ijepa_folder(tmp_path_factory):
+    """A tiny IJepaModel with deterministic weights; its position_embeddings are I-JEPA's fixed 2D sin-cos table, as
+    in the released conversions of the official checkpoints (HF's class stores them as a parameter)."""
+    model = transformers.IJepaModel(transformers.IJepaConfig(**HF_IJEPA_TINY)).eval()
+    fill_deterministic(model, 4)
+    with torch.no_grad():
+        model.embeddings.position_embeddings.copy_(ijepa_table())
+    folder = tmp_path_factory.mktemp("hf_ijepa") / "tiny"
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def ijepa_images() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+
+
+@needs_hf
+def test_hf_ijepa_import_gives_hf_outputs_and_exports_back(hf_ijepa_folder, tmp_path, capsys):
+    """HF -> tubelet -> HF: the imported image encoder computes IJepaModel's last_hidden_state (to ATOL, float32:
+    fused against separate qkv), the exported folder loads into IJepaModel with no missing / unexpected keys and
+    computes the same, and importing it again gives the first import's tensors exactly."""
+    from model.exports import main as export_main
+    from model.features import load_encoder
+    from model.imports import main as import_main
+    folder, hf_model = hf_ijepa_folder
+    ckpt = tmp_path / "imported.pt"
+    assert import_main([str(folder), f"out={ckpt}"]) == 0
+    assert "has no predictor" in capsys.readouterr().out
+    state = torch.load(ckpt, weights_only=True)
+    assert "predictor" not in state and state["imported_from"] == f"hf:{folder}"
+    cfg = ModelConfig(**state["config"]["model"])
+    assert (cfg.num_frames, cfg.tubelet_size, cfg.pos_embed, cfg.encoder_shape, cfg.mlp_hidden) == (
+        1, 1, "sincos", (64, 2, 2), 256)
+    images = ijepa_images()
+    with torch.no_grad():
+        ref = hf_model(pixel_values=images).last_hidden_state
+        ours = load_encoder(ckpt)(images.unsqueeze(2))  # an image: a clip of one frame
+    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
+
+    out = tmp_path / "exported"
+    assert export_main([f"checkpoint={ckpt}", "format=hf", f"out={out}"]) == 0
+    back, info = transformers.IJepaModel.from_pretrained(out, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}, info
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(pixel_values=images).last_hidden_state, ref, atol=ATOL, rtol=0)
+    # the official layout needs a predictor: one line, nothing written
+    capsys.readouterr()  # transformers' loading progress above
+    assert export_main([f"checkpoint={ckpt}", "format=official", f"out={tmp_path / 'official.pt'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing key 'predictor'" in err[0], err
+    assert not (tmp_path / "official.pt").exists()
+    again = tmp_path / "again.pt"
+    assert import_main([str(out), f"out={again}"]) == 0
+    for part in ("encoder", "target_encoder"):
+        first, second = state[part], torch.load(again, weights_only=True)[part]
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@needs_hf
+def test_an_official_ijepa_checkpoint_exports_to_an_ijepa_model(tmp_path):
+    """official I-JEPA .pth.tar -> tubelet -> IJepaModel folder: the target encoder's outputs, to ATOL."""
+    from common.torch_file import write_torch_file
+    from model.exports import main as export_main
+    from model.imports import import_official
+    path, cfg = official_file(tmp_path / "ijepa.pth.tar", "ijepa")
+    ckpt = write_torch_file(tmp_path / "imported.pt", import_official(path, cfg))
+    assert export_main([f"checkpoint={ckpt}", "format=hf", f"out={tmp_path / 'hf'}"]) == 0
+    model, info = transformers.IJepaModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}, info
+    clips, _, _ = official_inputs("ijepa")
+    with torch.no_grad():
+        out = model.eval()(pixel_values=clips[:, :, 0]).last_hidden_state
+    shape, total, abs_total, row, _ = OFFICIAL_GOLDEN["ijepa"]["full"]
+    assert tuple(out.shape) == shape and out.double().abs().sum().item() == pytest.approx(abs_total, rel=1e-6)
+    torch.testing.assert_close(out[1, 3, :4], torch.tensor(row), atol=ATOL, rtol=0)
+
+
+@needs_hf
+def test_bad_hf_ijepa_inputs_are_one_error_line_each_and_write_nothing(hf_ijepa_folder, tmp_path, capsys):
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+    folder, _ = hf_ijepa_folder
+
+    def variant(name, config=None, tensors=None):
+        target = tmp_path / name
+        shutil.copytree(folder, target)
+        if config:
+            raw = json.loads((target / "config.json").read_text())
+            (target / "config.json").write_text(json.dumps({**raw, **config}))
+        if tensors:
+            state = load_file(target / "model.safetensors")
+            save_file({**state, **tensors}, target / "model.safetensors")
+        return target
+
+    no_config = variant("no_config")
+    (no_config / "config.json").unlink()
+    _bad_import(tmp_path, no_config, capsys, "no config.json")
+    truncated = variant("truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _bad_import(tmp_path, truncated, capsys, "cannot be read as safetensors")
+    learned = variant("learned", tensors={"embeddings.position_embeddings": torch.randn(1, 16, 64)})
+    _bad_import(tmp_path, learned, capsys, "is not the sin-cos table")
+    _bad_import(tmp_path, variant("deeper", config={"num_hidden_layers": 1}), capsys, "no place")
+    _bad_import(tmp_path, variant("ratio", config={"intermediate_size": 192}), capsys, "mlp_ratio 3.0")
+    _bad_import(tmp_path, variant("eps", config={"layer_norm_eps": 1e-12}), capsys, "layer_norm_eps")
+    # the same 4x4 grid (same table), 16-pixel patches: the patch embedding's weights do not fit
+    _bad_import(tmp_path, variant("patch", config={"image_size": 64, "patch_size": 16}), capsys, "shape")
+
+
+@needs_hf
+def test_init_from_refuses_an_encoder_only_import_in_one_line(hf_ijepa_folder, tmp_path):
+    from common.torch_file import CheckpointError
+    from model.imports import import_weights
+    from common.torch_file import write_torch_file
+    from model.vjepa import VJEPA
+    from train.init_from import initialise
+    folder, _ = hf_ijepa_folder
+    state = import_weights(folder)
+    ckpt = write_torch_file(tmp_path / "imported.pt", state)
+    cfg = ModelConfig(**state["config"]["model"])
+    model = VJEPA.from_config(cfg)
+    with pytest.raises(CheckpointError, match="has no predictor") as e:
+        initialise(model, cfg, ckpt)
+    assert "\n" not in str(e.value) and f"hf:{folder}" in str(e.value)
+
+
+def test_hf_ijepa_config_round_trip_of_the_ijepa_releases():
+    from model.layouts import hf_ijepa_to_model_config, model_config_to_hf_ijepa
+    from model.releases import RELEASES, release_config
+    for name in [n for n in RELEASES if n.startswith("ijepa")]:
+        cfg = release_config(name)
+        back = hf_ijepa_to_model_config({"model_type": "ijepa", **model_config_to_hf_ijepa(cfg)}, name)
+        # the folder has no predictor: the one recorded is I-JEPA's ViT-H predictor (ViT-g's is 16 deep)
+        assert dataclasses.replace(back, predictor_depth=cfg.predictor_depth) == cfg and back.predictor_depth == 12

@@ -205,3 +205,28 @@ def test_proof_sweep_reports_a_job_that_died_instead_of_waiting_forever():
     assert row == {"name": "killed", "seed": 1, "error": "job process died without a result (exit code -9)"}
     queue.put({"name": "alive", "seed": 0, "pretrained": 0.5})
     assert next_result(queue, running, poll=0.05)["name"] == "alive"
+
+
+@pytest.mark.parametrize("kind", ["vjepa2", "ijepa"])
+def test_probe_takes_an_imported_hf_checkpoint_as_it_is(small_shards, tmp_path, kind):
+    """tubelet-import of a tiny Hugging Face VJEPA2Model / IJepaModel folder, then tubelet-probe on that file as it is
+    (no training config in it: the probe's own data settings; an image model sees one frame per clip)."""
+    transformers = pytest.importorskip("transformers")
+    from model.imports import main as import_main
+    from test_interop import HF_IJEPA_TINY, HF_TINY, fill_deterministic, ijepa_table
+
+    if kind == "vjepa2":
+        model = transformers.VJEPA2Model(transformers.VJEPA2Config(**HF_TINY))
+    else:
+        model = transformers.IJepaModel(transformers.IJepaConfig(**HF_IJEPA_TINY))
+    fill_deterministic(model, 3)
+    if kind == "ijepa":
+        with torch.no_grad():
+            model.embeddings.position_embeddings.copy_(ijepa_table())
+    model.save_pretrained(tmp_path / "hf")
+    ckpt = tmp_path / "imported" / "release.pt"
+    assert import_main([str(tmp_path / "hf"), f"out={ckpt}"]) == 0
+    result = run_probe(load_config(ProbeConfig, None, probe_args(ckpt, small_shards, "epochs=2", "data.eval_crops=1")))
+    assert result["videos"] == 4 and len(result["history"]) == 2 and 0 <= result["top1"] <= 1
+    assert all(math.isfinite(h["loss"]) for h in result["history"])
+    assert json.loads((ckpt.parent / "probe-release-s0.json").read_text())["top1"] == result["top1"]

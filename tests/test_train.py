@@ -1050,3 +1050,28 @@ def test_init_from_starts_a_new_run_from_another_checkpoints_weights(reference, 
     again = run(cfg_for(small_shards, run_dir, f"init_from={source}", "optim.start_lr=0.0", "optim.lr=1e-9",
                         "optim.final_lr=0.0", "schedule.stop_at=2"))
     assert (again["first_step"], again["step"]) == (1, 2)
+
+
+@pytest.mark.slow
+def test_resuming_an_init_from_run_is_exact(reference, small_shards, tmp_path):
+    """A run started from imported weights (the reference run's checkpoint, through the official layout and
+    tubelet-import) and stopped after 3 steps resumes from its own checkpoint, init_from still given as a
+    restarted job would, and ends exactly where the uninterrupted init_from run ends: losses, weights, optimizer."""
+    from common.torch_file import write_torch_file
+    from model.exports import export_official
+    from model.imports import import_official
+    cfg = cfg_for(small_shards, tmp_path / "unused")
+    official = export_official(checkpoint.path_for(reference / "checkpoints", 4), tmp_path / "official.pth.tar")
+    source = write_torch_file(tmp_path / "imported.pt", import_official(official, cfg.model))
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run(cfg_for(small_shards, whole, f"init_from={source}"))["step"] == STEPS
+    first = run(cfg_for(small_shards, split, f"init_from={source}", "schedule.stop_at=3"))
+    assert (first["first_step"], first["step"]) == (0, 3)
+    second = run(cfg_for(small_shards, split, f"init_from={source}"))
+    assert (second["first_step"], second["step"]) == (3, STEPS)
+    assert losses(split) == losses(whole) and losses(whole) != losses(reference)
+    assert_same_weights(weights(split), weights(whole))
+    a, b = (torch.load(checkpoint.path_for(d / "checkpoints", STEPS), weights_only=True) for d in (whole, split))
+    for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    assert a["loader"] == b["loader"]

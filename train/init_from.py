@@ -29,6 +29,12 @@ def initialise(model: VJEPA, cfg: ModelConfig, path: str | Path) -> None:
     """Copy the encoder, predictor and target encoder of the checkpoint at `path` into `model` (in place, so the
     optimizer, DDP and compiled graphs built on its parameters keep them)."""
     state = load(path)
+    if "predictor" not in state and "imported_from" in state:
+        # an encoder-only import (a Hugging Face IJepaModel): refused rather than pairing it with a fresh predictor,
+        # which would silently train something else than the released model
+        raise CheckpointError(f"{path}: has no predictor (imported from {state['imported_from']}, an encoder-only "
+                              f"release): it serves tubelet-probe and feature extraction; init_from needs a "
+                              f"checkpoint with a predictor (an official .pth.tar with release=NAME)")
     for key in ("encoder", "predictor", "target_encoder", "config"):
         if key not in state:
             raise CheckpointError(f"{path}: init_from needs {key!r}, the checkpoint has {sorted(map(str, state))}")

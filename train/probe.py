@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ProbeConfig:
-    checkpoint: str = ""  # a training checkpoint (its target encoder and model config are used)
+    checkpoint: str = ""  # a training or tubelet-import checkpoint (its target encoder and model config are used)
     random_init: bool = False  # the same architecture with random weights (seeded by `seed`)
     data: LoaderConfig = field(default_factory=lambda: LoaderConfig(flip=True, masks=[]))
     train_split: str = "train"
@@ -103,10 +103,12 @@ def data_config(cfg: ProbeConfig, train_cfg: dict, split: str) -> LoaderConfig:
     """Clips shaped like the pretraining's (frames, stride, size), from the probe's own data root and split; of an
     image set, images (one frame: `extract` repeats it to the encoder's frames, the paper's protocol for video
     encoders on images)."""
-    m, d = train_cfg["model"], train_cfg["data"]
+    m = train_cfg["model"]
+    # an imported release (tubelet-import) has no data section: the probe's own data.frame_stride then
+    stride = train_cfg["data"]["frame_stride"] if "data" in train_cfg else cfg.data.frame_stride
     images = read_set_index(cfg.data.root).meta.get("kind", "video") == "image"
     return replace(cfg.data, split=split, num_frames=1 if images else m["num_frames"], crop_size=m["img_size"],
-                   frame_stride=1 if images else d["frame_stride"], masks=[], seed=cfg.seed)
+                   frame_stride=1 if images else stride, masks=[], seed=cfg.seed)
 
 
 @torch.no_grad()
