@@ -97,7 +97,8 @@ class Plan:
         """Group `b` (in listing order), its inputs read from the listing (one record batch)."""
         if self._reader is None:
             url = self.out.url_of(LISTING)
-            source = pa.memory_map(url) if self.out.local else self.out.fs.open(url, "rb", block_size=1 << 16)
+            # read, not memory-mapped: the merge reads every group once, and mapped pages would stay resident
+            source = pa.OSFile(url) if self.out.local else self.out.fs.open(url, "rb", block_size=1 << 16)
             self._reader = pa.ipc.open_file(source)
             if self._reader.num_record_batches != len(self.slots):
                 raise InputError(f"{url} holds {self._reader.num_record_batches} groups, "
