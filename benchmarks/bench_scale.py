@@ -7,11 +7,12 @@ Builds a synthetic set of `rows` samples the way `make shards` leaves one before
 inputs, its listing and the group records of its plan (`_parts/`, 1,000 samples per shard), sparse tar shards of the
 recorded sizes (`truncate`: no disk), and real DALI index files; then runs, each in a fresh process on the code of
 this checkout (and, with `today=`, of another checkout, e.g. a worktree at main, on a copy of the set linked to the
-same shards): the merge (`make shards merge=true`: time, peak RSS), verify with sizes only (`tubelet-verify`), opening
-the train split (time, RSS kept), loader start to the first plan step (time, peak RSS, bytes read by read(2)), the
-plan's time per step and per epoch (a new epoch's order), and with `s3=true` opening through a local S3 server (moto)
-behind a counting proxy: requests and bytes at start, per rank and for a node's second rank. RSS figures are the
-process's own (VmRSS, VmHWM from /proc/self/status) above its baseline after imports.
+same shards): a partition job's start (1 of 1,000, its groups finished), the merge (`make shards merge=true`: time,
+peak RSS), verify with sizes only (`tubelet-verify`), opening the train split (time, RSS kept), loader start to the
+first plan step (time, peak RSS, bytes read by read(2)), the plan's time per step and per epoch (a new epoch's order),
+and with `s3=true` opening through a local S3 server (moto) behind a counting proxy: requests and bytes at start, per
+rank and for a node's second rank. RSS figures are the process's own (VmRSS, VmHWM from /proc/self/status) above its
+baseline after imports.
 """
 
 from __future__ import annotations
@@ -145,6 +146,20 @@ def measure(what: str, root: str, listing: str, per_shard: int, steps: int, batc
     from pipeline.config import LoaderConfig
     from pipeline.split_index import open_split, plan_for
 
+    if what == "partition":  # a partition job of 1,000 starting on the set (its groups finished: no transcode)
+        from shards.build import run
+        from shards.config import ShardsConfig
+
+        import logging
+        logging.disable(logging.WARNING)
+        args = _shards_args(Path(root), Path(listing), per_shard, False) + ["partition.count=1000",
+                                                                           "partition.index=0"]
+        cfg = load_config(ShardsConfig, None, args)
+        base = _status()["VmRSS"]
+        _reset_peak()
+        t0 = time.perf_counter()
+        run(cfg)
+        return {"seconds": time.perf_counter() - t0, "peak_rss": _status()["VmHWM"] - base}
     if what == "merge":
         from shards.build import run
         from shards.config import ShardsConfig
@@ -269,7 +284,7 @@ def bench(cfg: BenchScaleConfig) -> Dict:
     result: Dict = {"rows": cfg.rows, "shards": -(-cfg.rows // cfg.per_shard)}
     for name, (code, where) in codes.items():
         r = result[name] = {}
-        for what in ("merge", "verify", "open", "first_step"):
+        for what in ("partition", "merge", "verify", "open", "first_step"):
             r[what] = _child(code, what, where, listing, cfg)
             print(f"{name:>5} {what:<10} {json.dumps(r[what])}", flush=True)
     if cfg.s3:
