@@ -309,7 +309,8 @@ def _check_rows(root: str, shards: Sequence[Dict[str, Any]]) -> List[Tuple[str, 
     if not fs.exists(path):
         raise ManifestError(f"{root} has a {MANIFEST} but no {SAMPLES}: the set is damaged; rebuild it with "
                             "`make shards`")
-    source = pa.memory_map(path) if is_local(fs) else fs.open(path, "rb")
+    # read, not memory-mapped: every batch's shard column is read once, and mapped pages would stay resident
+    source = pa.OSFile(path) if is_local(fs) else fs.open(path, "rb")
     try:
         names = pa.ipc.open_file(source).schema.names
         reader = pa.ipc.open_file(source, options=pa.ipc.IpcReadOptions(included_fields=[names.index("shard")]))
