@@ -62,6 +62,19 @@ def _hf_qkv(part: str, i: int) -> tuple[str, str]:
     return f"blocks.{i}.attn.qkv", f"{part}.layer.{i}.attention"
 
 
+def pop_fused_qkv(state: dict, hf_prefix: str, where: str) -> dict[str, torch.Tensor]:
+    """HF's separate query / key / value projections under `hf_prefix`, popped from `state` and fused into
+    tubelet's qkv rows [q | k | v]: {'weight': ..., 'bias': ...}."""
+    out = {}
+    for p in ("weight", "bias"):
+        names = [f"{hf_prefix}.{n}.{p}" for n in _QKV]
+        absent = [n for n in names if n not in state]
+        if absent:
+            raise LayoutError(f"{where}: missing key {absent[0]!r}")
+        out[p] = torch.cat([state.pop(n) for n in names], dim=0)
+    return out
+
+
 def tubelet_to_hf(encoder: Mapping[str, torch.Tensor], predictor: Mapping[str, torch.Tensor],
                   cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """tubelet encoder and predictor state_dicts -> one HF VJEPA2Model state_dict. Strict: a tubelet key left
@@ -100,12 +113,7 @@ def hf_to_tubelet(state: Mapping[str, torch.Tensor], cfg: ModelConfig, where: st
             out[tub] = state.pop(hf)
         for i in range(depth):
             tub, hf = _hf_qkv(part, i)
-            for p in ("weight", "bias"):
-                names = [f"{hf}.{n}.{p}" for n in _QKV]
-                absent = [n for n in names if n not in state]
-                if absent:
-                    raise LayoutError(f"{where}: missing key {absent[0]!r}")
-                out[f"{tub}.{p}"] = torch.cat([state.pop(n) for n in names], dim=0)
+            out.update({f"{tub}.{p}": t for p, t in pop_fused_qkv(state, hf, where).items()})
         parts.append(out)
     if state:
         extra = sorted(state)
@@ -214,12 +222,8 @@ def ijepa_hf_to_tubelet(state: Mapping[str, torch.Tensor], cfg: ModelConfig, tab
     if out["patch_embed.proj.weight"].dim() == 4:  # Conv2d [D, 3, p, p] -> Conv3d [D, 3, 1, p, p]
         out["patch_embed.proj.weight"] = out["patch_embed.proj.weight"].unsqueeze(2)
     for i in range(depth):
-        for p in ("weight", "bias"):
-            names = [f"encoder.layer.{i}.attention.attention.{n}.{p}" for n in _QKV]
-            absent = [n for n in names if n not in state]
-            if absent:
-                raise LayoutError(f"{where}: missing key {absent[0]!r}")
-            out[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([state.pop(n) for n in names], dim=0)
+        qkv = pop_fused_qkv(state, f"encoder.layer.{i}.attention.attention", where)
+        out.update({f"blocks.{i}.attn.qkv.{p}": t for p, t in qkv.items()})
     if state:
         extra = sorted(state)
         raise LayoutError(f"{where}: {len(extra)} tensors with no place in a tubelet image encoder (more layers "
