@@ -247,9 +247,7 @@ def node_copy(fs, url: str, folder: str) -> str:
     at the same URL is fetched anew. One metadata request per process, one GET per node."""
     path = fs._strip_protocol(url) if hasattr(fs, "_strip_protocol") else url
     info = fs.info(path)
-    tag = str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
-    digest = hashlib.sha1(f"{info.get('size')}:{tag}".encode()).hexdigest()[:16]
-    final = os.path.join(folder, f".{os.path.basename(path)}.{digest}")
+    final = os.path.join(folder, f".{os.path.basename(path)}.{version_tag(info)}")
     with file_lock(final + ".lock"):
         if os.path.exists(final) and os.path.getsize(final) == info.get("size"):
             return final
@@ -259,3 +257,10 @@ def node_copy(fs, url: str, folder: str) -> str:
             raise CacheError(f"{url} changed while it was read: try again")
         os.replace(part, final)
     return final
+
+
+def version_tag(info: Dict) -> str:
+    """A short name for one version of a remote object, from its fsspec info: its size and version tag (ETag,
+    else its modification time), so an object rewritten at the same URL gets another name."""
+    tag = str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
+    return hashlib.sha1(f"{info.get('size')}:{tag}".encode()).hexdigest()[:16]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import threading
 import zlib
@@ -67,16 +66,6 @@ class _Samples:
         url = join(root, SAMPLES)
         fs, path = url_to_fs(url)
         self.url, self.fs, self.path = url, fs, path
-        self._cache, self._version = None, ""
-        if rows_cache and not is_local(fs):
-            try:
-                info = fs.info(path)
-            except FileNotFoundError:
-                info = None
-            if info is not None:  # named by the object's size and version tag: a rewritten set is read anew
-                tag = str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
-                self._version = hashlib.sha1(f"{info.get('size')}:{tag}".encode()).hexdigest()[:12]
-                self._cache = rows_cache
         try:
             if is_local(fs):
                 self._source = pa.memory_map(path)  # pages read when touched: a batch costs its bytes
@@ -89,6 +78,13 @@ class _Samples:
         except FileNotFoundError:
             raise ManifestError(f"{root} has a manifest.parquet but no {SAMPLES}: the set is damaged; rebuild it "
                                 "with `make shards`") from None
+        self._cache, self._version = None, ""
+        if rows_cache and not is_local(fs):
+            from pipeline.cache import version_tag
+
+            # named by the object's size and version (from the open file's metadata: no extra request)
+            self._version = version_tag(getattr(self._source, "details", None) or fs.info(path))
+            self._cache = rows_cache
         self._names = names
         self._lock = threading.Lock()
 
