@@ -25,12 +25,13 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 from common.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 _PART = re.compile(r"^\.(.+)\.(\d+)\.part$")
+_NODE_COPY = re.compile(r"^\..+\.[0-9a-f]{16}$")  # node_copy's `.<name>.<version_tag>`
 
 
 class CacheError(RuntimeError):
@@ -131,6 +132,27 @@ class ShardCache:
             for shard in [s for s, f in self._inflight.items() if f.done() and s not in protect]:
                 del self._inflight[shard]
 
+    def small_file(self, name: str, make: Callable[[], bytes]) -> Optional[str]:
+        """The local path of the small file `name` (a shard's sample rows), made once per node by `make` under a
+        file lock and counted like a shard: room is made for it first (least recently used go), so it never takes
+        the cache past `max_bytes`; None when it cannot be kept (the cache is full of what the plans need)."""
+        final = os.path.join(self.folder, name)
+        with file_lock(os.path.join(self.folder, f".{name}.lock")):
+            if os.path.exists(final):
+                _touch(final)
+                return final
+            data = make()
+            with self._folder_lock():
+                try:
+                    self._make_room(name, len(data))
+                except CacheError:
+                    return None
+                tmp = os.path.join(self.folder, f".{name}.{os.getpid()}.tmp")
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, final)
+        return final
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -187,9 +209,14 @@ class ShardCache:
         self.stats.bytes_on_disk = used + size
 
     def _usage(self) -> int:
-        """Bytes of complete shards and of live reservations; deletes the `.part` files of killed processes."""
+        """Bytes of complete shards, of the set's files kept for the node (`node_copy`: counted, never evicted)
+        and of live reservations; deletes the `.part` files of killed processes."""
         used = sum(st.st_size for _, st in self._shards())
         for name in os.listdir(self.folder):
+            if _NODE_COPY.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    used += os.path.getsize(os.path.join(self.folder, name))
+                continue
             m = _PART.match(name)
             if not m:
                 continue

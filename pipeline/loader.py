@@ -130,6 +130,7 @@ class VideoLoader:
         self.cfg, self.grid, self.train = cfg, grid, train
         self.index: SplitIndex = open_split(cfg.root, cfg.split, cfg.verify_hashes, cfg.retry_policy(), cfg.cache_dir)
         self.store = store_for(cfg)
+        self.index.use_cache(self.store.cache)
         self.device = resolve_device(cfg.device, local_rank, key="data.device")
         self._handoff = CudaHandoff(self.device) if self.device.type == "cuda" else None
         self.dtype = DTYPES[cfg.dtype]

@@ -80,6 +80,7 @@ class _Batches(Dataset):
         if self.index is None:  # opened lazily, once per worker process
             self.index = open_split(cfg.root, cfg.split, retry=cfg.retry_policy(), cache_dir=cfg.cache_dir)
             self.store = store_for(cfg)
+            self.index.use_cache(self.store.cache)
         if self.index.kind == "image":
             made = [(make_image_clip(self.index.read_video(self.store, r), rec, cfg.crop_size), 1)
                     for r, rec in zip(bp.rows, bp.records)]

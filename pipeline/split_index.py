@@ -5,7 +5,7 @@ node's cache folder, `pipeline.cache.node_copy`) and the footer of `samples.arro
 numbered shard after shard in the manifest's order, so row r is sample r - first[s] of shard s = the last shard
 whose first row is <= r (`np.searchsorted`). A shard's sample rows (key, offsets, sizes, CRC-32, frames, fps,
 geometry, label) are one record batch of `samples.arrow`, read when the plan first needs that shard (memory-mapped
-when local; when remote, one ranged read per node, kept in the node's cache folder for its other processes) and
+when local; when remote, one ranged read per node, kept in the node's shard cache for its other processes) and
 kept in a small LRU. A column needed for every sample (the labels of
 `tubelet-probe`, `keys` for tools) is read by itself, as an array.
 
@@ -15,9 +15,7 @@ store checks each shard's size (and sha256 with data.verify_hashes) when it firs
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 import threading
 import zlib
 from collections import OrderedDict
@@ -29,6 +27,7 @@ import pyarrow as pa
 
 from common.files import is_local, join, url_to_fs
 from common.retry import RetryPolicy
+from pipeline.cache import ShardCache
 from pipeline.config import LoaderConfig
 from pipeline.sampling import Plan
 from pipeline.store import ShardStore
@@ -58,11 +57,11 @@ class ShardRows:
 
 class _Samples:
     """samples.arrow of a set, opened once per process: its footer is read, the record batches on demand. For a
-    remote set with a node cache folder (`rows_cache`), a batch is read from the store once per node: the first
-    process to need it writes it there (`rows-<version>-<batch>.arrow`, under a file lock), the node's others map
-    that file. The files count towards the cache's size and are evicted with its shards (least recently used)."""
+    remote set with the node's shard cache (`use_cache`), a batch is read from the store once per node: the first
+    process to need it keeps it in the cache folder (`rows-<version>-<batch>.arrow`, counted and evicted like a
+    shard: `ShardCache.small_file`), the node's others map that file."""
 
-    def __init__(self, root: str, rows_cache: Optional[str] = None):
+    def __init__(self, root: str):
         url = join(root, SAMPLES)
         fs, path = url_to_fs(url)
         self.url, self.fs, self.path = url, fs, path
@@ -78,15 +77,20 @@ class _Samples:
         except FileNotFoundError:
             raise ManifestError(f"{root} has a manifest.parquet but no {SAMPLES}: the set is damaged; rebuild it "
                                 "with `make shards`") from None
-        self._cache, self._version = None, ""
-        if rows_cache and not is_local(fs):
-            from pipeline.cache import version_tag
-
-            # named by the object's size and version (from the open file's metadata: no extra request)
-            self._version = version_tag(getattr(self._source, "details", None) or fs.info(path))
-            self._cache = rows_cache
         self._names = names
         self._lock = threading.Lock()
+        self._cache: Optional[ShardCache] = None
+        self._version = ""
+
+    def use_cache(self, cache: Optional[ShardCache]) -> None:
+        if cache is None or is_local(self.fs):
+            return
+        from pipeline.cache import version_tag
+
+        # named by the object's size and version (from the open file's metadata: no extra request), so the
+        # rows of a set rewritten at the same URL are read anew
+        self._version = version_tag(getattr(self._source, "details", None) or self.fs.info(self.path))
+        self._cache = cache
 
     @property
     def num_batches(self) -> int:
@@ -94,29 +98,28 @@ class _Samples:
 
     def batch(self, i: int) -> pa.RecordBatch:
         if self._cache is not None:
-            return self._node_batch(i)
+            got = self._cached_batch(i)
+            if got is not None:
+                return got
         with self._lock:  # one reader, used by the feeder thread and the consumer
             return self._reader.get_batch(i)
 
-    def _node_batch(self, i: int) -> pa.RecordBatch:
-        from pipeline.cache import file_lock
-
-        name = f"rows-{self._version}-{i:07d}.arrow"
-        final = os.path.join(self._cache, name)
-        with file_lock(os.path.join(self._cache, f".{name}.lock")):
-            try:
-                batch = pa.ipc.open_file(pa.memory_map(final)).get_batch(0)
-                os.utime(final)  # recently used, for the cache's eviction
-                return batch
-            except (FileNotFoundError, pa.ArrowInvalid):  # not here yet (or evicted, or cut short by a kill)
-                pass
+    def _cached_batch(self, i: int) -> Optional[pa.RecordBatch]:
+        """Batch i from the node's cache (made there from the store by the node's first process to need it);
+        None when the cache cannot keep it (then it is read from the store)."""
+        def make() -> bytes:
             with self._lock:
                 batch = self._reader.get_batch(i)
-            tmp = os.path.join(self._cache, f".{name}.{os.getpid()}.tmp")
-            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, batch.schema) as w:
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_file(sink, batch.schema) as w:
                 w.write_batch(batch)
-            os.replace(tmp, final)
-            return batch
+            return sink.getvalue().to_pybytes()
+
+        path = self._cache.small_file(f"rows-{self._version}-{i:07d}.arrow", make)
+        try:
+            return None if path is None else pa.ipc.open_file(pa.memory_map(path)).get_batch(0)
+        except FileNotFoundError:  # evicted since (another process made room)
+            return None
 
     def column(self, name: str) -> pa.ChunkedArray:
         """One column of every sample, read by itself (only its buffers are read)."""
@@ -157,6 +160,11 @@ class SplitIndex:
 
     def __len__(self) -> int:
         return self._n
+
+    def use_cache(self, cache: Optional[ShardCache]) -> None:
+        """Read the shards' rows of a remote set through the node's shard cache (`ShardStore.cache`): once per
+        node, counted within the cache's size."""
+        self._samples.use_cache(cache)
 
     # -- rows ----------------------------------------------------------------------------------------
 
@@ -291,16 +299,14 @@ def open_split(root: str, split: str, verify_hashes: bool = False, retry: Option
     retry = retry or RetryPolicy()
     fs, _ = url_to_fs(root)
     local_copy = None
-    from pipeline.store import cache_folder
-
     if not is_local(fs):
         from pipeline.cache import node_copy
+        from pipeline.store import cache_folder
 
         local_copy = retry.call(lambda: node_copy(fs, join(root, "manifest.parquet"), cache_folder(root, cache_dir)),
                                 f"reading the manifest of {root}")
     index = retry.call(lambda: read_set_index(root, local_copy), f"reading the manifest of {root}")
-    rows_cache = cache_folder(root, cache_dir) if local_copy is not None else None
-    samples = retry.call(lambda: _Samples(root, rows_cache), f"opening the samples of {root}")
+    samples = retry.call(lambda: _Samples(root), f"opening the samples of {root}")
     return SplitIndex(root, split, index.shards, index.meta, samples)
 
 

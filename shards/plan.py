@@ -156,8 +156,7 @@ def write_listing(cfg: ShardsConfig, out: "Output", spec: Optional[Dict[str, Any
                 hashes, count = [], 0
                 for chunk in split_chunks(spec_s, cfg.labels_from_dirs, extensions, n):
                     keys = [make_key(s.rel) for s in chunk]
-                    hashes.append(np.fromiter((int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(),
-                                                              "little") for k in keys), np.uint64, len(keys)))
+                    hashes.append(np.fromiter(map(_key_hash, keys), np.uint64, len(keys)))
                     labels.update(s.label for s in chunk if s.label is not None)
                     writer.write_batch(pa.record_batch([[split] * len(chunk), [s.url for s in chunk],
                                                         [s.rel for s in chunk], [s.label for s in chunk], keys],
@@ -179,6 +178,10 @@ def write_listing(cfg: ShardsConfig, out: "Output", spec: Optional[Dict[str, Any
     return meta
 
 
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
 def _check_unique(split: str, spec: str, cfg: ShardsConfig, extensions, hashes: np.ndarray) -> None:
     """An InputError naming both inputs when two of a split have the same key; the listing is read a second time
     only when two hashes collide."""
@@ -191,7 +194,7 @@ def _check_unique(split: str, spec: str, cfg: ShardsConfig, extensions, hashes: 
     for chunk in split_chunks(spec, cfg.labels_from_dirs, extensions, cfg.shard.max_samples):
         for src in chunk:
             k = make_key(src.rel)
-            if int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") not in dup:
+            if _key_hash(k) not in dup:
                 continue
             if k in seen:
                 raise InputError(f"split {split}: {src.url} appears twice in the input (as {seen[k]} too); "

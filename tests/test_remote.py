@@ -275,14 +275,22 @@ def test_make_shards_stops_on_an_unreadable_input_and_resumes_without_rejecting_
 
 
 def test_a_shards_rows_are_read_from_the_store_once_per_node(s3_set, no_faults, tmp_path):
-    """Two processes of a node (two opens of the split on one cache folder) read a shard's rows: the first with
-    a ranged GET of samples.arrow, the second from the node's cache folder; another node reads them itself."""
+    """Two processes of a node (two opens of the split and stores on one cache folder) read a shard's rows: the
+    first with a ranged GET of samples.arrow, the second from the node's shard cache; another node reads them
+    itself."""
     import numpy as np
+
+    from pipeline.store import ShardStore
 
     gets = []
     no_faults.fault = lambda method, path, n: gets.append(path) if method == "GET" else None
-    first, second = (open_split(s3_set, "train", cache_dir=str(tmp_path / "node")) for _ in range(2))
-    other_node = open_split(s3_set, "train", cache_dir=str(tmp_path / "other"))
+
+    def process(node: str):
+        index = open_split(s3_set, "train", cache_dir=str(tmp_path / node))
+        index.use_cache(ShardStore(s3_set, str(tmp_path / node), cache_max_bytes=1 << 30).cache)
+        return index
+
+    first, second, other_node = process("node"), process("node"), process("other")
 
     def rows_gets(index, s):
         gets.clear()
