@@ -1,13 +1,12 @@
 """A split of a shard set as the loaders see it: O(shards) at start, each shard's sample rows read with that shard.
 
-Opening a split reads the set's `manifest.parquet` (one row per shard; for a remote set once per node, into the
-node's cache folder, `pipeline.cache.node_copy`) and the footer of `samples.arrow`; nothing per sample. Rows are
-numbered shard after shard in the manifest's order, so row r is sample r - first[s] of shard s = the last shard
-whose first row is <= r (`np.searchsorted`). A shard's sample rows (key, offsets, sizes, CRC-32, frames, fps,
-geometry, label) are one record batch of `samples.arrow`, read when the plan first needs that shard (memory-mapped
-when local; when remote, one ranged read per node, kept in the node's shard cache for its other processes) and
-kept in a small LRU. A column needed for every sample (the labels of
-`tubelet-probe`, `keys` for tools) is read by itself, as an array.
+Opening a split reads the set's `manifest.parquet` (one row per shard; for a remote set once per node, into the node's
+cache folder, `pipeline.cache.node_copy`) and the footer of `samples.arrow`; nothing per sample. Rows are numbered
+shard after shard in the manifest's order, so row r is sample r - first[s] of shard s = the last shard whose first row
+is <= r (`np.searchsorted`). A shard's sample rows (key, offsets, sizes, CRC-32, frames, fps, geometry, label) are one
+record batch of `samples.arrow`, read when the plan first needs that shard (memory-mapped when local; when remote, one
+ranged read per node, kept in the node's shard cache for its other processes) and kept in a small LRU. A column needed
+for every sample (the labels of `tubelet-probe`, `keys` for tools) is read by itself, as an array.
 
 Nothing here lists or parses every shard: the set was verified when it was written and by `tubelet-verify`; the
 store checks each shard's size (and sha256 with data.verify_hashes) when it first reads it (`pipeline/store.py`).
