@@ -146,37 +146,30 @@ def measure(what: str, root: str, listing: str, per_shard: int, steps: int, batc
     from pipeline.config import LoaderConfig
     from pipeline.split_index import open_split, plan_for
 
-    if what == "partition":  # a partition job of 1,000 starting on the set (its groups finished: no transcode)
+    if what in ("partition", "merge"):  # a partition job of 1,000 (its groups finished: no transcode), the merge
+        import logging
+
         from shards.build import run
         from shards.config import ShardsConfig
 
-        import logging
-        logging.disable(logging.WARNING)
-        args = _shards_args(Path(root), Path(listing), per_shard, False) + ["partition.count=1000",
-                                                                           "partition.index=0"]
+        logging.disable(logging.INFO)  # the run's summary lines are not what is measured
+        args = _shards_args(Path(root), Path(listing), per_shard, what == "merge")
+        if what == "partition":
+            args += ["partition.count=1000", "partition.index=0"]
+        else:  # the manifest of an earlier merge removed
+            for name in ("manifest.parquet", "samples.arrow"):
+                if os.path.exists(os.path.join(root, name)):
+                    os.unlink(os.path.join(root, name))
         cfg = load_config(ShardsConfig, None, args)
         base = _status()["VmRSS"]
         _reset_peak()
         t0 = time.perf_counter()
         run(cfg)
-        return {"seconds": time.perf_counter() - t0, "peak_rss": _status()["VmHWM"] - base}
-    if what == "merge":
-        from shards.build import run
-        from shards.config import ShardsConfig
-
-        cfg = load_config(ShardsConfig, None, _shards_args(Path(root), Path(listing), per_shard, True))
-        for name in ("manifest.parquet", "samples.arrow"):
-            if os.path.exists(os.path.join(root, name)):
-                os.unlink(os.path.join(root, name))
-        base = _status()["VmRSS"]
-        _reset_peak()
-        t0 = time.perf_counter()
-        import logging
-        logging.disable(logging.INFO)
-        run(cfg)
-        return {"seconds": time.perf_counter() - t0, "peak_rss": _status()["VmHWM"] - base,
-                "files_bytes": {n: os.path.getsize(os.path.join(root, n)) for n in os.listdir(root)
-                                if n.endswith((".parquet", ".arrow"))}}
+        out = {"seconds": time.perf_counter() - t0, "peak_rss": _status()["VmHWM"] - base}
+        if what == "merge":
+            out["files_bytes"] = {n: os.path.getsize(os.path.join(root, n)) for n in os.listdir(root)
+                                  if n.endswith((".parquet", ".arrow"))}
+        return out
     if what == "verify":
         from shards.manifest import read_manifest, verify
 

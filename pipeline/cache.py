@@ -137,7 +137,7 @@ class ShardCache:
         file lock and counted like a shard: room is made for it first (least recently used go), so it never takes
         the cache past `max_bytes`; None when it cannot be kept (the cache is full of what the plans need)."""
         final = os.path.join(self.folder, name)
-        with file_lock(os.path.join(self.folder, f".{name}.lock")):
+        with file_lock(self._shard_lock(name)):
             if os.path.exists(final):
                 _touch(final)
                 return final

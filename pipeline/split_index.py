@@ -26,10 +26,10 @@ import pyarrow as pa
 
 from common.files import is_local, join, url_to_fs
 from common.retry import RetryPolicy
-from pipeline.cache import ShardCache
+from pipeline.cache import ShardCache, node_copy, version_tag
 from pipeline.config import LoaderConfig
 from pipeline.sampling import Plan
-from pipeline.store import ShardStore
+from pipeline.store import ShardStore, cache_folder
 from shards.manifest import SAMPLES, CorruptSample, ManifestError, read_set_index
 
 # the columns a loader reads per shard (the others, source paths and the like, stay in the file)
@@ -84,8 +84,6 @@ class _Samples:
     def use_cache(self, cache: Optional[ShardCache]) -> None:
         if cache is None or is_local(self.fs):
             return
-        from pipeline.cache import version_tag
-
         # named by the object's size and version (from the open file's metadata: no extra request), so the
         # rows of a set rewritten at the same URL are read anew
         self._version = version_tag(getattr(self._source, "details", None) or self.fs.info(self.path))
@@ -299,9 +297,6 @@ def open_split(root: str, split: str, verify_hashes: bool = False, retry: Option
     fs, _ = url_to_fs(root)
     local_copy = None
     if not is_local(fs):
-        from pipeline.cache import node_copy
-        from pipeline.store import cache_folder
-
         local_copy = retry.call(lambda: node_copy(fs, join(root, "manifest.parquet"), cache_folder(root, cache_dir)),
                                 f"reading the manifest of {root}")
     index = retry.call(lambda: read_set_index(root, local_copy), f"reading the manifest of {root}")
