@@ -33,6 +33,7 @@ class Batch:
     epoch: int
     step: int
     rows: List[int] = field(default_factory=list)
+    decoded_frames: int = 0  # frames the decoder decodes for this batch (the DALI loader; 0 where not counted)
 
 
 @dataclass

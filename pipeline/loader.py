@@ -2,8 +2,9 @@
 
 The project samples (pipeline/sampling.py), DALI decodes and augments: per step, the sampler names the
 rows and the sampling record of each clip (start frame, crop window, flip); a feeder thread reads the encoded
-videos from the shards by manifest offset, checks them, draws the masks (pinned memory on a GPU), and queues
-them for one DALI graph, so none of that runs on the training thread:
+videos from the shards by manifest offset, checks them, cuts each to the GOPs its clip needs (`pipeline.gops`:
+DALI's CPU decoder cannot seek in memory), draws the masks (pinned memory on a GPU), and queues them for one
+DALI graph, so none of that runs on the training thread:
 
     external_source -> decoders.video (start, 16 frames, the stride in stored frames, edge padding)
                     -> resize (the crop window -> crop_size^2, linear, antialiased)
@@ -32,10 +33,11 @@ import numpy as np
 import torch
 
 from common.device import resolve_device
+from pipeline import gops
 from pipeline.clips import DTYPES, IMAGENET_MEAN, IMAGENET_STD, Batch, LoaderStats, map_masks, masks_to
 from pipeline.config import LoaderConfig
 from pipeline.handoff import CudaHandoff
-from pipeline.sampling import BatchPlan, Plan, decoded_frames
+from pipeline.sampling import BatchPlan, ClipRecord, Plan, frame_indices, keyframe_before
 from pipeline.split_index import SplitIndex, open_split, plan_for
 from pipeline.store import store_for
 from shards.manifest import CorruptSample
@@ -63,6 +65,7 @@ class _Fed:
     bytes_read: int
     feed_seconds: float
     corrupt: int
+    decoded_frames: int  # what the decoder decodes for the batch (`VideoLoader._cut`)
     fed_at: float = 0.0
 
 
@@ -237,6 +240,11 @@ class VideoLoader:
         before = self.store.bytes_read
         bp, videos, corrupt = self._read_batch(bp)
         recs = bp.records
+        starts, decoded = [], 0
+        for i, (rec, row) in enumerate(zip(recs, bp.rows)):
+            videos[i], start, work = self._cut(videos[i], rec, row)
+            starts.append(np.array(start, np.int32))
+            decoded += work
         masks = map_masks(plan.masks(bp, self.grid, self.cfg.mask_specs(self.grid)), self._host)
         if self.images:  # the slice's anchor (x0, y0) and shape (w, h)
             roi0 = [np.array((r.crop[1], r.crop[0]), np.float32) for r in recs]
@@ -244,32 +252,49 @@ class VideoLoader:
         else:  # the resize's window corners (y0, x0), (y1, x1)
             roi0 = [np.array(r.crop[:2], np.float32) for r in recs]
             roi1 = [np.array((r.crop[0] + r.crop[2], r.crop[1] + r.crop[3]), np.float32) for r in recs]
-        return _Fed(bp, videos, [np.array(r.start, np.int32) for r in recs], roi0, roi1,
+        return _Fed(bp, [np.frombuffer(v, np.uint8) for v in videos], starts, roi0, roi1,
                     [np.array(int(r.flip), np.int32) for r in recs], masks,
                     self._host(self.index.labels_of(bp.rows)), self._host(np.array(bp.padded, dtype=bool)),
                     self.store.bytes_read - before,
-                    time.perf_counter() - t0, corrupt)
+                    time.perf_counter() - t0, corrupt, decoded)
+
+    def _cut(self, video: bytes, rec: ClipRecord, row: int) -> Tuple[bytes, int, int]:
+        """What DALI gets for one clip: (the encoded bytes, the clip's start frame in them, the frames the decoder
+        decodes for it). A WebM video is cut to the clip's GOPs (`pipeline.gops`): DALI's CPU decoder cannot seek
+        in memory and would decode every frame before the clip's first. A video that cannot be cut exactly goes
+        whole: the CPU decoder then decodes from frame 0, the GPU decoder from the keyframe before the clip."""
+        if self.images:
+            return video, 0, 1
+        nframes = self.index.nframes(row)
+        last = frame_indices(rec.start, nframes, self.cfg.num_frames, self.stride)[-1]
+        lay = gops.layout(video, nframes)
+        if lay is not None:
+            video, first = gops.clip_slice(video, lay, rec.start, last)
+        elif self.device.type == "cuda":
+            first = keyframe_before(rec.start, self.index.keyframe_interval)
+        else:
+            first = 0
+        return video, rec.start - first, last - first + 1
 
     def decoded_frames(self, batch: Batch) -> int:
-        """Frames the decoder decodes for `batch` (from each record's start, the set's stride and keyframe
-        interval: a decoder seeks to the keyframe at or before a clip's first frame); 1 per image."""
-        idx, n = self.index, self.cfg.num_frames
-        return sum(decoded_frames(r.start, idx.nframes(row), n, self.stride, idx.keyframe_interval)
-                   for r, row in zip(batch.records, batch.rows))
+        """Frames the decoder decodes for `batch`: from the first frame DALI was given of each clip's video (the
+        keyframe at or before the clip's first frame, or frame 0 for a whole video on the CPU) through its last;
+        1 per image."""
+        return batch.decoded_frames
 
     def _host(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a))
         return t.pin_memory() if self.device.type == "cuda" else t
 
-    def _read_batch(self, bp: BatchPlan) -> Tuple[BatchPlan, List[np.ndarray], int]:
+    def _read_batch(self, bp: BatchPlan) -> Tuple[BatchPlan, List[bytes], int]:
         """The batch's encoded videos, each checked against its CRC-32. A corrupt one (data.on_corrupt=skip) is
         logged with its key and shard and replaced by a repeat of the batch's first intact sample, flagged padded:
         the batch keeps its size, the stream stays a function of (seed, epoch, position), and nothing corrupt is
         decoded. Returns the (possibly amended) plan, the videos and the number replaced."""
-        videos: List[Optional[np.ndarray]] = []
+        videos: List[Optional[bytes]] = []
         for r in bp.rows:
             try:
-                videos.append(np.frombuffer(self.index.read_video(self.store, r), np.uint8))
+                videos.append(self.index.read_video(self.store, r))
             except CorruptSample as e:
                 if self.cfg.on_corrupt == "fail":
                     raise
@@ -340,7 +365,7 @@ class VideoLoader:
             keys=[self.index.key(r) for r in bp.rows],
             labels=fed.labels.to(dev, non_blocking=True),
             records=bp.records, padded=fed.padded.to(dev, non_blocking=True), epoch=bp.epoch, step=bp.step,
-            rows=bp.rows,
+            rows=bp.rows, decoded_frames=fed.decoded_frames,
         )
         if self.on_batch is not None:
             self.on_batch(LoaderStats(t1 - t0, fed.feed_seconds, t1 - fed.fed_at, fed.bytes_read, len(bp.rows),

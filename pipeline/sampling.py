@@ -238,9 +238,12 @@ def frame_indices(start: int, nframes: int, num_frames: int, stride: int) -> Lis
 def decoded_frames(start: int, nframes: int, num_frames: int, stride: int, keyframe_interval: int) -> int:
     """Frames a decoder decodes for a clip: from the keyframe at or before its first frame through its last
     (keyframes every `keyframe_interval` frames; 0 = only the first frame is one)."""
-    last = frame_indices(start, nframes, num_frames, stride)[-1]
-    keyframe = start - start % keyframe_interval if keyframe_interval else 0
-    return last - keyframe + 1
+    return frame_indices(start, nframes, num_frames, stride)[-1] - keyframe_before(start, keyframe_interval) + 1
+
+
+def keyframe_before(frame: int, keyframe_interval: int) -> int:
+    """The keyframe at or before `frame` (keyframes every `keyframe_interval` frames; 0 = only frame 0)."""
+    return frame - frame % keyframe_interval if keyframe_interval else 0
 
 
 def train_record(seed: int, epoch: int, position: int, nframes: int, height: int, width: int,
