@@ -152,6 +152,10 @@ class VideoLoader:
         self.threads = cfg.threads or max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
         self._pipe = None
         self._feeder: Optional[_Feeder] = None
+        # DALI has no bfloat16. On a GPU it yields float16 for bf16 and fp16 (half the bytes of float32); on the
+        # CPU float32 for bf16, whose conversion to bf16 costs a third of float16's there (one rounding, too)
+        self._dali_fp32 = cfg.dtype == "fp32" or (cfg.dtype == "bf16" and self.device.type != "cuda")
+        self._staging: Optional[torch.Tensor] = None
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -203,9 +207,8 @@ class VideoLoader:
                 frames = fn.resize(frames, size=[cfg.crop_size, cfg.crop_size], roi_start=roi0, roi_end=roi1,
                                    roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=True)
                 layout = "CFHW"
-            # DALI has no bfloat16: half precision leaves it for bf16 and fp16 (half the bytes of fp32)
             return fn.crop_mirror_normalize(frames, mirror=flip, mean=mean, std=std, output_layout=layout,
-                                            dtype=types.FLOAT if cfg.dtype == "fp32" else types.FLOAT16)
+                                            dtype=types.FLOAT if self._dali_fp32 else types.FLOAT16)
 
         self._pipe = graph()
         self._pipe.build()
@@ -376,14 +379,18 @@ class VideoLoader:
     def _to_torch(self, out) -> torch.Tensor:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        fp32 = self.cfg.dtype == "fp32"
         if self._handoff is not None:
-            clips = self._handoff.to_torch(out, self.dtype, fp32, feed_ndarray)
-        else:  # copied into torch's memory (DALI reuses its buffer from the next run on), then to the dtype
+            clips = self._handoff.to_torch(out, self.dtype, self._dali_fp32, feed_ndarray)
+        elif self.dtype == torch.bfloat16:  # DALI's float32 through a staging buffer kept from batch to batch
             t = out.as_tensor()
-            buf = torch.empty(t.shape(), dtype=torch.float32 if fp32 else torch.float16)
-            feed_ndarray(t, buf)
-            clips = buf.to(self.dtype)
+            if self._staging is None or tuple(self._staging.shape) != tuple(t.shape()):
+                self._staging = torch.empty(t.shape(), dtype=torch.float32)
+            feed_ndarray(t, self._staging)
+            clips = torch.empty(self._staging.shape, dtype=torch.bfloat16).copy_(self._staging)
+        else:  # copied into torch's memory (DALI reuses its buffer from the next run on)
+            t = out.as_tensor()
+            clips = torch.empty(t.shape(), dtype=self.dtype)
+            feed_ndarray(t, clips)
         return clips.unsqueeze(2) if self.images else clips  # images: [B, 3, 1, H, W], a clip of one frame
 
     def close(self) -> None:
