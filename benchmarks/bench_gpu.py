@@ -17,6 +17,9 @@ says why in its place and the others go on:
     PyNvVideoCodec, H.264                  the peer: NVIDIA's own NVDEC library, one SimpleDecoder per thread reused
                                            for every clip (reconfigure_decoder), the same sampling records, the
                                            clip cut with torch on the GPU (`pipeline.clips.cut_clip`)
+    torchcodec cuda, raw H.264 files       `make bench-loader`'s torchcodec peer on the raw inputs the sets were
+                                           made from, with its CUDA decoder and the official transform on the GPU,
+                                           in this process (`benchmarks.peers`; smoke: its CPU decoder)
 
     decoders.image_slice mixed, JPEG      the image loader (nvJPEG, the crop window decoded alone), 256
                                            generated 500x375 JPEGs, 1x224x224, batch 128
@@ -51,6 +54,7 @@ import torch
 
 from benchmarks.bench_loader import image_set
 from benchmarks.bench_shards import make_inputs
+from benchmarks.peers import PeerLoader, availability, min_decoded_frames, probe_raw
 from common.cli import main_for
 from common.config import check, load_config
 from pipeline.clips import IMAGENET_MEAN, IMAGENET_STD, cut_clip
@@ -301,6 +305,21 @@ def pynvvideocodec_row(name: str, cfg: LoaderConfig, n: int, threads: int, files
         pool.shutdown()
 
 
+def torchcodec_row(name: str, cfg: LoaderConfig, n: int, paths: List[Path], device: torch.device) -> Dict:
+    """torchcodec as `make bench-loader`'s peer (`benchmarks.peers.PeerLoader`: a VideoDecoder per clip, the
+    official transform, the project's sampling) on the raw files `paths`, decoding on `device`. Decoded frames:
+    the least a seeking decoder decodes (torchcodec does not tell)."""
+    videos = [probe_raw(str(p)) for p in paths]
+    loader = PeerLoader("torchcodec", videos, cfg, device=device.type)
+
+    def decoded(b) -> int:
+        return sum(min_decoded_frames(videos[row], frame_indices(r.start, videos[row].nframes, cfg.num_frames,
+                                                                 cfg.frame_stride))
+                   for row, r in zip(b.rows, b.records))
+
+    return {**measure(name, device, loader.batches(n + 1), n, decoded), "version": loader.version}
+
+
 def joint_row(name: str, cfg: LoaderConfig, model: List[str], steps: int) -> Dict:
     """The loader feeding train_step in one loop, against the step alone on a resident batch."""
     tcfg = load_config(TrainConfig, None, [f"data.batch_size={cfg.batch_size}", "metrics.enabled=false",
@@ -341,6 +360,8 @@ def versions(device: torch.device) -> Dict:
             v[key] = __import__(module, fromlist=["__version__"]).__version__
         except Exception as e:
             v[key] = f"not available ({error_text(e)})"
+    version, why = availability("torchcodec")
+    v["torchcodec"] = version or why
     if device.type == "cuda":
         v["gpu"] = torch.cuda.get_device_name(device)
         try:
@@ -427,7 +448,11 @@ def bench(args: BenchGpuConfig) -> List[Dict]:
     else:
         not_measured(legacy, no_gpu)
         not_measured(peer, no_gpu)
-    candidates = [r for r in rows if "error" not in r and (not gpu or "mixed" in r["name"])]
+    raw = lambda: make_inputs(cache, videos, seconds, *size, 30)  # noqa: E731 - the files the sets are made from
+    attempt(f"torchcodec {device.type}, raw H.264 files",
+            lambda name, n: torchcodec_row(name, base, n, raw(), device), args.batches)
+    candidates = [r for r in rows if "error" not in r and r["name"].startswith("decoders.video")
+                  and (not gpu or "mixed" in r["name"])]
     if candidates:  # the trainer's loader path with the best decode option
         best = max(candidates, key=lambda r: r["clips_per_s"])
         codec = "h264" if "H.264" in best["name"] else "vp9"
@@ -462,7 +487,7 @@ def bench(args: BenchGpuConfig) -> List[Dict]:
 
 def render_table(rows: List[Dict], info: Dict) -> str:
     lines = [f"{info.get('gpu', 'CPU')}, driver {info.get('driver', '-')}, DALI {info['dali']}, torch {info['torch']}"
-             f", CUDA {info['cuda']}, {info['cores']} cores",
+             f", CUDA {info['cuda']}, torchcodec {info.get('torchcodec', '-')}, {info['cores']} cores",
              "", "| path | clips/s | ms per clip | decoded frames/s | NVDEC % | SM % | CPU % |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -4,7 +4,8 @@ shards), one clip per DataLoader item, in DataLoader worker processes, as the of
 - decord, the way the official loader uses it (facebookresearch/jepa, src/datasets/video_dataset.py): per clip a
   fresh `VideoReader(path, num_threads=-1, ctx=cpu(0))`, `seek(0)`, `get_batch(indices).asnumpy()`.
 - torchcodec, Meta's newer decoder: per clip a fresh `VideoDecoder(path, seek_mode="approximate")`,
-  `get_frames_at(indices)`.
+  `get_frames_at(indices)`; `device="cuda"` (`make bench-gpu`) decodes with its CUDA decoder and runs the
+  transform on the GPU, in the main process.
 
 Then, per clip in the worker, the official `VideoTransform` (app/vjepa/transforms.py without auto-augment,
 random erasing or motion shift, as its pretraining configs run it), which is torch ops already: the frames as
@@ -28,6 +29,7 @@ import importlib
 import importlib.metadata
 from bisect import bisect_right
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import av
@@ -104,11 +106,12 @@ def read_decord(path: str, indices: List[int]) -> torch.Tensor:
     return torch.from_numpy(vr.get_batch(indices).asnumpy())
 
 
-def read_torchcodec(path: str, indices: List[int]) -> torch.Tensor:
-    """The frames at `indices` with torchcodec's CPU decoder: [T, H, W, 3] uint8."""
+def read_torchcodec(path: str, indices: List[int], device: str = "cpu") -> torch.Tensor:
+    """The frames at `indices` with torchcodec's decoder on `device` ("cuda": NVDEC): [T, H, W, 3] uint8 there."""
     from torchcodec.decoders import VideoDecoder
 
-    return VideoDecoder(path, seek_mode="approximate", dimension_order="NHWC").get_frames_at(indices=indices).data
+    return VideoDecoder(path, seek_mode="approximate", dimension_order="NHWC",
+                        device=device).get_frames_at(indices=indices).data
 
 
 READERS: Dict[str, Callable[[str, List[int]], torch.Tensor]] = {"decord": read_decord, "torchcodec": read_torchcodec}
@@ -122,8 +125,8 @@ def official_transform(frames: torch.Tensor, rec: ClipRecord, size: int) -> torc
     buffer = F.interpolate(buffer[:, :, i:i + h, j:j + w], size=(size, size), mode="bilinear", align_corners=False)
     if rec.flip:
         buffer = buffer.flip(-1)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32) * 255
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32) * 255
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=buffer.device) * 255
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=buffer.device) * 255
     c, t, hh, ww = buffer.shape
     flat = buffer.view(c, -1).permute(1, 0)  # C last, normalised in place (_tensor_normalize_inplace)
     flat.sub_(mean).div_(std)
@@ -163,14 +166,19 @@ class _Collate:
 
 class PeerLoader:
     """Batches of `peer` (decord or torchcodec) over raw `videos`, with `cfg`'s clips and the sampling of the
-    project (module docstring), through a DataLoader with `workers` processes."""
+    project (module docstring), through a DataLoader with `workers` processes. device="cuda": torchcodec's CUDA
+    decoder and the transform on the GPU, in this process (CUDA does not survive a forked worker)."""
 
-    def __init__(self, peer: str, videos: List[RawVideo], cfg: LoaderConfig, *, grid=None, workers: int = 0):
+    def __init__(self, peer: str, videos: List[RawVideo], cfg: LoaderConfig, *, grid=None, workers: int = 0,
+                 device: str = "cpu"):
         version, why = availability(peer)
         if version is None:
             raise RuntimeError(f"{peer} {why}")
+        if device != "cpu" and (peer != "torchcodec" or workers):
+            raise ValueError(f"device={device!r} is torchcodec's, in this process (workers=0); got {peer}, "
+                             f"workers={workers}")
         self.peer, self.version, self.videos, self.cfg = peer, version, videos, cfg
-        self.grid, self.workers = grid, workers
+        self.grid, self.workers, self.device = grid, workers, device
         self.plan = Plan([(v.nframes, v.height, v.width) for v in videos], batch_size=cfg.batch_size, seed=cfg.seed,
                          num_frames=cfg.num_frames, stride=cfg.frame_stride, scale=cfg.crop_scale,
                          ratio=cfg.crop_aspect, flip=cfg.flip)
@@ -183,11 +191,12 @@ class PeerLoader:
         for bp in plans:
             per_batch.append(list(range(k, k + len(bp.rows))))
             k += len(bp.rows)
-        ds = _Clips(READERS[self.peer], self.videos, items, self.cfg.num_frames, self.cfg.frame_stride,
-                    self.cfg.crop_size)
+        read = READERS[self.peer] if self.device == "cpu" else partial(read_torchcodec, device=self.device)
+        ds = _Clips(read, self.videos, items, self.cfg.num_frames, self.cfg.frame_stride, self.cfg.crop_size)
         dl = DataLoader(ds, batch_sampler=per_batch, num_workers=self.workers,
                         collate_fn=_Collate(self.plan, plans, self.grid, self.cfg.mask_specs(self.grid)),
-                        pin_memory=torch.cuda.is_available(), prefetch_factor=2 if self.workers else None)
+                        pin_memory=torch.cuda.is_available() and self.device == "cpu",
+                        prefetch_factor=2 if self.workers else None)
         for clips, b, masks, decoded in dl:
             bp = plans[b]
             self.min_decoded_frames += int(decoded)

@@ -87,11 +87,18 @@ def test_gpu_check_smoke_runs_every_step_and_writes_each_row_as_it_goes(tmp_path
     assert first["versions"]["dali"] and first["versions"]["torch"] == torch.__version__  # before any row
     gpu_only = ["decoders.video mixed, H.264", "decoders.video mixed, VP9",
                 "readers.video gpu (legacy), H.264, 4 pipelines", "PyNvVideoCodec, H.264, 8 threads"]
+    from benchmarks.peers import availability
+
     measured = ["decoders.video cpu, VP9", "joint loop: decoders.video cpu, VP9 -> ViT-tiny/16 step",
                 "decoders.image_slice cpu, JPEG 160x120, batch 8",
                 "joint loop: decoders.image_slice cpu, JPEG 160x120, batch 8 -> I-JEPA ViT-tiny/8 step"]
-    assert sorted(r["name"] for r in rows) == sorted(gpu_only + measured)
+    peer = "torchcodec cpu, raw H.264 files"  # the GPU row's code, with torchcodec's CPU decoder
+    assert sorted(r["name"] for r in rows) == sorted(gpu_only + measured + [peer])
     by_name = {r["name"]: r for r in rows}
+    if availability("torchcodec")[0] is not None:
+        assert by_name[peer]["clips_per_s"] > 0 and by_name[peer]["decoded_frames_per_s"] > 0
+    else:  # an optional extra: the row says why
+        assert "torchcodec" in by_name[peer]["error"]
     assert all(by_name[n]["error"] == "not measured: needs a GPU (smoke run)" for n in gpu_only)
     assert all("error" not in by_name[n] and by_name[n]["clips_per_s"] > 0 for n in measured)
     assert by_name[measured[0]]["decoded_frames_per_s"] > 0 and 0 <= by_name[measured[1]]["data_wait_share"] < 1
