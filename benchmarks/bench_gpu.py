@@ -448,9 +448,10 @@ def bench(args: BenchGpuConfig) -> List[Dict]:
     else:
         not_measured(legacy, no_gpu)
         not_measured(peer, no_gpu)
-    raw = lambda: make_inputs(cache, videos, seconds, *size, 30)  # noqa: E731 - the files the sets are made from
-    attempt(f"torchcodec {device.type}, raw H.264 files",
-            lambda name, n: torchcodec_row(name, base, n, raw(), device), args.batches)
+    def on_raw_files(name: str, n: int) -> Dict:  # the H.264 files the shard sets are made from
+        return torchcodec_row(name, base, n, make_inputs(cache, videos, seconds, *size, 30), device)
+
+    attempt(f"torchcodec {device.type}, raw H.264 files", on_raw_files, args.batches)
     candidates = [r for r in rows if "error" not in r and r["name"].startswith("decoders.video")
                   and (not gpu or "mixed" in r["name"])]
     if candidates:  # the trainer's loader path with the best decode option

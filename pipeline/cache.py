@@ -180,7 +180,10 @@ class ShardCache:
                     raise CacheError(f"shard {shard} downloaded from {self.fs.unstrip_protocol(self.remote)} has {got} bytes, the manifest "
                                      f"says {size}: the set changed after its manifest was written; rebuild it "
                                      "with `make shards`")
-                os.replace(part, final)
+                # under the folder lock, like every change to what is counted: a count that lists the folder
+                # meanwhile would see neither the reservation nor the shard, and let one shard too many in
+                with self._folder_lock():
+                    os.replace(part, final)
                 self._count(misses=1, bytes_downloaded=size, download_seconds=time.perf_counter() - t0)
             finally:
                 with contextlib.suppress(FileNotFoundError):
