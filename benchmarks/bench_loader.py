@@ -210,9 +210,10 @@ def tree_pss(pid: int) -> int:
 
 class PeakMemory:
     """`with PeakMemory() as mem:` samples `tree_pss` of this process every `interval` s on a thread; `mem.added`
-    is the peak above what the tree held on entry."""
+    is the peak above what the tree held on entry. A sample costs about 2 ms of kernel time per process (the
+    kernel walks its page tables): every 20 ms, that took 12-14% off every row's clips/s on 2 cores."""
 
-    def __init__(self, interval: float = 0.02):
+    def __init__(self, interval: float = 0.2):
         self.interval, self.before, self.peak = interval, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
