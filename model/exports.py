@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,8 @@ from common.cli import main_for
 from common.config import check
 from common.files import fsync_dir
 from common.torch_file import CheckpointError, write_torch_file
-from model.features import encoder_from_state, export_encoder, model_config_of, read_training_checkpoint
+from model.features import (encoder_from_state, export_encoder, model_config_of, read_training_checkpoint,
+                            require_parts)
 from model.imports import HF_WEIGHTS, build_models
 from model.layouts import (LayoutError, is_image_model, model_config_to_hf, model_config_to_hf_ijepa,
                            tubelet_to_hf, tubelet_to_ijepa_hf, tubelet_to_official)
@@ -39,7 +41,12 @@ from model.layouts import (LayoutError, is_image_model, model_config_to_hf, mode
 
 def read_checkpoint(path: str | os.PathLike, weights: str) -> tuple:
     """(ModelConfig, encoder, predictor) of a training (or imported) checkpoint, loaded strictly."""
-    ckpt = read_training_checkpoint(path, parts=(weights, "predictor"))
+    return models_of(read_training_checkpoint(path, parts=(weights,)), path, weights)
+
+
+def models_of(ckpt: Mapping, path: str | os.PathLike, weights: str) -> tuple:
+    """(ModelConfig, encoder `weights`, predictor) of the checkpoint `ckpt` read from `path`, loaded strictly."""
+    require_parts(ckpt, path, ("predictor",))
     cfg = model_config_of(ckpt, path)
     enc, pred = build_models(cfg, dict(ckpt[weights]), dict(ckpt["predictor"]), f"{path}")
     return cfg, enc, pred
@@ -58,7 +65,7 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, weights: str
                      **model_config_to_hf_ijepa(cfg)}
         tensors = tubelet_to_ijepa_hf(enc.state_dict(), cfg, enc.pos_embed)
     else:
-        cfg, enc, pred = read_checkpoint(ckpt_path, weights)
+        cfg, enc, pred = models_of(ckpt, ckpt_path, weights)
         hf_config = {"model_type": "vjepa2", "architectures": ["VJEPA2Model"], "torch_dtype": "float32",
                      **model_config_to_hf(cfg)}
         tensors = tubelet_to_hf(enc.state_dict(), pred.state_dict(), cfg)
@@ -82,8 +89,9 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, weights: str
 def export_official(ckpt_path: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Both encoders and the predictor in the official layout (the sin-cos tables included, as the official
     models keep them as parameters)."""
-    cfg, target, pred = read_checkpoint(ckpt_path, "target_encoder")
-    _, enc, _ = read_checkpoint(ckpt_path, "encoder")
+    ckpt = read_training_checkpoint(ckpt_path, parts=("target_encoder", "encoder"))  # read once
+    cfg, target, pred = models_of(ckpt, ckpt_path, "target_encoder")
+    enc, _ = build_models(cfg, dict(ckpt["encoder"]), None, f"{ckpt_path}")
     tables, image = (target.pos_embed, pred.pos_embed), is_image_model(cfg)
     enc_state, pred_state = tubelet_to_official(*tables, enc.state_dict(), pred.state_dict(), image)
     target_state, _ = tubelet_to_official(*tables, target.state_dict(), pred.state_dict(), image)

@@ -72,12 +72,17 @@ def read_training_checkpoint(path: str | os.PathLike, parts: tuple = ("target_en
     ckpt = read_torch_file(path, mmap=True)
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
-    for key in (*parts, "config"):
-        if key not in ckpt:
-            raise CheckpointError(f"{path}: missing key {key!r} (found keys: {sorted(map(str, ckpt))})")
+    require_parts(ckpt, path, (*parts, "config"))
     if not isinstance(ckpt["config"], Mapping) or "model" not in ckpt["config"]:
         raise CheckpointError(f"{path}: missing key 'config.model' (the ModelConfig fields)")
     return ckpt
+
+
+def require_parts(ckpt: Mapping, path: str | os.PathLike, parts: tuple) -> None:
+    """A CheckpointError naming the first of `parts` the checkpoint at `path` lacks, and the keys it has."""
+    for key in parts:
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: missing key {key!r} (found keys: {sorted(map(str, ckpt))})")
 
 
 def model_config_of(ckpt: Mapping, path: str | os.PathLike) -> ModelConfig:

@@ -94,14 +94,17 @@ def read_hf_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return raw, state
 
 
-def build_models(cfg: ModelConfig, encoder: dict, predictor: dict, where: str
-                 ) -> tuple[VisionTransformer, Predictor]:
-    """The config's encoder and predictor with `encoder` / `predictor` loaded; a key or shape that does not fit is
-    a LayoutError naming `where`."""
-    enc, pred = VisionTransformer.from_config(cfg), Predictor.from_config(cfg)
+def build_models(cfg: ModelConfig, encoder: dict, predictor: dict | None, where: str
+                 ) -> tuple[VisionTransformer, Predictor | None]:
+    """The config's encoder and predictor with `encoder` / `predictor` loaded (predictor None: the encoder alone,
+    and None for it); a key or shape that does not fit is a LayoutError naming `where`."""
+    enc = VisionTransformer.from_config(cfg)
     check_shapes(enc.state_dict(), encoder, f"{where} (encoder)")
-    check_shapes(pred.state_dict(), predictor, f"{where} (predictor)")
     enc.load_state_dict(encoder, strict=True)
+    if predictor is None:
+        return enc.eval(), None
+    pred = Predictor.from_config(cfg)
+    check_shapes(pred.state_dict(), predictor, f"{where} (predictor)")
     pred.load_state_dict(predictor, strict=True)
     return enc.eval(), pred.eval()
 
@@ -122,11 +125,8 @@ def import_hf(folder: Path) -> dict:
     where = str(folder / (HF_WEIGHTS if (folder / HF_WEIGHTS).is_file() else HF_INDEX))
     if raw.get("model_type") == "ijepa":  # an image encoder, no predictor
         cfg = hf_ijepa_to_model_config(raw, str(folder / "config.json"))
-        enc_state = ijepa_hf_to_tubelet(state, cfg, sincos_tables(cfg)[0], where)
-        enc = VisionTransformer.from_config(cfg)
-        check_shapes(enc.state_dict(), enc_state, f"{where} (encoder)")
-        enc.load_state_dict(enc_state, strict=True)
-        return checkpoint_from_models(cfg, enc.eval(), enc, None, f"hf:{folder}")
+        enc, _ = build_models(cfg, ijepa_hf_to_tubelet(state, cfg, sincos_tables(cfg)[0], where), None, where)
+        return checkpoint_from_models(cfg, enc, enc, None, f"hf:{folder}")
     cfg = hf_to_model_config(raw, str(folder / "config.json"))
     enc_state, pred_state = hf_to_tubelet(state, cfg, where)
     enc, pred = build_models(cfg, enc_state, pred_state, where)
