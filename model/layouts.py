@@ -75,6 +75,19 @@ def pop_fused_qkv(state: dict, hf_prefix: str, where: str) -> dict[str, torch.Te
     return out
 
 
+def pop_split_qkv(state: dict, tub_prefix: str, hf_prefix: str, part: str) -> dict[str, torch.Tensor]:
+    """tubelet's fused qkv under `tub_prefix`, popped from `state` and split into HF's query / key / value
+    projections under `hf_prefix` (the inverse of `pop_fused_qkv`)."""
+    out = {}
+    for p in ("weight", "bias"):
+        key = f"{tub_prefix}.{p}"
+        if key not in state:
+            raise LayoutError(f"{part}: missing tubelet key {key!r}")
+        for name, chunk in zip(_QKV, state.pop(key).chunk(3, dim=0)):
+            out[f"{hf_prefix}.{name}.{p}"] = chunk.detach().contiguous()
+    return out
+
+
 def tubelet_to_hf(encoder: Mapping[str, torch.Tensor], predictor: Mapping[str, torch.Tensor],
                   cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """tubelet encoder and predictor state_dicts -> one HF VJEPA2Model state_dict. Strict: a tubelet key left
@@ -88,12 +101,7 @@ def tubelet_to_hf(encoder: Mapping[str, torch.Tensor], predictor: Mapping[str, t
                 raise LayoutError(f"{part}: missing tubelet key {tub!r}")
             out[hf] = state.pop(tub).detach().contiguous()
         for i in range(depth):
-            tub, hf = _hf_qkv(part, i)
-            for p in ("weight", "bias"):
-                if f"{tub}.{p}" not in state:
-                    raise LayoutError(f"{part}: missing tubelet key {tub}.{p!r}")
-                for name, chunk in zip(_QKV, state.pop(f"{tub}.{p}").chunk(3, dim=0)):
-                    out[f"{hf}.{name}.{p}"] = chunk.detach().contiguous()
+            out.update(pop_split_qkv(state, *_hf_qkv(part, i), part))
         if state:
             raise LayoutError(f"{part}: tubelet keys with no place in the HF layout: {sorted(state)[:8]}")
     return out
@@ -243,12 +251,7 @@ def tubelet_to_ijepa_hf(encoder: Mapping[str, torch.Tensor], cfg: ModelConfig, t
         out[hf] = state.pop(tub).detach()
     out["embeddings.patch_embeddings.projection.weight"] = out["embeddings.patch_embeddings.projection.weight"][:, :, 0]
     for i in range(depth):
-        for p in ("weight", "bias"):
-            key = f"blocks.{i}.attn.qkv.{p}"
-            if key not in state:
-                raise LayoutError(f"encoder: missing tubelet key {key!r}")
-            for name, chunk in zip(_QKV, state.pop(key).chunk(3, dim=0)):
-                out[f"encoder.layer.{i}.attention.attention.{name}.{p}"] = chunk.detach()
+        out.update(pop_split_qkv(state, f"blocks.{i}.attn.qkv", f"encoder.layer.{i}.attention.attention", "encoder"))
     if state:
         raise LayoutError(f"encoder: tubelet keys with no place in the HF IJepaModel layout: {sorted(state)[:8]}")
     return {k: v.contiguous() for k, v in out.items()}
