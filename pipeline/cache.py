@@ -71,6 +71,11 @@ def file_lock(path: str, blocking: bool = True) -> Iterator[bool]:
         os.close(fd)  # releases the lock
 
 
+def folder_lock(folder: str):
+    """The lock of a node's cache folder: held for every change to what its shard cache counts."""
+    return file_lock(os.path.join(folder, ".lock"))
+
+
 class ShardCache:
     """Local copies of the shards of the remote set `fs`:`remote`, in `folder`, at most `max_bytes` on disk."""
 
@@ -247,7 +252,7 @@ class ShardCache:
         return os.path.join(self.folder, f".{shard}.lock")
 
     def _folder_lock(self):
-        return file_lock(os.path.join(self.folder, ".lock"))
+        return folder_lock(self.folder)
 
     def _count(self, **deltas) -> None:
         with self._lock:
@@ -285,7 +290,8 @@ def node_copy(fs, url: str, folder: str) -> str:
         fs.get_file(path, part)
         if os.path.getsize(part) != info.get("size"):
             raise CacheError(f"{url} changed while it was read: try again")
-        os.replace(part, final)
+        with folder_lock(folder):  # the copy is counted by the node's shard cache (`ShardCache._usage`)
+            os.replace(part, final)
     return final
 
 
